@@ -1,0 +1,514 @@
+"""What every method file shares, and nothing else: datasets, augmentations, backbones,
+distributed set-up, schedules, the k-NN monitor and checkpoint I/O.
+
+A method file (simclr.py, moco.py, ...) plus this file is all a project needs to copy.
+This module has no argparse and no global state; it only defines things.
+"""
+import json
+import math
+import os
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image, UnidentifiedImageError
+from torchvision.ops import StochasticDepth
+from torchvision.transforms import v2
+
+
+class UserError(Exception):
+    """Bad input (path, data, checkpoint, flags): scripts print it as one line and exit 2."""
+
+    def __init__(self, message):
+        # DataLoader workers re-raise with the whole worker traceback as the message: keep
+        # only the user-facing last line so the script still prints one clear error line.
+        super().__init__(str(message).strip().splitlines()[-1].split("UserError: ")[-1])
+
+
+# ----------------------------------------------------------------------------- data
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+PALETTE = np.array([[.9, .1, .1], [.1, .7, .2], [.15, .3, .9], [.95, .85, .1], [.9, .9, .9], [.1, .1, .1], [.6, .2, .8], [.95, .5, .1]])
+SHAPE_CLASSES = ("disk", "ring", "square", "frame", "triangle", "cross", "star", "crescent", "bar", "dumbbell")
+
+
+class Shapes(torch.utils.data.Dataset):
+    """Built-in offline dataset: one of 10 shapes with random colour, scale, position and pose
+    on a random blotchy background. Only the shape carries the label, so colour (the shortcut that
+    colour jitter removes) is useless for it. Image i is a pure function of (split, i)."""
+
+    def __init__(self, split="train", image_size=32, num_images=10000, transform=None):
+        self.split, self.size, self.num_images, self.transform = split, image_size, num_images, transform
+        self.cache = {}  # per worker; rendering costs about as much as augmenting
+
+    def __len__(self):
+        return self.num_images
+
+    def __getitem__(self, index):
+        if index not in self.cache:
+            rng = np.random.default_rng([0 if self.split == "train" else 1, index])
+            label = int(rng.integers(len(SHAPE_CLASSES)))
+            self.cache[index] = Image.fromarray(self.render(label, rng, self.size)), label
+        image, label = self.cache[index]
+        return (self.transform(image) if self.transform else image), label
+
+    @staticmethod
+    def render(label, rng, size):
+        n = 2 * size  # draw at 2x and average-pool: anti-aliased edges
+        ys, xs = np.mgrid[-1:1:n * 1j, -1:1:n * 1j]
+        # Pose varies (±20°), but not so much that a square and a cross could only be told apart by
+        # rotation invariance, which none of the SSL augmentations teach.
+        angle, scale = rng.uniform(-0.35, 0.35), rng.uniform(0.45, 0.75)
+        cx, cy = rng.uniform(-0.95 + scale, 0.95 - scale, size=2)
+        u = ((xs - cx) * np.cos(angle) + (ys - cy) * np.sin(angle)) / scale  # shape frame, unit radius
+        v = (-(xs - cx) * np.sin(angle) + (ys - cy) * np.cos(angle)) / scale
+        r, theta = np.hypot(u, v), np.arctan2(v, u)
+        box = np.maximum(abs(u), abs(v))
+        mask = [
+            r < 1,                                                        # disk
+            (r < 1) & (r > 0.6),                                          # ring
+            box < 0.8,                                                    # square
+            (box < 0.85) & (box > 0.55),                                  # frame
+            np.max([u * np.cos(a) + v * np.sin(a) for a in (0, 2.09, 4.19)], 0) < 0.5,  # triangle
+            (np.minimum(abs(u), abs(v)) < 0.3) & (box < 0.95),            # cross
+            r < 0.55 + 0.4 * np.cos(5 * theta),                           # star
+            (r < 1) & (np.hypot(u - 0.5, v) > 0.8),                       # crescent
+            (abs(u) < 1) & (abs(v) < 0.28),                               # bar
+            (np.hypot(abs(u) - 0.6, v) < 0.4) | ((abs(u) < 0.6) & (abs(v) < 0.12)),  # dumbbell
+        ][label].astype(np.float32)
+        # Colours come from a small palette (slightly perturbed): if every image had its own colour,
+        # colour alone would tell the two views of an image apart from the rest of the batch and
+        # instance discrimination would never need the shape.
+        foreground, background_colour = PALETTE[rng.choice(len(PALETTE), 2, replace=False)] + rng.uniform(-0.08, 0.08, (2, 3))
+        # Textured background: smooth random blotches (a 4x4 noise grid upsampled), not a pattern
+        # both views could match on instead of the shape.
+        blotches = torch.from_numpy(rng.uniform(-0.15, 0.15, size=(1, 3, 4, 4)))
+        blotches = F.interpolate(blotches, size=(n, n), mode="bilinear", align_corners=True)[0].permute(1, 2, 0).numpy()
+        background = background_colour + blotches
+        image = mask[..., None] * foreground + (1 - mask[..., None]) * background
+        image = image.reshape(size, 2, size, 2, 3).mean((1, 3)) + rng.normal(0, 0.03, (size, size, 3))
+        return (np.clip(image, 0, 1) * 255).astype(np.uint8)
+
+
+def read_image(path):
+    """ImageFolder loader that names the corrupt file instead of failing deep in a worker."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise UserError(f"cannot read image {path}: {error}") from None
+
+
+@contextmanager
+def socket_timeout(seconds):
+    # torchvision downloads use urllib without a timeout: offline, they must fail, not hang.
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def build_dataset(spec, split, transform=None, root="data"):
+    """spec: 'shapes[:SIZE[:N]]' (built-in, SIZE px, N train images, N/5 val), 'cifar10',
+    'cifar100', 'stl10', or a folder DIR/{train,val}/<class>/* (class folders alone = train only).
+    split: 'pretrain' (what SSL trains on: STL-10 adds its 100k unlabeled images), 'train', 'val'."""
+    train = split in ("pretrain", "train")
+    if spec.split(":")[0] == "shapes":
+        size, num_train = (list(map(int, spec.split(":")[1:])) + [32, 10000][len(spec.split(":")) - 1:])[:2]
+        return Shapes("train" if train else "val", size, num_train if train else num_train // 5, transform)
+    if spec in ("cifar10", "cifar100", "stl10"):
+        try:
+            with socket_timeout(20):
+                if spec == "stl10":
+                    stl_split = {"pretrain": "train+unlabeled", "train": "train", "val": "test"}[split]
+                    return torchvision.datasets.STL10(root, stl_split, transform=transform, download=True)
+                cls = torchvision.datasets.CIFAR10 if spec == "cifar10" else torchvision.datasets.CIFAR100
+                return cls(root, train=train, transform=transform, download=True)
+        except Exception as error:  # urllib, socket and integrity errors all mean "not available"
+            raise UserError(f"could not load or download {spec} into {root!r} ({type(error).__name__}: "
+                            f"{error}); download it where there is internet, or pass an ImageFolder path") from None
+    if not os.path.isdir(spec):
+        raise UserError(f"--data {spec!r}: no such folder (and not shapes, cifar10, cifar100 or stl10)")
+    has_splits = os.path.isdir(os.path.join(spec, "train"))
+    folder = os.path.join(spec, "train" if train else "val") if has_splits else spec
+    if not train and not has_splits:
+        raise UserError(f"--data {spec}: no val/ split (expected {spec}/train/<class>/ and {spec}/val/<class>/)")
+    try:
+        return torchvision.datasets.ImageFolder(folder, transform=transform, loader=read_image)
+    except (FileNotFoundError, OSError) as error:
+        raise UserError(f"--data {folder}: {error}") from None
+
+
+def default_image_size(spec):
+    """The resolution a dataset is usually trained at: shapes' own, 32 for CIFAR, 96 for STL-10,
+    224 for an ImageFolder (ImageNet)."""
+    if spec.split(":")[0] == "shapes":
+        return int(spec.split(":")[1]) if ":" in spec else 32
+    return {"cifar10": 32, "cifar100": 32, "stl10": 96}.get(spec, 224)
+
+
+def blur_kernel(image_size):
+    return max(3, int(0.1 * image_size) // 2 * 2 + 1)  # 10% of the side (SimCLR), odd
+
+
+def to_normalized_tensor():
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+def ssl_view(size, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), blur=0.5, solarize=0.0,
+             jitter_prob=0.8, grayscale_prob=0.2):
+    """One random view (SimCLR §B.9 / BYOL Table 6). Probabilities are arguments so that BYOL's
+    asymmetric pair is two calls; jitter = (brightness, contrast, saturation, hue)."""
+    return v2.Compose([
+        v2.ToImage(),
+        v2.RandomResizedCrop(size, scale=scale, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(*jitter)], p=jitter_prob),
+        v2.RandomGrayscale(grayscale_prob),
+        v2.RandomApply([v2.GaussianBlur(blur_kernel(size), sigma=(0.1, 2.0))], p=blur),
+        v2.RandomSolarize(threshold=128, p=solarize),  # uint8 image: 128 is the midpoint
+        *to_normalized_tensor(),
+    ])
+
+
+class MultiView:
+    """Applies each transform to the same image: a sample becomes a list of views."""
+
+    def __init__(self, transforms):
+        self.transforms = list(transforms)
+
+    def __call__(self, image):
+        return [t(image) for t in self.transforms]
+
+
+def multi_crop(size, local_crops=10, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4)):
+    """DINO: 2 global crops (blur 1.0 / 0.1 + solarize 0.2) and N local crops at 96/224 of the size."""
+    local_size = max(8, round(size * 96 / 224))
+    global1 = ssl_view(size, global_scale, blur=1.0)
+    global2 = ssl_view(size, global_scale, blur=0.1, solarize=0.2)
+    local = ssl_view(local_size, local_scale, blur=0.5)
+    return MultiView([global1, global2] + [local] * local_crops)
+
+
+def mae_transform(size):
+    """MAE's light pipeline: masking is the augmentation, so only crop (0.2-1) and flip."""
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True,
+                       interpolation=v2.InterpolationMode.BICUBIC), v2.RandomHorizontalFlip(), *to_normalized_tensor()])
+
+
+def eval_transform(size):
+    resize = size if size <= 64 else int(size * 256 / 224)  # ImageNet's 256 -> 224 centre crop
+    return v2.Compose([v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(size), *to_normalized_tensor()])
+
+
+def make_loader(dataset, batch_size, dist_env, workers, train=True):
+    """Per-rank loader. Training always uses a DistributedSampler (one replica when alone) so that
+    set_epoch makes the shuffle a function of the epoch: resume replays the same order."""
+    sampler = torch.utils.data.DistributedSampler(dataset, dist_env.world_size, dist_env.rank, shuffle=train)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size, sampler=sampler, num_workers=workers, drop_last=train,
+        pin_memory=dist_env.device.type == "cuda", persistent_workers=train and workers > 0)
+
+
+# ----------------------------------------------------------------------------- backbones
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, embed_dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, embed_dim, patch_size, patch_size)
+
+    def forward(self, x):
+        return self.proj(x)  # (B, D, H/p, W/p)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x, return_attention=False):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, D/h)
+        attention = None
+        if return_attention:  # explicit softmax only when the weights are wanted (DINO maps)
+            attention = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, h, N, N)
+            x = attention @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels on GPU
+        return self.proj(x.transpose(1, 2).reshape(B, N, D)), attention
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio, drop_path):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.mlp = nn.Sequential()
+        self.mlp.fc1, self.mlp.act, self.mlp.fc2 = nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim)
+        self.drop_path = StochasticDepth(drop_path, "row")
+
+    def forward(self, x, return_attention=False):
+        y, attention = self.attn(self.norm1(x), return_attention)
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x))), attention
+
+
+def sincos_pos_embed(dim, grid_size):
+    """Fixed 2-D sin-cos position embedding (MAE, MoCo v3): half the channels encode x, half y."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (D/4,)
+    ys, xs = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    encode = lambda pos: torch.cat([torch.sin(pos.flatten()[:, None] * omega), torch.cos(pos.flatten()[:, None] * omega)], 1)
+    return torch.cat([encode(xs), encode(ys)], dim=1).float()  # (grid², D)
+
+
+VIT_SIZES = {"vit_nano": (128, 4, 4),  # CPU scale: the quick start and the tests
+             "vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
+
+
+class VisionTransformer(nn.Module):
+    """ViT with timm's parameter names, so a saved state_dict loads into
+    timm.create_model('vit_small_patch16_224', num_classes=0) strictly. forward() returns the CLS
+    feature; embed() + forward_tokens() let MAE run the blocks on a subset of patch tokens."""
+
+    def __init__(self, image_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6,
+                 mlp_ratio=4.0, drop_path=0.0, sincos=False):
+        super().__init__()
+        self.embed_dim, self.patch_size, grid = embed_dim, patch_size, image_size // patch_size
+        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim), requires_grad=not sincos)
+        rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, rate) for rate in rates)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if sincos:
+            self.pos_embed.data[0, 1:] = sincos_pos_embed(embed_dim, grid)  # CLS position stays 0
+        else:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def embed(self, x):
+        """(B, 3, H, W) -> (B, L, D) patch tokens plus their position embedding."""
+        x = self.patch_embed(x)  # (B, D, h, w)
+        h, w = x.shape[-2:]
+        pos = self.pos_embed[:, 1:]
+        grid = math.isqrt(pos.shape[1])
+        if (h, w) != (grid, grid):  # other resolutions (DINO's local crops): resize the grid
+            pos = pos.reshape(1, grid, grid, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+            pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+        return x.flatten(2).transpose(1, 2) + pos  # (B, L, D)
+
+    def forward_tokens(self, x, return_attention=False):
+        """Patch tokens (B, L', D), any subset of them -> normalised (B, 1 + L', D), CLS first."""
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for block in self.blocks:
+            x, attention = block(x, return_attention and block is self.blocks[-1])
+        return attention if return_attention else self.norm(x)
+
+    def forward(self, x):
+        return self.forward_tokens(self.embed(x))[:, 0]
+
+    def last_attention(self, x):
+        """(B, heads, 1 + L, 1 + L) attention of the last block (DINO's attention maps)."""
+        return self.forward_tokens(self.embed(x), return_attention=True)
+
+
+def build_encoder(arch, image_size=224, patch_size=16, drop_path=0.0, sincos=False):
+    """Backbone without classifier, exposing .embed_dim. ResNets are torchvision's (fc removed);
+    at 64 px and below the 7x7/2 stem + max-pool becomes a 3x3/1 stem (SimCLR's CIFAR variant),
+    since 4x early downsampling would leave a 32 px image 1x1 before the last stage."""
+    if arch in ("resnet18", "resnet34", "resnet50"):
+        model = getattr(torchvision.models, arch)()
+        if image_size <= 64:
+            model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            model.maxpool = nn.Identity()
+        model.embed_dim = model.fc.in_features
+        model.fc = nn.Identity()
+        return model
+    if arch in VIT_SIZES:
+        dim, depth, heads = VIT_SIZES[arch]
+        if image_size % patch_size:
+            raise UserError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
+        return VisionTransformer(image_size, patch_size, dim, depth, heads, drop_path=drop_path, sincos=sincos)
+    raise UserError(f"unknown arch {arch!r}: choose from resnet18, resnet34, resnet50, {', '.join(VIT_SIZES)}")
+
+
+ARCHS = ("resnet18", "resnet34", "resnet50", *VIT_SIZES)
+
+
+def mlp(dims, last_bn=True, last_affine=False):
+    """Linear-BN-ReLU layers (SimCLR / BYOL / MoCo v3 heads); biases are dropped where BN follows.
+    dims = (in, hidden, ..., out)."""
+    layers = []
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        last = i == len(dims) - 2
+        layers.append(nn.Linear(d_in, d_out, bias=last and not last_bn))
+        if not last:
+            layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(d_out, affine=last_affine))
+    return nn.Sequential(*layers)
+
+
+# ----------------------------------------------------------------------------- distributed
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def init_distributed():
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one plain process.
+    NCCL on CUDA, gloo on CPU (which is how the tests run 2 ranks on a laptop)."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return DistEnv(device=torch.device("cuda" if cuda else "cpu"))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return DistEnv(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
+
+
+def all_gather(x, keep_grad):
+    """Concatenate x (N, ...) from every rank -> (world * N, ...), rank order. keep_grad=True
+    back-propagates into every rank's input (SimCLR negatives); False is a constant (MoCo keys)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x if keep_grad else x.detach()
+    if keep_grad:
+        return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
+    gathered = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, x.detach().contiguous())
+    return torch.cat(gathered, dim=0)
+
+
+# ----------------------------------------------------------------------------- optimisation
+def cosine_schedule(step, total_steps, start, end, warmup_steps=0, warmup_from=0.0):
+    """Linear warm-up from warmup_from to start, then half a cosine from start to end."""
+    if step < warmup_steps:
+        return warmup_from + (start - warmup_from) * step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model, weight_decay):
+    """Biases and norm parameters (the 1-D tensors) get no weight decay and, with LARS, no
+    trust-ratio adaptation (SimCLR / BYOL)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lars_exclude": True}]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum whose per-tensor step is scaled by η‖w‖/‖g + λw‖ (You et al. 2017)."""
+
+    def __init__(self, params, lr=0.0, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coefficient=trust_coefficient, lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad.add(p, alpha=group["weight_decay"])
+                if not group["lars_exclude"]:
+                    w_norm, u_norm = torch.linalg.norm(p), torch.linalg.norm(update)
+                    trust = torch.where((w_norm > 0) & (u_norm > 0), group["trust_coefficient"] * w_norm / u_norm, 1.0)
+                    update = update * trust
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                buffer = self.state[p]["momentum_buffer"].mul_(group["momentum"]).add_(update)
+                p.add_(buffer, alpha=-group["lr"])
+
+
+def embedding_std(z):
+    """Collapse signal (SimSiam §4.1): mean per-dimension std of the L2-normalised outputs,
+    about 1/sqrt(d) when they spread over the sphere, 0 when every image maps to one point."""
+    return F.normalize(z.float(), dim=1).std(dim=0).mean().item()
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def extract_features(encoder, loader, dist_env):
+    """Features and labels of a whole split in dataset order, on every rank. Each rank embeds
+    its shard (the eval DistributedSampler pads it to equal size) and all ranks gather."""
+    encoder.eval()
+    features, labels = [], []
+    for images, targets in loader:
+        with torch.autocast("cuda", torch.bfloat16, enabled=dist_env.device.type == "cuda"):
+            features.append(encoder(images.to(dist_env.device, non_blocking=True)).float())
+        labels.append(targets.to(dist_env.device))
+    features, labels = torch.cat(features), torch.cat(labels)
+    indices = torch.tensor(list(iter(loader.sampler)), device=dist_env.device)
+    features, labels, indices = (all_gather(t, keep_grad=False) for t in (features, labels, indices))
+    out_features = torch.empty(len(loader.dataset), features.shape[1], device=features.device)
+    out_labels = torch.empty(len(loader.dataset), dtype=torch.long, device=features.device)
+    out_features[indices], out_labels[indices] = features, labels  # padded duplicates rewrite equal values
+    return out_features, out_labels
+
+
+def knn_classify(train_features, train_labels, test_features, k=20, temperature=0.07, num_classes=None):
+    """Weighted k-NN (Wu et al. 2018, as in DINO): cosine similarity to the training set, the k
+    nearest vote for their class with weight exp(s / T). Returns class scores (N_test, C)."""
+    num_classes = num_classes or int(train_labels.max()) + 1
+    train_features = F.normalize(train_features, dim=1)
+    scores = []
+    for chunk in F.normalize(test_features, dim=1).split(1024):  # bounds the (chunk, N_train) matrix
+        similarity, neighbours = (chunk @ train_features.T).topk(min(k, len(train_features)), dim=1)  # (n, k)
+        votes = torch.zeros(len(chunk), num_classes, device=chunk.device)
+        scores.append(votes.scatter_add_(1, train_labels[neighbours], (similarity / temperature).exp()))  # (n, C)
+    return torch.cat(scores)
+
+
+def knn_monitor(encoder, data, image_size, root, batch_size, workers, dist_env, k=20):
+    """Top-1 k-NN accuracy of encoder on the val split, features from the train split."""
+    loaders = [make_loader(build_dataset(data, split, eval_transform(image_size), root), batch_size, dist_env,
+                           workers, train=False) for split in ("train", "val")]
+    (train_x, train_y), (val_x, val_y) = (extract_features(encoder, loader, dist_env) for loader in loaders)
+    return (knn_classify(train_x, train_y, val_x, k).argmax(1) == val_y).float().mean().item()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(state, path):
+    """Write then rename: a crash mid-save leaves the previous checkpoint whole."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, method=None):
+    """A checkpoint of this project: {'method', 'encoder_config', 'encoder', 'args', 'epoch', ...}."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise UserError(f"checkpoint {path} is not a readable torch file ({error})") from None
+    if not isinstance(checkpoint, dict) or "encoder_config" not in checkpoint:
+        raise UserError(f"checkpoint {path} was not written by this project's training scripts")
+    if method and checkpoint.get("method") != method:
+        raise UserError(f"checkpoint {path} is a {checkpoint.get('method')} checkpoint, not {method}")
+    return checkpoint
+
+
+def log_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -1,0 +1,41 @@
+"""Shared test plumbing: run a script as a user would, and compare one DDP step with one process."""
+import os
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(*argv, timeout=600):
+    """Run `python ARGV...` from the repository root; returns the CompletedProcess."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def ddp_vs_single_process(method, tmp_path, *flags):
+    """Loss and gradients of one step: 2 gloo ranks x 4 images vs 1 process x 8 images."""
+    single, ddp = str(tmp_path / "single.pt"), str(tmp_path / "ddp.pt")
+    result = run_script("tests/ddp_step.py", method, single, *flags)
+    assert result.returncode == 0, result.stderr
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "tests/ddp_step.py", method, ddp, *flags)
+    assert result.returncode == 0, result.stderr
+    return torch.load(single), torch.load(ddp)
+
+
+def assert_same_step(single, ddp, atol=1e-5):
+    torch.testing.assert_close(ddp["loss"], single["loss"], atol=atol, rtol=1e-5)
+    assert single["grads"].keys() == ddp["grads"].keys()
+    for name, grad in single["grads"].items():
+        torch.testing.assert_close(ddp["grads"][name], grad, atol=atol, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def error_line(result):
+    """A user error is one line on stderr and exit code 1/2, never a traceback."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "it/s" not in line and "%|" not in line]
+    assert len(lines) == 1, result.stderr
+    return lines[0]

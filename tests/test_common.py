@@ -1,0 +1,123 @@
+"""The shared pieces: dataset, augmentations, backbones, schedules, optimiser, gather, checkpoints."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+import common
+
+
+def test_shapes_is_deterministic_labelled_and_split():
+    train, val = common.Shapes("train", 32, 50), common.Shapes("val", 32, 10)
+    a, b = train[7], common.Shapes("train", 32, 50)[7]
+    assert np.array_equal(np.array(a[0]), np.array(b[0])) and a[1] == b[1]
+    assert a[0].size == (32, 32) and a[0].mode == "RGB"
+    assert not np.array_equal(np.array(train[0][0]), np.array(val[0][0]))
+    labels = [train[i][1] for i in range(50)]
+    assert len(set(labels)) >= 8  # every class appears in a small sample
+    assert common.build_dataset("shapes:64:100", "val")[0][0].size == (64, 64)
+    assert len(common.build_dataset("shapes:64:100", "val")) == 20
+
+
+def test_two_views_and_multi_crop_shapes():
+    image = common.Shapes("train", 32, 1)[0][0]
+    views = common.MultiView([common.ssl_view(32)] * 2)(image)
+    assert [v.shape for v in views] == [(3, 32, 32)] * 2 and views[0].dtype == torch.float32
+    assert not torch.equal(views[0], views[1])
+    for size, local in ((32, 14), (224, 96)):
+        big = image.resize((size, size))
+        crops = common.multi_crop(size, local_crops=8)(big)
+        assert [c.shape[-1] for c in crops] == [size] * 2 + [local] * 8
+    assert common.mae_transform(32)(image).shape == (3, 32, 32)
+    assert common.eval_transform(224)(image.resize((300, 260))).shape == (3, 224, 224)
+
+
+def test_resnet_stem_follows_image_size_and_loads_into_torchvision():
+    small, large = common.build_encoder("resnet18", 32), common.build_encoder("resnet18", 224)
+    assert small.conv1.kernel_size == (3, 3) and isinstance(small.maxpool, torch.nn.Identity)
+    assert large.conv1.kernel_size == (7, 7) and small.embed_dim == 512
+    assert small(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+    reference = torchvision.models.resnet18()
+    reference.fc = torch.nn.Identity()  # the encoder is saved without its classifier
+    reference.load_state_dict(large.state_dict(), strict=True)
+
+
+def test_vit_uses_timm_names_and_runs_on_token_subsets():
+    vit = common.build_encoder("vit_nano", image_size=32, patch_size=8)
+    names = set(vit.state_dict())
+    block = {f"blocks.0.{n}.{p}" for n in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2") for p in ("weight", "bias")}
+    assert block <= names and {"cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight", "norm.bias"} <= names
+    assert len(names) == 2 + 2 + 2 + 4 * 12  # patch_embed, cls + pos, norm, 4 blocks of 12 and vit.pos_embed.shape == (1, 17, 128)
+    x = torch.randn(2, 3, 32, 32)
+    assert vit(x).shape == (2, 128)
+    tokens = vit.embed(x)  # (2, 16, 128)
+    assert vit.forward_tokens(tokens[:, :4]).shape == (2, 5, 128)
+    assert vit(torch.randn(2, 3, 16, 16)).shape == (2, 128)  # position embedding interpolated
+    attention = vit.last_attention(x)
+    assert attention.shape == (2, 4, 17, 17)
+    torch.testing.assert_close(attention.sum(-1), torch.ones(2, 4, 17))
+    vit.eval()  # the explicit-softmax path equals the fused kernel
+    block = vit.blocks[0]
+    torch.testing.assert_close(block.attn(tokens, True)[0], block.attn(tokens)[0], atol=1e-5, rtol=1e-5)
+    fixed = common.build_encoder("vit_nano", 32, 8, sincos=True)
+    assert not fixed.pos_embed.requires_grad and fixed.pos_embed[0, 0].abs().sum() == 0
+
+
+def test_cosine_schedule():
+    f = lambda s: common.cosine_schedule(s, 100, 1.0, 0.1, warmup_steps=10)
+    assert f(0) == 0 and f(5) == pytest.approx(0.5) and f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.55) and f(100) == pytest.approx(0.1)
+    momentum = lambda s: common.cosine_schedule(s, 100, 0.996, 1.0)  # BYOL / DINO EMA rises to 1
+    assert momentum(0) == 0.996 and momentum(100) == 1.0
+    assert momentum(30) == pytest.approx(1 - 0.004 * (math.cos(math.pi * 0.3) + 1) / 2)
+
+
+def test_lars_adapts_weights_but_not_biases_or_norms():
+    layer, norm = torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)
+    model = torch.nn.Sequential(layer, norm)
+    groups = common.param_groups(model, weight_decay=0.1)
+    assert {id(p) for p in groups[0]["params"]} == {id(layer.weight)}
+    optimizer = common.LARS(groups, lr=1.0, momentum=0.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    w = before["0.weight"]
+    update = torch.ones_like(w) + 0.1 * w  # g + λw, then scaled to η‖w‖/‖g + λw‖
+    expected = w - 0.001 * w.norm() / update.norm() * update
+    torch.testing.assert_close(layer.weight.detach(), expected)
+    torch.testing.assert_close(layer.bias.detach(), before["0.bias"] - 1.0)  # plain SGD, no decay
+    torch.testing.assert_close(norm.weight.detach(), before["1.weight"] - 1.0)
+
+
+def test_all_gather_alone_is_identity_and_respects_keep_grad():
+    x = torch.randn(3, 2, requires_grad=True)
+    assert common.all_gather(x, keep_grad=True) is x
+    assert not common.all_gather(x, keep_grad=False).requires_grad
+
+
+def test_embedding_std_separates_spread_from_collapse():
+    d = 64
+    spread = common.embedding_std(torch.randn(4096, d))
+    assert spread == pytest.approx(1 / math.sqrt(d), rel=0.05)
+    assert common.embedding_std(torch.ones(256, d) + 1e-4 * torch.randn(256, d)) < 0.01
+
+
+def test_knn_classify_votes_with_exp_similarity():
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 1])
+    query = torch.tensor([[0.0, 2.0]])
+    scores = common.knn_classify(train, labels, query, k=2, temperature=0.5, num_classes=2)
+    s = torch.nn.functional.normalize(train, dim=1) @ torch.tensor([0.0, 1.0])
+    torch.testing.assert_close(scores, torch.tensor([[torch.exp(s[1] / 0.5), torch.exp(s[2] / 0.5)]]))
+
+
+def test_checkpoint_round_trip_and_kind_check(tmp_path):
+    path = str(tmp_path / "c.pth")
+    common.save_checkpoint({"method": "simclr", "encoder_config": {"arch": "resnet18"}, "encoder": {}}, path)
+    assert common.load_checkpoint(path, "simclr")["encoder_config"]["arch"] == "resnet18"
+    with pytest.raises(common.UserError, match="not byol"):
+        common.load_checkpoint(path, "byol")
+    assert not (tmp_path / "c.pth.tmp").exists()

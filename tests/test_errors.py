@@ -1,0 +1,85 @@
+"""Bad input ends in one clear error line and a nonzero exit, and never harms a checkpoint."""
+import pytest
+import torch
+
+import common
+from helpers import error_line, run_script
+
+TINY = ["--arch", "resnet18", "--batch-size", "8", "--epochs", "1", "--knn-every", "0", "--workers", "0"]
+
+
+def test_missing_data_path(tmp_path):
+    line = error_line(run_script("simclr.py", "--data", str(tmp_path / "nope"), *TINY, "--output-dir", str(tmp_path / "o")))
+    assert "no such folder" in line
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    line = error_line(run_script("simclr.py", "--data", str(tmp_path / "empty"), *TINY, "--output-dir", str(tmp_path / "o")))
+    assert "empty" in line and "class" in line.lower()
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_corrupt_image_is_named(tmp_path, workers):
+    for c in ("a", "b"):
+        (tmp_path / "data" / "train" / c).mkdir(parents=True)
+        for i in range(4):
+            common.Shapes().__getitem__(i)[0].save(tmp_path / "data" / "train" / c / f"{i}.png")
+    (tmp_path / "data" / "train" / "b" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    flags = [f if f != "0" else workers for f in TINY]
+    line = error_line(run_script("simclr.py", "--data", str(tmp_path / "data"), *flags, "--output-dir", str(tmp_path / "o")))
+    assert "cannot read image" in line and "broken.jpg" in line
+
+
+def test_offline_download_fails_fast(tmp_path):
+    result = run_script("simclr.py", "--data", "cifar10", "--data-root", str(tmp_path), *TINY,
+                        "--output-dir", str(tmp_path / "o"), timeout=120)
+    assert "could not load or download cifar10" in error_line(result)
+
+
+def test_dataset_smaller_than_a_batch(tmp_path):
+    line = error_line(run_script("simclr.py", "--data", "shapes:16:4", *TINY, "--output-dir", str(tmp_path / "o")))
+    assert "cannot fill one batch" in line
+
+
+def test_vit_patch_must_divide_image(tmp_path):
+    line = error_line(run_script("simclr.py", "--data", "shapes:30:64", "--arch", "vit_nano", "--patch-size", "8",
+                                 "--batch-size", "8", "--knn-every", "0", "--workers", "0", "--output-dir", str(tmp_path)))
+    assert "not a multiple of the patch size" in line
+
+
+def test_resume_from_another_methods_checkpoint(tmp_path):
+    common.save_checkpoint({"method": "moco", "encoder_config": {}, "encoder": {}}, str(tmp_path / "checkpoint.pth"))
+    line = error_line(run_script("simclr.py", "--data", "shapes:16:64", *TINY, "--output-dir", str(tmp_path)))
+    assert "is a moco checkpoint, not simclr" in line
+
+
+def test_probe_rejects_foreign_files(tmp_path):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pth")
+    line = error_line(run_script("probe.py", str(tmp_path / "foreign.pth"), "--data", "shapes:16:64"))
+    assert "not written by this project" in line
+    (tmp_path / "garbage.pth").write_bytes(b"\x00garbage")
+    assert "not a readable torch file" in error_line(run_script("probe.py", str(tmp_path / "garbage.pth"), "--data", "shapes"))
+    assert "no such file" in error_line(run_script("probe.py", str(tmp_path / "missing.pth"), "--data", "shapes"))
+
+
+def test_probe_plain_state_dict_of_wrong_arch(tmp_path):
+    torch.save(common.build_encoder("resnet18", 32).state_dict(), tmp_path / "r18.pth")
+    line = error_line(run_script("probe.py", str(tmp_path / "r18.pth"), "--arch", "resnet50", "--data", "shapes:32:64"))
+    assert "does not fit a resnet50" in line
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pth")
+    common.save_checkpoint({"epoch": 1, "weights": torch.ones(4)}, path)
+
+    def crashing_save(obj, f, *args, **kwargs):  # dies half-way through writing
+        with open(f, "wb") as handle:
+            handle.write(b"PK\x03\x04 half a zip")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError):
+        common.save_checkpoint({"epoch": 2, "weights": torch.zeros(4)}, path)
+    monkeypatch.undo()
+    previous = torch.load(path)
+    assert previous["epoch"] == 1 and previous["weights"].sum() == 4

@@ -1,0 +1,78 @@
+"""probe.py gives the known answer on features with a known structure, and runs end to end."""
+import json
+
+import torch
+
+import common
+import probe
+from helpers import run_script
+
+
+def blobs(n_per_class, num_classes, dim, noise, seed):
+    generator = torch.Generator().manual_seed(seed)
+    centres = 3 * torch.randn(num_classes, dim, generator=generator)
+    labels = torch.arange(num_classes).repeat_interleave(n_per_class)
+    return centres[labels] + noise * torch.randn(len(labels), dim, generator=generator), labels
+
+
+def test_knn_recovers_tight_clusters():
+    x, y = blobs(20, 5, 16, 0.1, 0)
+    scores = probe.knn_classify(x[::2], y[::2], x[1::2], k=5, temperature=0.07, num_classes=5)
+    assert probe.metrics(scores, y[1::2]) == {"top1": 100.0, "top5": 100.0, "macro_f1": 100.0}
+
+
+def test_linear_probe_finds_a_direction_knn_cannot_see():
+    # The label lives in one dimension; 63 dimensions of larger noise hide it from cosine k-NN.
+    generator = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (2000,), generator=generator)
+    x = torch.randn(2000, 64, generator=generator) * 3
+    x[:, 0] = (2 * y - 1) + 0.1 * torch.randn(2000, generator=generator)
+    args = probe.get_args_parser().parse_args(["c.pth", "--data", "shapes", "--seeds", "2", "--linear-epochs", "30", "--k", "20"])
+    linear = probe.run_linear(x[:1500], y[:1500], x[1500:], y[1500:], args, 2)
+    knn = probe.run_knn(x[:1500], y[:1500], x[1500:], y[1500:], args, 2)["k=20"]
+    assert linear["top1"] > 97 and linear["top1_std"] < 2 and len(linear["lr"]) == 2
+    assert knn["top1"] < 70
+
+
+def test_balanced_subset_keeps_each_class_share():
+    labels = torch.arange(10).repeat_interleave(100)
+    subset = probe.balanced_subset(labels, 0.1, seed=3)
+    assert torch.bincount(labels[subset]).tolist() == [10] * 10
+    assert not torch.equal(subset, probe.balanced_subset(labels, 0.1, seed=4))
+    assert torch.equal(subset, probe.balanced_subset(labels, 0.1, seed=3))
+    assert len(probe.balanced_subset(labels, 0.001, seed=0)) == 10  # at least one image per class
+
+
+def test_metrics_on_a_hand_computed_case():
+    labels = torch.tensor([0, 0, 1, 2])
+    scores = torch.tensor([[3.0, 2, 1], [1, 3, 2], [1, 3, 2], [3, 1, 2]])  # predicts 0, 1, 1, 0
+    m = probe.metrics(scores, labels)
+    assert m["top1"] == 50 and m["top5"] == 100
+    # F1: class 0 = 2·1/(2+2) = 0.5, class 1 = 2·1/(2+1) = 2/3, class 2 = 0
+    assert abs(m["macro_f1"] - 100 * (0.5 + 2 / 3 + 0) / 3) < 1e-4
+
+
+def test_probe_all_protocols_on_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    encoder = common.build_encoder("vit_nano", 16, 8)
+    config = dict(arch="vit_nano", image_size=16, patch_size=8)
+    common.save_checkpoint(dict(method="simclr", encoder_config=config, encoder=encoder.state_dict(), args={}), str(tmp_path / "c.pth"))
+    result = run_script("probe.py", str(tmp_path / "c.pth"), "--data", "shapes:16:200", "--protocol", "all", "--seeds", "2",
+                        "--linear-epochs", "5", "--finetune-epochs", "1", "--finetune-batch-size", "32", "--workers", "0",
+                        "--trainable-blocks", "1", "--k", "5", "20")
+    assert result.returncode == 0, result.stderr
+    results = json.load(open(tmp_path / "probe_shapes_16_200.json"))
+    assert set(results["knn"]) == {"k=5", "k=20"}
+    for protocol in (results["knn"]["k=20"], results["linear"], results["finetune"]):
+        assert 0 <= protocol["top1"] <= protocol["top5"] <= 100
+    assert "top1_std" in results["linear"] and "finetune" in result.stdout
+
+
+def test_probe_plain_torchvision_state_dict(tmp_path):
+    model = common.build_encoder("resnet18", 16)
+    state = {**model.state_dict(), "fc.weight": torch.zeros(10, 512), "fc.bias": torch.zeros(10)}  # a classifier is dropped
+    torch.save(state, tmp_path / "r18.pth")
+    result = run_script("probe.py", str(tmp_path / "r18.pth"), "--arch", "resnet18", "--data", "shapes:16:100",
+                        "--protocol", "knn", "--workers", "0", "--output", str(tmp_path / "out.json"))
+    assert result.returncode == 0, result.stderr
+    assert "k=20" in json.load(open(tmp_path / "out.json"))["knn"]

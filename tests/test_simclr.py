@@ -1,0 +1,76 @@
+"""SimCLR: the loss is the paper's formula, one DDP step equals one big-batch step, resume is exact,
+and a short run learns something a random encoder does not know."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import simclr
+from helpers import assert_same_step, ddp_vs_single_process, error_line, run_script
+
+QUICK = ["--data", "shapes:16:1500", "--arch", "resnet18", "--batch-size", "64", "--base-lr", "1.2",
+         "--temperature", "0.2", "--warmup-epochs", "1", "--workers", "2"]
+
+
+def test_info_nce_equals_per_anchor_formula():
+    torch.manual_seed(0)
+    z1, z2, tau = torch.randn(6, 16), torch.randn(6, 16), 0.3
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    n = len(z1)
+    losses = []
+    for i in range(2 * n):  # l(i, j) = -log exp(s_ij/τ) / Σ_{k≠i} exp(s_ik/τ), written out per anchor
+        j = (i + n) % (2 * n)
+        denominator = sum(torch.exp(z[i] @ z[k] / tau) for k in range(2 * n) if k != i)
+        losses.append(-torch.log(torch.exp(z[i] @ z[j] / tau) / denominator))
+    torch.testing.assert_close(simclr.info_nce(z1, z2, tau), torch.stack(losses).mean())
+
+
+def test_info_nce_prefers_aligned_views():
+    z = torch.randn(32, 8)
+    assert simclr.info_nce(z, z + 0.01 * torch.randn_like(z), 0.1) < simclr.info_nce(z, torch.randn_like(z), 0.1)
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    single, ddp = ddp_vs_single_process("simclr", tmp_path, "--arch", "resnet18", "--proj-hidden", "64", "--proj-dim", "16")
+    assert_same_step(single, ddp)
+
+
+def test_resume_replays_training_exactly(tmp_path, monkeypatch):
+    flags = ["--data", "shapes:16:96", "--arch", "resnet18", "--batch-size", "32", "--epochs", "2",
+             "--knn-every", "0", "--workers", "0", "--proj-hidden", "64"]
+    straight = tmp_path / "straight"
+    simclr.main(simclr.get_args_parser().parse_args(flags + ["--output-dir", str(straight)]))
+
+    preempted = tmp_path / "preempted"
+    real_save = common.save_checkpoint
+
+    def save_then_die(state, path):  # the job is killed right after its first checkpoint
+        real_save(state, path)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(common, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        simclr.main(simclr.get_args_parser().parse_args(flags + ["--output-dir", str(preempted)]))
+    monkeypatch.setattr(common, "save_checkpoint", real_save)
+    assert torch.load(preempted / "checkpoint.pth", weights_only=False)["epoch"] == 1
+    simclr.main(simclr.get_args_parser().parse_args(flags + ["--output-dir", str(preempted)]))  # auto-resumes
+
+    a = torch.load(straight / "checkpoint.pth", weights_only=False)
+    b = torch.load(preempted / "checkpoint.pth", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][name], tensor, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_short_run_beats_random_init_knn(tmp_path):
+    result = run_script("simclr.py", *QUICK, "--epochs", "4", "--knn-every", "4", "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    random_init, trained = log[0]["knn_top1"], log[-1]["knn_top1"]
+    print(f"k-NN top-1: random init {random_init:.3f} -> SimCLR {trained:.3f}")
+    assert trained > random_init + 0.10, (random_init, trained)
+    assert "k-NN top-1 (k=20) on the val split" in result.stdout
+    checkpoint = common.load_checkpoint(str(tmp_path / "checkpoint.pth"), "simclr")
+    assert checkpoint["encoder_config"] == dict(arch="resnet18", image_size=16, patch_size=16)
