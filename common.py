@@ -479,7 +479,10 @@ def knn_classify(train_features, train_labels, test_features, k=20, temperature=
 
 
 def knn_monitor(encoder, data, image_size, root, batch_size, workers, dist_env, k=20):
-    """Top-1 k-NN accuracy of encoder on the val split, features from the train split."""
+    """Top-1 k-NN accuracy of encoder on the val split, features from the train split; None for a
+    folder without a val/ split (training on unlabelled images is fine, it just cannot be monitored)."""
+    if os.path.isdir(data) and not os.path.isdir(os.path.join(data, "val")):
+        return None
     loaders = [make_loader(build_dataset(data, split, eval_transform(image_size), root), batch_size, dist_env,
                            workers, train=False) for split in ("train", "val")]
     (train_x, train_y), (val_x, val_y) = (extract_features(encoder, loader, dist_env) for loader in loaders)

@@ -136,7 +136,10 @@ def main(args):
     if dist_env.world_size > 1:
         # SyncBN: with 512 images per GPU, per-GPU statistics would differ from the paper's
         # global-batch BN, and a rank could exploit its local statistics to spot positives.
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif dist_env.is_main:  # torch's SyncBN is CUDA-only: gloo ranks keep per-rank BN
+            print("note: SyncBatchNorm needs CUDA; on CPU each rank normalises with its own batch statistics")
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         raw_model = model.module
     knn = lambda: common.knn_monitor(raw_model.encoder, args.data, args.image_size, args.data_root,
@@ -145,7 +148,7 @@ def main(args):
         os.makedirs(args.output_dir, exist_ok=True)
     if args.knn_every and start_epoch == 0:
         knn_init = knn()
-        if dist_env.is_main:
+        if dist_env.is_main and knn_init is not None:
             print(f"k-NN top-1 at random init: {100 * knn_init:.2f}%")
             common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), {"epoch": 0, "knn_top1": knn_init})
 
@@ -184,8 +187,8 @@ def main(args):
                                         step=step, model=raw_model.state_dict(), optimizer=optimizer.state_dict()),
                                    checkpoint_path)
             common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-    if dist_env.is_main and "knn_top1" in record:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if v is not None))
+    if dist_env.is_main and record.get("knn_top1") is not None:
         print(f"k-NN top-1 (k=20) on the val split: {100 * record['knn_top1']:.2f}%")
     if dist_env.world_size > 1:
         torch.distributed.destroy_process_group()

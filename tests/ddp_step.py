@@ -26,9 +26,12 @@ per_rank = global_batch // dist_env.world_size
 local_views = list(views[:, dist_env.rank * per_rank:(dist_env.rank + 1) * per_rank])
 raw_model = model
 if dist_env.world_size > 1:
-    model = nn.parallel.DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(model))
+    model = nn.parallel.DistributedDataParallel(model)
     raw_model = model.module
-model.train()
+# BN in eval mode (running statistics, identical everywhere): torch's SyncBatchNorm only runs on
+# CUDA, so on gloo this step checks our part of the equivalence exactly: the gather with gradients,
+# the loss over the global batch and DDP's gradient averaging.
+model.eval()
 loss = module.training_step(model, local_views, args)[0]
 loss.backward()
 if dist_env.is_main:

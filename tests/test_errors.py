@@ -26,8 +26,9 @@ def test_corrupt_image_is_named(tmp_path, workers):
         for i in range(4):
             common.Shapes().__getitem__(i)[0].save(tmp_path / "data" / "train" / c / f"{i}.png")
     (tmp_path / "data" / "train" / "b" / "broken.jpg").write_bytes(b"not a jpeg at all")
-    flags = [f if f != "0" else workers for f in TINY]
-    line = error_line(run_script("simclr.py", "--data", str(tmp_path / "data"), *flags, "--output-dir", str(tmp_path / "o")))
+    flags = TINY[:-1] + [workers]  # --workers is last: 0 raises in this process, 1 in a worker
+    line = error_line(run_script("simclr.py", "--data", str(tmp_path / "data"), *flags, "--knn-every", "1",
+                                 "--output-dir", str(tmp_path / "o")))  # no val/: the monitor is skipped
     assert "cannot read image" in line and "broken.jpg" in line
 
 
