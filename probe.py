@@ -86,7 +86,8 @@ def load_encoder(args, drop_path=0.0):
     try:
         encoder.load_state_dict(state)
     except RuntimeError as error:
-        raise common.UserError(f"{args.checkpoint} does not fit a {config['arch']}: {str(error).splitlines()[1].strip()}") from None
+        detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+        raise common.UserError(f"{args.checkpoint} does not fit a {config['arch']}: {detail}") from None
     return encoder, args.image_size or config["image_size"]
 
 
