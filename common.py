@@ -445,6 +445,14 @@ def embedding_std(z):
     return F.normalize(z.float(), dim=1).std(dim=0).mean().item()
 
 
+def collapse_warning(std, dim):
+    """A loud message when embedding_std has fallen far below the healthy 1/sqrt(dim), else None."""
+    if std * math.sqrt(dim) < 0.1:
+        return (f"WARNING: representation collapse: embedding_std {std:.4f} is below 0.1/sqrt({dim}) = "
+                f"{0.1 / math.sqrt(dim):.4f} (healthy ≈ {1 / math.sqrt(dim):.4f}); outputs are nearly constant")
+    return None
+
+
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def extract_features(encoder, loader, dist_env):

@@ -2,7 +2,8 @@
 
     python tests/ddp_step.py simclr OUT.pt                                    # one process, 2B images
     torchrun --nproc_per_node=2 tests/ddp_step.py simclr OUT.pt               # 2 ranks x B images
-The method module must expose get_args_parser(), build_model(args) and training_step(model, views, args).
+The method module must expose get_args_parser(), build_model(args) and training_step(model, views, args, **kw)
+(kw: MAE's `noise`); training_step returns (loss, ...).
 """
 import importlib
 import os
@@ -21,9 +22,17 @@ args = module.get_args_parser().parse_args(["--data", "shapes", "--image-size", 
 torch.manual_seed(0)
 model = module.build_model(args)
 global_batch = 8
-views = torch.randn(2, global_batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # (view, image, C, H, W)
 per_rank = global_batch // dist_env.world_size
-local_views = list(views[:, dist_env.rank * per_rank:(dist_env.rank + 1) * per_rank])
+mine = slice(dist_env.rank * per_rank, (dist_env.rank + 1) * per_rank)  # this rank's images
+# Every random input is drawn for the global batch and sliced, so 1 process and 2 ranks see the same
+# numbers: the views (DINO: 2 global crops + 2 local crops; MAE: one view) and MAE's masking noise.
+generator = torch.Generator().manual_seed(1)
+view_sizes = {"dino": [32, 32, 16, 16], "mae": [32]}.get(method, [32, 32])
+views = [torch.randn(global_batch, 3, size, size, generator=generator) for size in view_sizes]
+local_views = [view[mine] for view in views]
+step_kwargs = {}
+if method == "mae":
+    step_kwargs["noise"] = torch.rand(global_batch, (32 // args.patch_size) ** 2, generator=generator)[mine]
 raw_model = model
 if dist_env.world_size > 1:
     model = nn.parallel.DistributedDataParallel(model)
@@ -32,7 +41,7 @@ if dist_env.world_size > 1:
 # CUDA, so on gloo this step checks our part of the equivalence exactly: the gather with gradients,
 # the loss over the global batch and DDP's gradient averaging.
 model.eval()
-loss = module.training_step(model, local_views, args)[0]
+loss = module.training_step(model, local_views, args, **step_kwargs)[0]
 loss.backward()
 if dist_env.is_main:
     torch.save({"loss": loss.detach(), "grads": {n: p.grad for n, p in raw_model.named_parameters() if p.grad is not None}},
