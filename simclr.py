@@ -36,6 +36,7 @@ def get_args_parser():
     g.add_argument("--image-size", type=int, default=None, help="crop size (default: 224 for folders, 32 CIFAR, 96 STL-10)")
     g.add_argument("--color-jitter", type=float, default=1.0, help="jitter strength s (§B.5); the paper uses 0.5 on CIFAR")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count()), help="data-loading processes per GPU")
+    g.add_argument("--cpu-augment", action="store_true", help="augment in DataLoader workers even when the dataset fits on the device")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet50", choices=common.ARCHS, help="encoder")
     g.add_argument("--patch-size", type=int, default=16, help="ViT patch size")
@@ -53,6 +54,7 @@ def get_args_parser():
     g.add_argument("--resume", default="", help="resume from this checkpoint instead of OUTPUT_DIR/checkpoint.pth")
     g.add_argument("--knn-every", type=int, default=10, help="k-NN monitor on the val split every N epochs and at the end (0: off)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps, then faster)")
     return p
 
 
@@ -107,7 +109,8 @@ def main(args):
     s = args.color_jitter
     transform = common.MultiView([common.ssl_view(args.image_size, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s))] * 2)
     dataset = common.build_dataset(args.data, "pretrain", transform, args.data_root)
-    loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers)
+    loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
+                                on_device=not args.cpu_augment)
     if len(loader) == 0:
         raise common.UserError(f"{len(dataset)} images cannot fill one batch of {args.batch_size}")
 
@@ -142,6 +145,8 @@ def main(args):
             print("note: SyncBatchNorm needs CUDA; on CPU each rank normalises with its own batch statistics")
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         raw_model = model.module
+    if args.compile:
+        model = torch.compile(model)  # checkpoints keep saving raw_model: plain names, loadable anywhere
     knn = lambda: common.knn_monitor(raw_model.encoder, args.data, args.image_size, args.data_root,
                                      args.batch_size // dist_env.world_size, args.workers, dist_env)
     if dist_env.is_main:
@@ -179,6 +184,8 @@ def main(args):
 
         record = dict(epoch=epoch + 1, loss=sum(losses) / len(losses), embedding_std=sum(stds) / len(stds),
                       lr=optimizer.param_groups[0]["lr"], images_per_s=len(losses) * args.batch_size / (time.time() - start))
+        if dist_env.is_main and (warning := common.collapse_warning(record["embedding_std"], args.proj_dim)):
+            print(warning)
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
             record["knn_top1"] = knn()
         if dist_env.is_main:

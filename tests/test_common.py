@@ -121,3 +121,24 @@ def test_checkpoint_round_trip_and_kind_check(tmp_path):
     with pytest.raises(common.UserError, match="not byol"):
         common.load_checkpoint(path, "byol")
     assert not (tmp_path / "c.pth.tmp").exists()
+
+
+def test_lars_momentum_over_steps_equals_per_tensor_formula():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.BatchNorm1d(3))
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers = {n: torch.zeros_like(p) for n, p in reference.items()}
+    optimizer = common.LARS(common.param_groups(model, 0.01), lr=0.5, momentum=0.9)
+    for _ in range(3):
+        grads = {n: torch.randn_like(p) for n, p in reference.items()}
+        for n, p in model.named_parameters():
+            p.grad = grads[n].clone()
+        optimizer.step()
+        for n, w in reference.items():  # u = g + λw scaled by η‖w‖/‖u‖ (matrices only); v = m·v + u; w -= lr·v
+            u = grads[n] + (0.01 * w if w.ndim > 1 else 0)
+            if w.ndim > 1:
+                u = u * 0.001 * w.norm() / u.norm()
+            buffers[n] = 0.9 * buffers[n] + u
+            reference[n] = w - 0.5 * buffers[n]
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), reference[n], msg=lambda m: f"{n}: {m}")

@@ -1,0 +1,186 @@
+"""Training throughput of every method: images/s, views/s, peak memory and MFU.
+
+One step here is what a method's training loop does per batch: its own training_step (forward,
+loss), backward, an optimizer step and, where the method has one, the momentum update. FLOPs are
+counted with torch.utils.flop_counter on that real step (matmuls and convolutions, forward and
+backward) and MFU is achieved FLOP/s over the GPU's dense bf16 peak. Three input modes:
+
+    synthetic   views already on the GPU: what the model alone can do
+    device      the in-memory dataset augmented on the GPU (common.DeviceLoader, the default path)
+    dataloader  torchvision augmentation in DataLoader workers (--cpu-augment in the scripts)
+
+    python benchmarks/throughput.py                                   # every config, on one GPU
+    python benchmarks/throughput.py --configs resnet18-32 --methods byol simclr --modes synthetic device
+    python benchmarks/throughput.py --configs cpu-tiny --steps 3     # CPU smoke run (the test)
+
+The optimizer is each method's paper choice (LARS, SGD or AdamW) with placeholder hyper-parameters:
+its cost, not its schedule, is what matters here.
+"""
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+
+# Method -> (optimizer, views). Views as the scripts make them: two views, BYOL's asymmetric
+# pair, MAE's single light view, DINO's 2 global + 10 local crops.
+METHODS = {
+    "simclr": ("lars", "two"), "moco": ("adamw", "two"), "byol": ("lars", "byol"),
+    "simsiam": ("sgd", "two"), "mae": ("adamw", "mae"), "dino": ("adamw", "multicrop"),
+}
+# name -> (arch, image size, patch size, per-GPU batch, methods)
+CONFIGS = {
+    "resnet18-32": ("resnet18", 32, 16, 512, ("simclr", "moco", "byol", "simsiam")),
+    "resnet50-224": ("resnet50", 224, 16, 128, ("simclr", "moco", "byol", "simsiam")),
+    "vit_small-224": ("vit_small", 224, 16, 128, ("moco", "dino", "simclr")),
+    "vit_base-224": ("vit_base", 224, 16, 256, ("mae",)),
+    "cpu-tiny": ("vit_nano", 32, 8, 16, tuple(METHODS)),
+}
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12}  # dense
+
+
+def make_views(kind, size):
+    if kind == "multicrop":
+        return common.multi_crop(size, local_crops=10)
+    if kind == "mae":
+        return common.MultiView([common.mae_transform(size)])
+    if kind == "byol":
+        return common.MultiView([common.View(size, blur=1.0), common.View(size, blur=0.1, solarize=0.2)])
+    return common.MultiView([common.View(size)] * 2)
+
+
+def make_optimizer(kind, model, device):
+    groups = common.param_groups(model, 1e-6)
+    if kind == "lars":
+        return common.LARS(groups, lr=0.1)
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=0.05, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=1e-4, fused=device.type == "cuda")
+
+
+def batches(mode, views, config, args, dist_env):
+    """An endless iterator of per-step view lists in the requested input mode."""
+    arch, size, _, batch, _ = config
+    if mode == "synthetic":
+        shapes = [(batch, 3, view.size, view.size) for view in views.transforms]
+        fixed = [torch.randn(shape, device=dist_env.device) for shape in shapes]
+        while True:
+            yield fixed
+    num_images = max(2 * batch, batch * (args.steps + args.warmup) // 4)  # several epochs: loaders restart
+    dataset = common.build_dataset(f"shapes:{size}:{num_images}", "pretrain", views)
+    loader = common.make_loader(dataset, batch, dist_env, args.workers, on_device=mode == "device")
+    while True:
+        for batch_views, _ in loader:
+            yield [v.to(dist_env.device, non_blocking=True) for v in batch_views]
+
+
+def benchmark(method, config_name, mode, args, dist_env):
+    arch, size, patch, batch, _ = config = CONFIGS[config_name]
+    device = dist_env.device
+    module = importlib.import_module(method)
+    optimizer_kind, views_kind = METHODS[method]
+    method_args = module.get_args_parser().parse_args(
+        ["--data", f"shapes:{size}", "--arch", arch, "--image-size", str(size), "--patch-size", str(patch)])
+    torch.manual_seed(0)
+    model = module.build_model(method_args).to(device)
+    resnet = arch.startswith("resnet") and device.type == "cuda"
+    if resnet:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(optimizer_kind, model, device)
+    step_model = torch.compile(model) if args.compile else model
+    views = make_views(views_kind, size)
+    inputs = batches(mode, views, config, args, dist_env)
+
+    def step(count_flops=False):
+        batch_views = next(inputs)
+        if resnet:
+            batch_views = [v.contiguous(memory_format=torch.channels_last) for v in batch_views]
+        counter = FlopCounterMode(display=False)
+        with counter if count_flops else contextlib.nullcontext():
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                loss = module.training_step(step_model, batch_views, method_args)[0]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        optimizer.step()
+        if hasattr(module, "momentum_update"):
+            module.momentum_update(model, 0.996)
+        return counter.get_total_flops() if count_flops else None
+
+    model.train()
+    flops_per_step = step(count_flops=True)  # one step under the counter (also a warm-up step)
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / args.steps
+    peak = next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in torch.cuda.get_device_name()), None) \
+        if device.type == "cuda" else None
+    return dict(
+        method=method, config=config_name, mode=mode, arch=arch, image_size=size, batch=batch,
+        views=len(views.transforms), compile=args.compile, step_ms=1000 * seconds,
+        images_per_s=batch / seconds, views_per_s=batch * len(views.transforms) / seconds,
+        gflops_per_image=flops_per_step / batch / 1e9, tflops_per_s=flops_per_step / seconds / 1e12,
+        mfu=flops_per_step / seconds / peak if peak else None,
+        peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
+
+
+def main():
+    p = argparse.ArgumentParser("throughput.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c != "cpu-tiny"], choices=CONFIGS,
+                   help="architecture / resolution / batch configurations")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods (each config lists where it applies)")
+    p.add_argument("--modes", nargs="+", default=["synthetic", "device", "dataloader"],
+                   choices=["synthetic", "device", "dataloader"], help="input pipelines to measure")
+    p.add_argument("--steps", type=int, default=30, help="timed steps")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (cuDNN autotuning, compilation)")
+    p.add_argument("--workers", type=int, default=min(16, os.cpu_count()), help="DataLoader workers (dataloader mode)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--output", default="benchmarks/throughput.json", help="JSON results")
+    args = p.parse_args()
+    if args.steps < 1 or args.warmup < 0:
+        sys.exit("throughput.py: error: --steps must be >= 1 and --warmup >= 0")
+    dist_env = common.DistEnv(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if dist_env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    device_name = torch.cuda.get_device_name() if dist_env.device.type == "cuda" else "CPU"
+    print(f"device: {device_name}, torch {torch.__version__}")
+    header = f"{'method':8} {'config':14} {'mode':10} {'img/s':>9} {'views/s':>9} {'ms/step':>8} {'GFLOP/img':>9} {'TFLOP/s':>8} {'MFU':>6} {'mem GB':>7}"
+    print(header)
+    results = []
+    for config in args.configs:
+        for method in (m for m in args.methods if m in CONFIGS[config][4]):
+            for mode in args.modes:
+                try:
+                    r = benchmark(method, config, mode, args, dist_env)
+                except torch.cuda.OutOfMemoryError:
+                    print(f"{method:8} {config:14} {mode:10} out of memory")
+                    torch.cuda.empty_cache()
+                    continue
+                results.append(r)
+                mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "    -"
+                memory = f"{r['peak_memory_gb']:7.1f}" if r["peak_memory_gb"] is not None else "      -"
+                print(f"{method:8} {config:14} {mode:10} {r['images_per_s']:9.0f} {r['views_per_s']:9.0f} {r['step_ms']:8.1f} "
+                      f"{r['gflops_per_image']:9.2f} {r['tflops_per_s']:8.2f} {mfu} {memory}", flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(dict(device=device_name, torch=torch.__version__, results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
