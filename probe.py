@@ -92,14 +92,30 @@ def load_encoder(args, drop_path=0.0):
 
 
 def layer_ids(encoder):
-    """Depth index of every encoder parameter: 0 = stem, then one per ViT block / ResNet stage."""
+    """[(name, parameter, depth index)] and the head's index H: 0 = stem (patch embedding, CLS,
+    positions), 1..H-1 = ViT blocks / ResNet stages, and the ViT's final norm shares the head's H
+    (MAE's util/lr_decay.py, after BEiT): the last block trains at lr × decay, the norm at lr."""
     if isinstance(encoder, common.VisionTransformer):
-        depth = len(encoder.blocks)
-        for name, p in encoder.named_parameters():
-            yield p, int(name.split(".")[1]) + 1 if name.startswith("blocks.") else (depth + 1 if name.startswith("norm") else 0)
-    else:
-        for name, p in encoder.named_parameters():
-            yield p, int(name[5]) if name.startswith("layer") else 0  # layer1..layer4 -> 1..4
+        head = len(encoder.blocks) + 1
+        return [(n, p, int(n.split(".")[1]) + 1 if n.startswith("blocks.") else (head if n.startswith("norm") else 0))
+                for n, p in encoder.named_parameters()], head
+    return [(n, p, int(n[5]) if n.startswith("layer") else 0) for n, p in encoder.named_parameters()], 5  # layer1..4 -> 1..4
+
+
+def finetune_param_groups(encoder, classifier, layer_decay, weight_decay, trainable_blocks=-1):
+    """AdamW groups with lr scale decay^(H − i) for layer i; no weight decay on biases, norms, the CLS
+    token and the position embedding (MAE / timm). trainable_blocks N >= 0 freezes all but the last N."""
+    ids, head = layer_ids(encoder)
+    frozen_below = head - trainable_blocks if trainable_blocks >= 0 else 0
+    groups = {}
+    for name, p, i in ids + [("head." + n, p, head) for n, p in classifier.named_parameters()]:
+        p.requires_grad = i >= frozen_below
+        if p.requires_grad:
+            decay = p.ndim > 1 and name not in ("cls_token", "pos_embed")
+            group = groups.setdefault((i, decay), {"params": [], "scale": layer_decay ** (head - i),
+                                                   "weight_decay": weight_decay if decay else 0.0})
+            group["params"].append(p)
+    return list(groups.values())
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -190,17 +206,9 @@ def run_finetune(args, train_set, val_set, num_classes, device):
         torch.manual_seed(seed)
         encoder, _ = load_encoder(args, drop_path=args.drop_path)
         model = nn.Sequential(encoder, nn.Linear(encoder.embed_dim, num_classes)).to(device)
-        depth = max(i for _, i in layer_ids(encoder)) + 1  # the head is one deeper than the last layer
-        frozen_below = depth - args.trainable_blocks if args.trainable_blocks >= 0 else 0
-        groups = {}
-        for p, i in layer_ids(encoder):
-            p.requires_grad = i >= frozen_below
-            if p.requires_grad:
-                groups.setdefault(i, []).append(p)
-        groups[depth] = list(model[1].parameters())
         lr = args.finetune_base_lr * args.finetune_batch_size / 256
-        optimizer = torch.optim.AdamW([{"params": ps, "scale": args.layer_decay ** (depth - i)} for i, ps in groups.items()],
-                                      lr=lr, weight_decay=args.finetune_weight_decay)
+        optimizer = torch.optim.AdamW(finetune_param_groups(encoder, model[1], args.layer_decay, args.finetune_weight_decay,
+                                                            args.trainable_blocks), lr=lr)
         subset = torch.utils.data.Subset(train_set, balanced_subset(torch.tensor(labels_of(train_set)), args.label_fraction, seed).tolist())
         loader = torch.utils.data.DataLoader(subset, min(args.finetune_batch_size, len(subset)), shuffle=True,
                                              num_workers=args.workers, drop_last=True)

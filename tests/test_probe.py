@@ -76,3 +76,23 @@ def test_probe_plain_torchvision_state_dict(tmp_path):
                         "--protocol", "knn", "--workers", "0", "--output", str(tmp_path / "out.json"))
     assert result.returncode == 0, result.stderr
     assert "k=20" in json.load(open(tmp_path / "out.json"))["knn"]
+
+
+def test_finetune_groups_follow_mae_layer_decay():
+    # MAE's util/lr_decay.py: with H = depth + 1, layer i trains at lr × decay^(H − i); the patch
+    # embedding, CLS and positions are layer 0, block j is layer j + 1, the final norm and the head H.
+    encoder = common.build_encoder("vit_nano", 16, 8)  # 4 blocks: H = 5
+    head = torch.nn.Linear(128, 10)
+    groups = probe.finetune_param_groups(encoder, head, layer_decay=0.5, weight_decay=0.05)
+    scale = {id(p): g["scale"] for g in groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert scale[id(encoder.patch_embed.proj.weight)] == scale[id(encoder.cls_token)] == 0.5 ** 5
+    assert scale[id(encoder.blocks[0].attn.qkv.weight)] == 0.5 ** 4 and scale[id(encoder.blocks[3].mlp.fc2.weight)] == 0.5
+    assert scale[id(encoder.norm.weight)] == scale[id(head.weight)] == 1.0
+    assert decay[id(head.weight)] == decay[id(encoder.blocks[2].attn.proj.weight)] == 0.05
+    assert all(decay[id(p)] == 0 for p in (head.bias, encoder.norm.weight, encoder.cls_token, encoder.pos_embed))
+    # --trainable-blocks 1: the last block, the final norm and the head train; everything else is frozen.
+    groups = probe.finetune_param_groups(encoder, head, 0.5, 0.05, trainable_blocks=1)
+    trainable = {id(p) for g in groups for p in g["params"]}
+    assert trainable == {id(p) for p in [*encoder.blocks[3].parameters(), *encoder.norm.parameters(), *head.parameters()]}
+    assert not encoder.blocks[2].attn.qkv.weight.requires_grad
