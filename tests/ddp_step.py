@@ -43,6 +43,12 @@ if dist_env.world_size > 1:
 model.eval()
 loss = module.training_step(model, local_views, args, **step_kwargs)[0]
 loss.backward()
+# A rank's loss is the mean over its own images (MoCo's queries, BYOL / SimSiam / MAE / DINO) or
+# already the global batch's (SimCLR): averaged over ranks it is the global-batch loss either way.
+global_loss = loss.detach().clone()
+if dist_env.world_size > 1:
+    torch.distributed.all_reduce(global_loss)
+    global_loss /= dist_env.world_size
 if dist_env.is_main:
-    torch.save({"loss": loss.detach(), "grads": {n: p.grad for n, p in raw_model.named_parameters() if p.grad is not None}},
+    torch.save({"loss": global_loss, "grads": {n: p.grad for n, p in raw_model.named_parameters() if p.grad is not None}},
                out_path)

@@ -39,3 +39,36 @@ def error_line(result):
     lines = [line for line in result.stderr.splitlines() if line.strip() and "it/s" not in line and "%|" not in line]
     assert len(lines) == 1, result.stderr
     return lines[0]
+
+
+def straight_and_preempted(module, flags, tmp_path, monkeypatch):
+    """Train twice in-process: straight through, and killed right after its first checkpoint then
+    auto-resumed by running the same command again. Returns the three checkpoints (straight, at the
+    kill, resumed) for the caller to compare."""
+    import pytest
+
+    import common
+
+    run = lambda out: module.main(module.get_args_parser().parse_args(flags + ["--output-dir", str(out)]))  # noqa: E731
+    run(tmp_path / "straight")
+    real_save = common.save_checkpoint
+
+    def save_then_die(state, path):
+        real_save(state, path)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(common, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "preempted")
+    monkeypatch.setattr(common, "save_checkpoint", real_save)
+    at_kill = torch.load(tmp_path / "preempted" / "checkpoint.pth", weights_only=False)
+    run(tmp_path / "preempted")
+    load = lambda out: torch.load(tmp_path / out / "checkpoint.pth", weights_only=False)  # noqa: E731
+    return load("straight"), at_kill, load("preempted")
+
+
+def assert_same_state(a, b):
+    """Bit-identical model state (every parameter and buffer: target networks, queues, centres)."""
+    assert a["epoch"] == b["epoch"] and a["step"] == b["step"]
+    assert a["model"].keys() == b["model"].keys()
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][name], tensor, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")

@@ -3,13 +3,12 @@ and a short run learns something a random encoder does not know."""
 import json
 import os
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 import common
 import simclr
-from helpers import assert_same_step, ddp_vs_single_process, error_line, run_script
+from helpers import assert_same_state, assert_same_step, ddp_vs_single_process, run_script, straight_and_preempted
 
 # README's quick start: CPU scale (vit_nano, 32 px), 8 epochs of 1500 images, about 2 minutes on 2 cores.
 QUICK = ["--data", "shapes:32:1500", "--arch", "vit_nano", "--patch-size", "8", "--epochs", "8", "--batch-size", "64",
@@ -42,27 +41,9 @@ def test_two_ranks_equal_one_process(tmp_path):
 def test_resume_replays_training_exactly(tmp_path, monkeypatch):
     flags = ["--data", "shapes:16:96", "--arch", "resnet18", "--batch-size", "32", "--epochs", "2",
              "--knn-every", "0", "--workers", "0", "--proj-hidden", "64"]
-    straight = tmp_path / "straight"
-    simclr.main(simclr.get_args_parser().parse_args(flags + ["--output-dir", str(straight)]))
-
-    preempted = tmp_path / "preempted"
-    real_save = common.save_checkpoint
-
-    def save_then_die(state, path):  # the job is killed right after its first checkpoint
-        real_save(state, path)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(common, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        simclr.main(simclr.get_args_parser().parse_args(flags + ["--output-dir", str(preempted)]))
-    monkeypatch.setattr(common, "save_checkpoint", real_save)
-    assert torch.load(preempted / "checkpoint.pth", weights_only=False)["epoch"] == 1
-    simclr.main(simclr.get_args_parser().parse_args(flags + ["--output-dir", str(preempted)]))  # auto-resumes
-
-    a = torch.load(straight / "checkpoint.pth", weights_only=False)
-    b = torch.load(preempted / "checkpoint.pth", weights_only=False)
-    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
-    for name, tensor in a["model"].items():
-        torch.testing.assert_close(b["model"][name], tensor, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+    straight, at_kill, resumed = straight_and_preempted(simclr, flags, tmp_path, monkeypatch)
+    assert at_kill["epoch"] == 1 and resumed["epoch"] == 2
+    assert_same_state(straight, resumed)
 
 
 def test_short_run_beats_random_init_knn(tmp_path):
