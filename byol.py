@@ -1,0 +1,233 @@
+"""BYOL: bootstrap your own latent (Grill et al., NeurIPS 2020, arXiv:2006.07733).
+
+No negatives. An online network (encoder f, projector g, predictor q) sees one view and predicts the
+target network's projection z' of the other view; the target (f', g') is not trained but trails the
+online weights as an exponential moving average, ξ ← τξ + (1 − τ)θ (§3.1):
+
+    L = ‖q(z1)/‖q(z1)‖ − sg(z'2)/‖z'2‖‖² = 2 − 2·cos(q(z1), sg(z'2)),   plus the same with 1 <-> 2
+
+What prevents collapse (every image -> one constant, which would make L zero): the stop-gradient
+sg and the slow EMA mean the target is never pulled towards the online outputs, so the online net
+must predict a moving, informative target; the predictor q must stay near-optimal for that (§3.2).
+Each epoch logs embedding_std (SimSiam §4.1; ≈ 1/√d healthy, → 0 collapsed) and warns when it falls.
+
+    python byol.py --data shapes --arch resnet18 --epochs 20 --batch-size 256                 # CPU, minutes
+    torchrun --nproc_per_node=8 byol.py --data /imagenet                                      # paper recipe
+
+Paper: ResNet-50, batch 4096, 1000 epochs -> 74.3% linear top-1 on ImageNet (Table 1).
+"""
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+
+
+# ----------------------------------------------------------------------------- config
+def get_args_parser():
+    p = argparse.ArgumentParser("byol.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="shapes[:SIZE[:N]], cifar10, cifar100, stl10, or an ImageFolder root")
+    g.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
+    g.add_argument("--image-size", type=int, default=None, help="crop size (default: 224 for folders, 32 CIFAR, 96 STL-10)")
+    g.add_argument("--workers", type=int, default=min(8, os.cpu_count()), help="data-loading processes per GPU")
+    g.add_argument("--cpu-augment", action="store_true", help="augment in DataLoader workers even when the dataset fits on the device")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="resnet50", choices=common.ARCHS, help="encoder")
+    g.add_argument("--patch-size", type=int, default=16, help="ViT patch size")
+    g.add_argument("--proj-hidden", type=int, default=4096, help="projector hidden width")
+    g.add_argument("--proj-dim", type=int, default=256, help="projector output width (z)")
+    g.add_argument("--pred-hidden", type=int, default=4096, help="predictor hidden width (the predictor maps z to z's width)")
+    g.add_argument("--tau-base", type=float, default=0.996, help="target EMA rate τ at step 0; rises to 1 on a cosine "
+                   "(§3.3). Lower it for short runs (0.99; 0.9 for a few hundred steps on CPU): the target follows faster")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=1000, help="training epochs (the paper's ablations use 300)")
+    g.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warm-up")
+    g.add_argument("--batch-size", type=int, default=4096, help="global batch, split over the GPUs")
+    g.add_argument("--base-lr", type=float, default=0.2, help="lr = base-lr × batch-size / 256 (LARS)")
+    g.add_argument("--weight-decay", type=float, default=1.5e-6, help="not on biases and BN parameters")
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default="runs/byol", help="checkpoint.pth and log.jsonl; resumes from it if present")
+    g.add_argument("--resume", default="", help="resume from this checkpoint instead of OUTPUT_DIR/checkpoint.pth")
+    g.add_argument("--knn-every", type=int, default=10, help="k-NN monitor on the val split every N epochs and at the end (0: off)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps, then faster)")
+    return p
+
+
+# ----------------------------------------------------------------------------- model
+class BYOL(nn.Module):
+    """Online network: encoder f, projector g and predictor q, both MLPs Linear(4096)-BN-ReLU-Linear(256)
+    with no BN on the output (§3.3). Target network: a copy of f and g that gradients never reach."""
+
+    def __init__(self, encoder, proj_hidden, proj_dim, pred_hidden):
+        super().__init__()
+        self.encoder = encoder
+        self.projector = common.mlp([encoder.embed_dim, proj_hidden, proj_dim], last_bn=False)
+        self.predictor = common.mlp([proj_dim, pred_hidden, proj_dim], last_bn=False)
+        self.target = copy.deepcopy(nn.Sequential(self.encoder, self.projector)).requires_grad_(False)
+
+    def forward(self, x1, x2):
+        """Online predictions p = q(g(f(x))) and target projections z' = g'(f'(x)) of both views.
+        Each view is its own forward, so BN statistics are per view, as in the official code."""
+        online = lambda x: self.predictor(self.projector(self.encoder(x)))
+        with torch.no_grad():  # the target is only ever averaged, never differentiated
+            z1, z2 = self.target(x1), self.target(x2)
+        return online(x1), online(x2), z1, z2
+
+
+@torch.no_grad()
+def momentum_update(model, momentum):
+    """ξ ← τ·ξ + (1 − τ)·θ (Eq. 1): the target's f' and g' trail the online f and g. BN running
+    statistics are not averaged: in training the target normalises with its own batch statistics."""
+    online = [*model.encoder.parameters(), *model.projector.parameters()]  # same order as target.{0,1}
+    torch._foreach_lerp_(list(model.target.parameters()), online, 1 - momentum)
+
+
+# ----------------------------------------------------------------------------- objective
+def regression_loss(p, z):
+    """Normalised MSE ‖p/‖p‖ − z/‖z‖‖² = 2 − 2·cos(p, z) (Eq. 2), mean over the batch. z comes from
+    the target: .detach() is the paper's stop-gradient sg(z'), so only the online side learns."""
+    p, z = F.normalize(p.float(), dim=1), F.normalize(z.detach().float(), dim=1)  # (N, D) unit vectors
+    return (2 - 2 * (p * z).sum(dim=1)).mean()
+
+
+# ----------------------------------------------------------------------------- training step
+def training_step(model, views, args):
+    p1, p2, z1, z2 = model(*views)
+    # No gather: unlike SimCLR's, each image's loss involves only its own two views, so the mean
+    # over a GPU's images plus DDP's average of the gradients is the global batch's step.
+    # Symmetrised by summing (§3.1): view 1 predicts view 2's target and vice versa, so L ∈ [0, 8].
+    loss = regression_loss(p1, z2) + regression_loss(p2, z1)
+    return loss, z1  # z1 (target projection) carries the collapse signal: the online net chases it
+
+
+# ----------------------------------------------------------------------------- loop
+def build_model(args):
+    encoder = common.build_encoder(args.arch, args.image_size, args.patch_size)
+    return BYOL(encoder, args.proj_hidden, args.proj_dim, args.pred_hidden)
+
+
+def main(args):
+    dist_env = common.init_distributed()
+    device = dist_env.device
+    args.image_size = args.image_size or common.default_image_size(args.data)
+    if args.batch_size % dist_env.world_size:
+        raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} GPUs")
+    if args.batch_size // dist_env.world_size < 2:  # BN in the heads normalises over the images of each GPU
+        raise common.UserError(f"--batch-size {args.batch_size}: BatchNorm needs at least 2 images per GPU")
+    if not 0 <= args.tau_base <= 1:
+        raise common.UserError(f"--tau-base {args.tau_base} is not in [0, 1] (1: the target never moves)")
+    # Asymmetric views (Table 6): view 1 always blurred, never solarised; view 2 rarely blurred, sometimes solarised.
+    transform = common.MultiView([common.ssl_view(args.image_size, jitter=(0.4, 0.4, 0.2, 0.1), blur=1.0, solarize=0.0),
+                                  common.ssl_view(args.image_size, jitter=(0.4, 0.4, 0.2, 0.1), blur=0.1, solarize=0.2)])
+    dataset = common.build_dataset(args.data, "pretrain", transform, args.data_root)
+    loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
+                                on_device=not args.cpu_augment)
+    if len(loader) == 0:
+        raise common.UserError(f"{len(dataset)} images cannot fill one batch of {args.batch_size}")
+
+    torch.manual_seed(args.seed)
+    model = build_model(args).to(device)
+    if args.arch.startswith("resnet") and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    lr = args.base_lr * args.batch_size / 256  # linear scaling rule (§3.3)
+    optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=lr, momentum=0.9)  # online only
+    encoder_config = dict(arch=args.arch, image_size=args.image_size, patch_size=args.patch_size)
+
+    start_epoch, step = 0, 0
+    checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
+    resume_path = args.resume or (checkpoint_path if os.path.exists(checkpoint_path) else "")
+    if resume_path:
+        checkpoint = common.load_checkpoint(resume_path, "byol")
+        if checkpoint["encoder_config"] != encoder_config:
+            raise common.UserError(f"{resume_path} holds {checkpoint['encoder_config']}, not {encoder_config}")
+        model.load_state_dict(checkpoint["model"])  # the target network too
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_epoch, step = checkpoint["epoch"], checkpoint["step"]  # the step sets τ
+        if dist_env.is_main:
+            print(f"resumed from {resume_path} at epoch {start_epoch}")
+
+    raw_model = model
+    if dist_env.world_size > 1:
+        # SyncBN: BN statistics over the global batch of each view, as in the paper; per-GPU
+        # statistics of small shards would be noisier and change with the number of GPUs.
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif dist_env.is_main:  # torch's SyncBN is CUDA-only: gloo ranks keep per-rank BN
+            print("note: SyncBatchNorm needs CUDA; on CPU each rank normalises with its own batch statistics")
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        raw_model = model.module
+    if args.compile:
+        model = torch.compile(model)  # checkpoints keep saving raw_model: plain names, loadable anywhere
+    knn = lambda: common.knn_monitor(raw_model.encoder, args.data, args.image_size, args.data_root,
+                                     args.batch_size // dist_env.world_size, args.workers, dist_env)
+    if dist_env.is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+    if args.knn_every and start_epoch == 0:
+        knn_init = knn()
+        if dist_env.is_main and knn_init is not None:
+            print(f"k-NN top-1 at random init: {100 * knn_init:.2f}%")
+            common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), {"epoch": 0, "knn_top1": knn_init})
+
+    record = {}
+    total_steps, warmup_steps = args.epochs * len(loader), args.warmup_epochs * len(loader)
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        loader.sampler.set_epoch(epoch)
+        torch.manual_seed(args.seed * 100003 + epoch * 1000 + dist_env.rank)  # resume replays the same augmentations
+        start, losses, stds = time.time(), [], []
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist_env.is_main)
+        for views, _ in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = common.cosine_schedule(step, total_steps, lr, 0.0, warmup_steps)
+            # τ = 1 − (1 − τ_base)(cos(πk/K) + 1)/2 (§3.3): a cosine from τ_base at k = 0 to 1 at k = K.
+            momentum = common.cosine_schedule(step, total_steps, args.tau_base, 1.0)
+            views = [v.to(device, non_blocking=True) for v in views]
+            if args.arch.startswith("resnet") and device.type == "cuda":
+                views = [v.to(memory_format=torch.channels_last) for v in views]
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                loss, z = training_step(model, views, args)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            momentum_update(raw_model, momentum)
+            step += 1
+            losses.append(loss.item())
+            stds.append(common.embedding_std(z))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}",
+                            img_s=f"{len(losses) * args.batch_size / (time.time() - start):.0f}")
+
+        record = dict(epoch=epoch + 1, loss=sum(losses) / len(losses), embedding_std=sum(stds) / len(stds),
+                      lr=optimizer.param_groups[0]["lr"], momentum=momentum,
+                      images_per_s=len(losses) * args.batch_size / (time.time() - start))
+        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            record["knn_top1"] = knn()
+        if dist_env.is_main:
+            common.save_checkpoint(dict(method="byol", encoder_config=encoder_config,
+                                        encoder=raw_model.encoder.state_dict(), args=vars(args), epoch=epoch + 1,
+                                        step=step, model=raw_model.state_dict(), optimizer=optimizer.state_dict()),
+                                   checkpoint_path)
+            common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if v is not None))
+            if warning := common.collapse_warning(record["embedding_std"], args.proj_dim):
+                print(warning, flush=True)
+    if dist_env.is_main and record.get("knn_top1") is not None:
+        print(f"k-NN top-1 (k=20) on the val split: {100 * record['knn_top1']:.2f}%")
+    if dist_env.world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except common.UserError as error:
+        sys.exit(f"byol.py: error: {error}")

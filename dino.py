@@ -1,0 +1,365 @@
+"""DINO: self-distillation with no labels (Caron et al., ICCV 2021, arXiv:2104.14294).
+
+A student network g_s learns to predict the output of a teacher g_t, an exponential moving average
+of the student, on other crops of the same image. Both end in a K-way softmax (§3.1):
+
+    L = Σ_{x ∈ {x1g, x2g}} Σ_{x' ∈ V, x' ≠ x}  H(P_t(x), P_s(x')),   H(a, b) = -a · log b
+    P_t(x) = softmax((g_t(x) - c) / τ_t),   P_s(x') = softmax(g_s(x') / τ_s),   c ← m c + (1 - m) mean g_t
+
+The teacher sees the 2 global crops, the student all of them (multi-crop: + N small local crops), so
+local-to-global correspondence is learnt. Centering (c) alone would collapse to the uniform
+distribution and sharpening (τ_t < τ_s) alone to one dimension; together they avoid both (§5.3).
+
+    python dino.py --data shapes --arch vit_nano --patch-size 8 --out-dim 1024 --head-hidden 256 \\
+        --head-bottleneck 64 --local-crops 6 --epochs 30 --batch-size 128 --attention-maps 10   # CPU
+    torchrun --nproc_per_node=8 dino.py --data /imagenet --attention-maps 10                # paper recipe
+
+Official code, ViT-S/16, 100 epochs on 8 GPUs (batch 512, τ_t 0.04): 69.3% k-NN, 74.0% linear top-1
+on ImageNet; 300 epochs with τ_t 0.04 -> 0.07 over 30 epochs (this file's default): 73.3% / 76.0%.
+"""
+import argparse
+import itertools
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from tqdm import tqdm
+
+import common
+
+
+# ----------------------------------------------------------------------------- config
+def get_args_parser():
+    p = argparse.ArgumentParser("dino.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="shapes[:SIZE[:N]], cifar10, cifar100, stl10, or an ImageFolder root")
+    g.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
+    g.add_argument("--image-size", type=int, default=None, help="global crop size (default: 224 for folders, 32 CIFAR, 96 STL-10)")
+    g.add_argument("--local-crops", type=int, default=10, help="local crops per image, at 96/224 of the global size "
+                   "(paper: 2x224 + 10x96; 0 disables multi-crop, then use --global-crops-scale 0.14 1)")
+    g.add_argument("--global-crops-scale", type=float, nargs=2, default=(0.4, 1.0), help="area range of the global crops")
+    g.add_argument("--local-crops-scale", type=float, nargs=2, default=(0.05, 0.4), help="area range of the local crops")
+    g.add_argument("--workers", type=int, default=min(8, os.cpu_count()), help="data-loading processes per GPU")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="vit_small", choices=common.ARCHS, help="encoder, the same for student and teacher")
+    g.add_argument("--patch-size", type=int, default=16, help="ViT patch size (8 gives sharper attention maps, 4x the cost)")
+    g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the student ViT (the teacher has none)")
+    g.add_argument("--head-hidden", type=int, default=2048, help="hidden width of the 3-layer head MLP")
+    g.add_argument("--head-bottleneck", type=int, default=256, help="L2-normalised bottleneck before the last layer")
+    g.add_argument("--out-dim", type=int, default=65536, help="K, the softmax width; large values (65k) work well on ImageNet")
+    g = p.add_argument_group("objective")
+    g.add_argument("--student-temp", type=float, default=0.1, help="τ_s")
+    g.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="τ_t at epoch 0; lower it if the loss does not decrease")
+    g.add_argument("--teacher-temp", type=float, default=0.07, help="τ_t after the warm-up; above 0.07 is unstable")
+    g.add_argument("--warmup-teacher-temp-epochs", type=int, default=30, help="linear τ_t warm-up")
+    g.add_argument("--center-momentum", type=float, default=0.9, help="m in c <- m c + (1 - m) mean(teacher output)")
+    g.add_argument("--momentum-teacher", type=float, default=0.996, help="teacher EMA at step 0, cosine to 1 (0.9995 at batch 256)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=100, help="training epochs (300-800 for the paper's best)")
+    g.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warm-up")
+    g.add_argument("--batch-size", type=int, default=1024, help="global batch (images, not crops), split over the GPUs")
+    g.add_argument("--base-lr", type=float, default=5e-4, help="AdamW lr = base-lr × batch-size / 256 after the warm-up")
+    g.add_argument("--min-lr", type=float, default=1e-6, help="lr at the end of the cosine")
+    g.add_argument("--weight-decay", type=float, default=0.04, help="weight decay at step 0 (not on biases and norms)")
+    g.add_argument("--weight-decay-end", type=float, default=0.4, help="weight decay at the end, cosine schedule")
+    g.add_argument("--clip-grad", type=float, default=3.0, help="max gradient norm of EACH parameter tensor (0: off)")
+    g.add_argument("--freeze-last-layer", type=int, default=1, help="epochs with the head's last layer frozen (raise if the loss stalls)")
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default="runs/dino", help="checkpoint.pth and log.jsonl; resumes from it if present")
+    g.add_argument("--resume", default="", help="resume from this checkpoint instead of OUTPUT_DIR/checkpoint.pth")
+    g.add_argument("--knn-every", type=int, default=10, help="k-NN of the teacher on val every N epochs and at the end (0: off)")
+    g.add_argument("--attention-maps", type=int, default=0, help="every N epochs and at the end, save the teacher's "
+                   "last-layer CLS attention per head for 4 val images as PNGs (ViT only; 0: off)")
+    g.add_argument("--seed", type=int, default=0)
+    return p
+
+
+# ----------------------------------------------------------------------------- model
+class DINOHead(nn.Module):
+    """3-layer MLP (GELU, no BN: the official ViT default), L2-normalised bottleneck, then a
+    weight-normalised linear layer to K with its norm g fixed to 1: each row of the weight is used
+    as a unit vector, so every logit is a cosine. (Same function, gradient and EMA as the official
+    nn.utils.weight_norm with weight_g frozen at 1, and the checkpoint stays one plain weight.)"""
+
+    def __init__(self, in_dim, out_dim, hidden_dim=2048, bottleneck_dim=256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+                                 nn.Linear(hidden_dim, bottleneck_dim))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)  # torch's default init, as official
+
+    def forward(self, x):
+        x = F.normalize(self.mlp(x), dim=-1)                                     # (N, bottleneck) on the sphere
+        return F.linear(x, F.normalize(self.last_layer.weight, dim=1))           # (N, K)
+
+
+class MultiCropNetwork(nn.Module):
+    """Backbone + head over a list of crops: one backbone pass per resolution (the global crops
+    together, then the local crops together), one head pass over all. Output rows follow the
+    list: crop 0's B images, crop 1's, ..."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, crops):
+        features = [self.backbone(torch.cat(list(same))) for _, same in itertools.groupby(crops, key=lambda c: c.shape[-2:])]
+        return self.head(torch.cat(features))                                    # (V·B, K)
+
+
+class DINO(nn.Module):
+    """Student and teacher of one architecture, and the centre c: all the state resume needs."""
+
+    def __init__(self, student, teacher, out_dim):
+        super().__init__()
+        self.student, self.teacher = student, teacher
+        self.teacher.load_state_dict(self.student.state_dict())  # both start from the same weights
+        self.teacher.requires_grad_(False)  # the teacher only moves by momentum_update
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def forward(self, crops):
+        """crops: the 2 global crops first, then the local ones, each (B, 3, H, W)."""
+        with torch.no_grad():  # stop-gradient on the teacher (§3.1)
+            teacher = self.teacher(crops[:2])                                    # (2·B, K) global crops only
+        return self.student(crops), teacher                                      # (V·B, K), (2·B, K)
+
+
+# ----------------------------------------------------------------------------- objective
+def dino_loss(student_out, teacher_out, center, teacher_temp, student_temp=0.1):
+    """Mean over the (teacher global crop i, student crop v ≠ i) pairs of H(P_t, P_s), each the mean
+    over the images. student_out (V·B, K) and teacher_out (2·B, K) are stacked crop by crop."""
+    # Centre then sharpen the teacher: subtracting c stops one dimension dominating, τ_t < τ_s
+    # (0.04-0.07 vs 0.1) stops the uniform solution that centering alone would drift to (§3.1).
+    teacher = F.softmax((teacher_out.float() - center) / teacher_temp, dim=-1).detach().chunk(2)  # 2 x (B, K)
+    student = F.log_softmax(student_out.float() / student_temp, dim=-1).chunk(len(student_out) // len(teacher[0]))  # V x (B, K)
+    terms = [-(p_t * log_p_s).sum(-1).mean() for i, p_t in enumerate(teacher)
+             for v, log_p_s in enumerate(student) if v != i]  # a crop is never its own target
+    return sum(terms) / len(terms)
+
+
+@torch.no_grad()
+def update_center(center, teacher_out, momentum=0.9):
+    """c <- m c + (1 - m) × the teacher's mean output over the GLOBAL batch (all ranks)."""
+    batch_sum = teacher_out.float().sum(0, keepdim=True)                        # (1, K)
+    count = len(teacher_out)
+    if dist.is_available() and dist.is_initialized():
+        # The centre is a statistic of the whole batch, and every rank must hold the same c: sum over ranks.
+        dist.all_reduce(batch_sum)
+        count *= dist.get_world_size()
+    center.mul_(momentum).add_(batch_sum / count, alpha=1 - momentum)
+
+
+def teacher_temperature(epoch, args):
+    """τ_t: linear from --warmup-teacher-temp at epoch 0 to --teacher-temp at the last warm-up epoch,
+    then constant; a high τ_t early makes training unstable (official schedule, per epoch)."""
+    if epoch >= args.warmup_teacher_temp_epochs:
+        return args.teacher_temp
+    progress = epoch / max(1, args.warmup_teacher_temp_epochs - 1)
+    return args.warmup_teacher_temp + (args.teacher_temp - args.warmup_teacher_temp) * progress
+
+
+def schedules(step, total_steps, steps_per_epoch, lr, args):
+    """Every per-step value of the recipe: lr warm-up + cosine, weight decay 0.04 -> 0.4 and the
+    teacher momentum 0.996 -> 1 on cosines (a slower, sharper teacher late in training)."""
+    return dict(lr=common.cosine_schedule(step, total_steps, lr, args.min_lr, args.warmup_epochs * steps_per_epoch),
+                weight_decay=common.cosine_schedule(step, total_steps, args.weight_decay, args.weight_decay_end),
+                momentum=common.cosine_schedule(step, total_steps, args.momentum_teacher, 1.0))
+
+
+@torch.no_grad()
+def momentum_update(model, momentum):
+    """teacher <- m teacher + (1 - m) student, parameter by parameter (BN buffers stay the teacher's own)."""
+    torch._foreach_lerp_(list(model.teacher.parameters()), list(model.student.parameters()), 1 - momentum)
+
+
+@torch.no_grad()
+def clip_gradients(parameters, max_norm):
+    """The official clipping: each parameter tensor's gradient separately to norm <= max_norm
+    (not torch's clip_grad_norm_ over all of them together)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norms = torch._foreach_norm(grads)
+    torch._foreach_mul_(grads, [(max_norm / (norm + 1e-6)).clamp(max=1.0) for norm in norms])
+
+
+# ----------------------------------------------------------------------------- training step
+def training_step(model, crops, args, epoch=0):
+    """Returns (loss, teacher output for the collapse signal, teacher entropy); updates the centre."""
+    raw_model = getattr(model, "module", model)  # DDP or not
+    student_out, teacher_out = model(crops)
+    teacher_temp = teacher_temperature(epoch, args)
+    local_loss = dino_loss(student_out, teacher_out, raw_model.center, teacher_temp, args.student_temp)
+    with torch.no_grad():
+        # Collapse monitor (§5.3): the teacher's entropy falls to 0 when one dimension dominates
+        # and rises to log K when it goes uniform.
+        p_t = F.softmax((teacher_out.float() - raw_model.center) / teacher_temp, dim=-1)
+        entropy = torch.special.entr(p_t).sum(-1).mean()
+        update_center(raw_model.center, teacher_out, args.center_momentum)  # after the loss used the old c
+        global_loss = local_loss.detach().clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(global_loss)  # report the whole batch's loss (a scalar); only the value changes
+            global_loss /= dist.get_world_size()
+    # The gradient stays this rank's: DDP averages it over ranks, which is the global batch's gradient.
+    return local_loss + (global_loss - local_loss.detach()), teacher_out, entropy
+
+
+# ----------------------------------------------------------------------------- loop
+def build_model(args):
+    def network(drop_path):
+        backbone = common.build_encoder(args.arch, args.image_size, args.patch_size, drop_path)
+        return MultiCropNetwork(backbone, DINOHead(backbone.embed_dim, args.out_dim, args.head_hidden, args.head_bottleneck))
+    return DINO(network(args.drop_path), network(0.0), args.out_dim)
+
+
+@torch.no_grad()
+def save_attention_maps(backbone, images, folder):
+    """The last block's CLS -> patch attention of every head, upsampled (nearest) to the image size:
+    img{i}.png and img{i}_head{h}.png."""
+    backbone.eval()
+    os.makedirs(folder, exist_ok=True)
+    attention = backbone.last_attention(images)[:, :, 0, 1:]                    # (B, heads, L) CLS row
+    grid = images.shape[-1] // backbone.patch_size
+    maps = attention.reshape(*attention.shape[:2], grid, grid)                  # (B, heads, g, g)
+    maps = F.interpolate(maps, scale_factor=backbone.patch_size, mode="nearest")  # (B, heads, H, W)
+    low, high = maps.amin((2, 3), keepdim=True), maps.amax((2, 3), keepdim=True)
+    maps = (maps - low) / (high - low).clamp(min=1e-12)  # min-max per map, as plt.imsave in the official code
+    mean, std = (torch.tensor(v, device=images.device)[:, None, None] for v in (common.IMAGENET_MEAN, common.IMAGENET_STD))
+    for i, (image, heads) in enumerate(zip(images, maps)):
+        torchvision.utils.save_image(image * std + mean, os.path.join(folder, f"img{i}.png"))
+        for h, attention_map in enumerate(heads):
+            torchvision.utils.save_image(attention_map, os.path.join(folder, f"img{i}_head{h}.png"))
+
+
+def main(args):
+    dist_env = common.init_distributed()
+    device = dist_env.device
+    args.image_size = args.image_size or common.default_image_size(args.data)
+    is_vit = args.arch.startswith("vit")
+    if args.batch_size % dist_env.world_size:
+        raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} GPUs")
+    if args.attention_maps and not is_vit:
+        raise common.UserError(f"--attention-maps needs a ViT (--arch vit_*), not {args.arch}")
+    if args.local_crops < 0:
+        raise common.UserError(f"--local-crops {args.local_crops} must be >= 0")
+    transform = common.multi_crop(args.image_size, args.local_crops, tuple(args.global_crops_scale),
+                                  tuple(args.local_crops_scale), patch_size=args.patch_size if is_vit else 1)
+    dataset = common.build_dataset(args.data, "pretrain", transform, args.data_root)
+    loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers)
+    if len(loader) == 0:
+        raise common.UserError(f"{len(dataset)} images cannot fill one batch of {args.batch_size}")
+
+    torch.manual_seed(args.seed)
+    model = build_model(args).to(device)
+    if not is_vit and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    lr = args.base_lr * args.batch_size / 256  # linear scaling rule
+    groups = common.param_groups(model.student, args.weight_decay)  # [decayed, not decayed]
+    optimizer = torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
+    encoder_config = dict(arch=args.arch, image_size=args.image_size, patch_size=args.patch_size)
+
+    start_epoch, step = 0, 0
+    checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
+    resume_path = args.resume or (checkpoint_path if os.path.exists(checkpoint_path) else "")
+    if resume_path:
+        checkpoint = common.load_checkpoint(resume_path, "dino")
+        if checkpoint["encoder_config"] != encoder_config:
+            raise common.UserError(f"{resume_path} holds {checkpoint['encoder_config']}, not {encoder_config}")
+        model.load_state_dict(checkpoint["model"])  # student, teacher and centre
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_epoch, step = checkpoint["epoch"], checkpoint["step"]
+        if dist_env.is_main:
+            print(f"resumed from {resume_path} at epoch {start_epoch}")
+
+    raw_model = model
+    if dist_env.world_size > 1:
+        if not is_vit and device.type == "cuda":  # ResNets: global-batch BN, as the official code
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif not is_vit and dist_env.is_main:  # torch's SyncBN is CUDA-only: gloo ranks keep per-rank BN
+            print("note: SyncBatchNorm needs CUDA; on CPU each rank normalises with its own batch statistics")
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        raw_model = model.module
+    teacher_backbone = raw_model.teacher.backbone  # what the paper evaluates, and what the checkpoint exports
+    knn = lambda: common.knn_monitor(teacher_backbone, args.data, args.image_size, args.data_root,  # noqa: E731
+                                     args.batch_size // dist_env.world_size, args.workers, dist_env)
+    if dist_env.is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+    if args.knn_every and start_epoch == 0:
+        knn_init = knn()
+        if dist_env.is_main and knn_init is not None:
+            print(f"k-NN top-1 at random init: {100 * knn_init:.2f}%")
+            common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), {"epoch": 0, "knn_top1": knn_init})
+    if args.attention_maps and dist_env.is_main:  # a few fixed images (val if there is one)
+        split = "train" if os.path.isdir(args.data) and not os.path.isdir(os.path.join(args.data, "val")) else "val"
+        val = common.build_dataset(args.data, split, common.eval_transform(args.image_size), args.data_root)
+        attention_images = torch.stack([val[i][0] for i in range(min(4, len(val)))]).to(device)
+
+    record = {}
+    total_steps = args.epochs * len(loader)
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        loader.sampler.set_epoch(epoch)
+        torch.manual_seed(args.seed * 100003 + epoch * 1000 + dist_env.rank)  # resume replays the same augmentations
+        start, losses, stds, entropies = time.time(), [], [], []
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist_env.is_main)
+        for crops, _ in bar:
+            values = schedules(step, total_steps, len(loader), lr, args)
+            for group in optimizer.param_groups:
+                group["lr"] = values["lr"]
+            optimizer.param_groups[0]["weight_decay"] = values["weight_decay"]  # the decayed group only
+            crops = [c.to(device, non_blocking=True) for c in crops]
+            if not is_vit and device.type == "cuda":
+                crops = [c.to(memory_format=torch.channels_last) for c in crops]
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                loss, teacher_out, entropy = training_step(model, crops, args, epoch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip_grad:
+                clip_gradients(raw_model.student.parameters(), args.clip_grad)
+            if epoch < args.freeze_last_layer:  # no gradient, so AdamW leaves it alone (no decay either)
+                raw_model.student.head.last_layer.weight.grad = None
+            optimizer.step()
+            momentum_update(raw_model, values["momentum"])
+            step += 1
+            losses.append(loss.item())
+            stds.append(common.embedding_std(teacher_out))
+            entropies.append(entropy.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{values['lr']:.3g}",
+                            img_s=f"{len(losses) * args.batch_size / (time.time() - start):.0f}")
+
+        record = dict(epoch=epoch + 1, loss=sum(losses) / len(losses), embedding_std=sum(stds) / len(stds),
+                      teacher_entropy=sum(entropies) / len(entropies), teacher_temp=teacher_temperature(epoch, args),
+                      lr=values["lr"], momentum=values["momentum"],
+                      images_per_s=len(losses) * args.batch_size / (time.time() - start))
+        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            record["knn_top1"] = knn()
+        if dist_env.is_main:
+            if args.attention_maps and ((epoch + 1) % args.attention_maps == 0 or epoch + 1 == args.epochs):
+                save_attention_maps(teacher_backbone, attention_images,
+                                    os.path.join(args.output_dir, "attention", f"epoch{epoch + 1:04d}"))
+            common.save_checkpoint(dict(method="dino", encoder_config=encoder_config, encoder=teacher_backbone.state_dict(),
+                                        args=vars(args), epoch=epoch + 1, step=step, model=raw_model.state_dict(),
+                                        optimizer=optimizer.state_dict()), checkpoint_path)
+            common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if v is not None))
+            warning = common.collapse_warning(record["embedding_std"], args.out_dim)
+            if warning:
+                print(warning)
+    if dist_env.is_main and record.get("knn_top1") is not None:
+        print(f"k-NN top-1 (k=20) on the val split: {100 * record['knn_top1']:.2f}%")
+    if dist_env.world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except common.UserError as error:
+        sys.exit(f"dino.py: error: {error}")

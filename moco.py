@@ -1,0 +1,318 @@
+"""MoCo v3 (Chen, Xie & He, ICCV 2021, arXiv:2104.02057); --version v2: MoCo v2's queue (arXiv:2003.04297).
+
+A query q of one view must pick out the key k⁺ of the other view among negative keys, made by a momentum
+encoder θk ← m·θk + (1 − m)·θq that no gradient reaches (MoCo, He et al. 2020, arXiv:1911.05722):
+
+    L(q) = −log  exp(q·k⁺ / τ)  /  Σ_k exp(q·k / τ),      q, k L2-normalised
+
+v3: q = predictor(projector(encoder(x))); the negatives are the other keys of the global batch; the loss is
+symmetrised; m rises from 0.99 to 1; a ViT's patch projection stays at its random init (§4.2: stability);
+SyncBN. v2: no predictor; the negatives are a FIFO queue of the K = 65536 latest keys; m = 0.999; shuffled
+BN (MoCo §3.3): with per-GPU BN a query and its key share a sub-batch's statistics that the queue's keys
+lack, a shortcut to a low loss, so keys are computed on a batch shuffled across GPUs. SyncBN would not do:
+query and key would still be normalised over the same images, only more of them. On one GPU the shuffle
+stays inside one BN batch and changes nothing: query and key share its statistics, as with SyncBN.
+
+    python moco.py --data shapes:32:1000 --arch vit_nano --patch-size 8 --epochs 4 --batch-size 64 --warmup-epochs 1 \\
+        --proj-hidden 256 --optimizer lars --weight-decay 1e-6 --base-lr 8 --knn-every 4   # CPU, ~1 min: k-NN 16 -> 20%
+    torchrun --nproc_per_node=8 moco.py --data /imagenet                   # v3 ViT-S/16, 300 ep -> 73.2% linear
+    torchrun --nproc_per_node=8 moco.py --data /imagenet --arch resnet50   # v3 R-50, LARS, τ 1.0, 100 ep -> 68.9%
+    torchrun --nproc_per_node=8 moco.py --data /imagenet --version v2      # v2 R-50, batch 256, 200 ep -> 67.5%
+"""
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from tqdm import tqdm
+
+import common
+
+# ----------------------------------------------------------------------------- config
+RECIPES = {  # the papers' settings: official CONFIG.md (v3) and README (v2: --mlp --moco-t 0.2 --aug-plus --cos)
+    "v3-vit": dict(optimizer="adamw", base_lr=1.5e-4, weight_decay=0.1, batch_size=4096, epochs=300, warmup_epochs=40,
+                   temperature=0.2, momentum=0.99, proj_hidden=4096, proj_dim=256, queue_size=0, crop_min=0.08),
+    "v3-resnet": dict(optimizer="lars", base_lr=0.6, weight_decay=1e-6, batch_size=4096, epochs=100, warmup_epochs=10,
+                      temperature=1.0, momentum=0.99, proj_hidden=4096, proj_dim=256, queue_size=0, crop_min=0.2),
+    "v2": dict(optimizer="sgd", base_lr=0.03, weight_decay=1e-4, batch_size=256, epochs=200, warmup_epochs=0,
+               temperature=0.2, momentum=0.999, proj_hidden=2048, proj_dim=128, queue_size=65536, crop_min=0.2),
+}
+
+
+class RecipeParser(argparse.ArgumentParser):  # --version picks the method; unset flags take its RECIPES values
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        vars(ns).setdefault("arch", "vit_small" if ns.version == "v3" else "resnet50")
+        family = "v2" if ns.version == "v2" else "v3-vit" if ns.arch.startswith("vit") else "v3-resnet"
+        vars(ns).update({**RECIPES[family], **vars(ns)})  # the flags given override the recipe
+        return ns, rest
+
+
+def get_args_parser():
+    p = RecipeParser("moco.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def recipe_flag(group, name, text, **kw):  # default=SUPPRESS: unset, the attribute comes from RECIPES
+        per_recipe = ", ".join(f"{family}: {recipe[name]}" for family, recipe in RECIPES.items())
+        group.add_argument("--" + name.replace("_", "-"), type=type(RECIPES["v2"][name]), help=f"{text} ({per_recipe})",
+                           default=argparse.SUPPRESS, **kw)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="shapes[:SIZE[:N]], cifar10, cifar100, stl10, or an ImageFolder root")
+    g.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
+    g.add_argument("--image-size", type=int, default=None, help="crop size (default: 224 for folders, 32 CIFAR, 96 STL-10)")
+    recipe_flag(g, "crop_min", "smallest crop area of RandomResizedCrop")
+    g.add_argument("--workers", type=int, default=min(8, os.cpu_count()), help="data-loading processes per GPU")
+    g.add_argument("--cpu-augment", action="store_true", help="augment in DataLoader workers even when the dataset fits on the device")
+    g = p.add_argument_group("method")
+    g.add_argument("--version", default="v3", choices=["v3", "v2"], help="the method; it sets the recipe defaults")
+    g.add_argument("--arch", default=argparse.SUPPRESS, choices=common.ARCHS, help="encoder (v3: vit_small, v2: resnet50)")
+    g.add_argument("--patch-size", type=int, default=16, help="ViT patch size")
+    g.add_argument("--stop-grad-conv1", action=argparse.BooleanOptionalAction, default=True,
+                   help="ViT: freeze the patch projection at its random init (v3 §4.2: stable training)")
+    recipe_flag(g, "proj_hidden", "hidden width of the projector and predictor MLPs")
+    recipe_flag(g, "proj_dim", "output width of projector and predictor (the space of q and k)")
+    recipe_flag(g, "temperature", "τ of the softmax; v3 found 0.2 best for ViT and 1.0 for ResNet")
+    recipe_flag(g, "momentum", "key encoder momentum m (v3: start of the cosine rise to 1; v2: fixed)")
+    recipe_flag(g, "queue_size", "v2: number of queued negative keys K, a multiple of --batch-size (v3 has none)")
+    g = p.add_argument_group("optimisation")
+    recipe_flag(g, "epochs", "training epochs (v3 ResNet-50: 300 or 1000 for 72.8 / 74.6%%)")
+    recipe_flag(g, "warmup_epochs", "linear lr warm-up, then cosine decay to 0")
+    recipe_flag(g, "batch_size", "global batch, split over the GPUs")
+    recipe_flag(g, "optimizer", "LARS (trust 0.001) and SGD use momentum 0.9", choices=["adamw", "lars", "sgd"])
+    recipe_flag(g, "base_lr", "lr = base-lr × batch-size / 256")
+    recipe_flag(g, "weight_decay", "weight decay (LARS: not on biases and BN parameters)")
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default="runs/moco", help="checkpoint.pth and log.jsonl; resumes from it if present")
+    g.add_argument("--resume", default="", help="resume from this checkpoint instead of OUTPUT_DIR/checkpoint.pth")
+    g.add_argument("--knn-every", type=int, default=10, help="k-NN monitor on the val split every N epochs and at the end (0: off)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of every epoch's augmentations")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps, then faster)")
+    return p
+
+
+# ----------------------------------------------------------------------------- model
+class MoCo(nn.Module):
+    """Query side: encoder → projector → predictor (v2: none). Key side: a momentum copy of encoder + projector."""
+
+    def __init__(self, encoder, projector, predictor, queue_size, dim):
+        super().__init__()
+        self.encoder, self.projector, self.predictor = encoder, projector, predictor
+        self.momentum_encoder = copy.deepcopy(nn.Sequential(encoder, projector)).requires_grad_(False)
+        if queue_size:  # buffers, so checkpoints hold them; random unit keys until K / batch steps replace them
+            self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))  # (K, D)
+            self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # slot of the next key
+
+    def forward(self, *views):  # one q (N, D) per view, each view its own BN batch (official code)
+        return [self.predictor(self.projector(self.encoder(x))) for x in views]
+
+
+@torch.no_grad()
+def momentum_update(model, momentum):
+    """θk ← m·θk + (1 − m)·θq for encoder and projector (the predictor has no key-side twin)."""
+    online = [*model.encoder.parameters(), *model.projector.parameters()]  # the order of Sequential(encoder, projector)
+    torch._foreach_lerp_(list(model.momentum_encoder.parameters()), online, 1 - momentum)  # θk + (1 − m)(θq − θk)
+
+
+# ----------------------------------------------------------------------------- objective
+def contrastive_loss(q, k, temperature, queue=None):
+    """InfoNCE of queries q (N, D) against keys k (N, D), unnormalised; q[i] and k[i] are views of image i.
+    queue=None (v3): the negatives are every rank's keys. queue (K, D) of unit keys (v2): they are the queue."""
+    q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
+    if queue is None:
+        # Keys of all GPUs gathered WITHOUT gradient: targets. Each rank trains its own queries; DDP averages.
+        k_all = common.all_gather(k, keep_grad=False)                          # (world·N, D)
+        logits = q @ k_all.T / temperature                                     # (N, world·N)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        labels = torch.arange(len(q), device=q.device) + rank * len(q)        # k⁺ of q[i] sits at rank·N + i
+        # ×2τ (official code): the gradient of CE(logits / τ) scales as 1/τ; multiplying by τ undoes it
+        # so the tuned lr does not depend on τ. The 2 is a constant scale (×1 at τ = 0.5).
+        return F.cross_entropy(logits, labels) * 2 * temperature
+    positive = (q * k).sum(dim=1, keepdim=True)                                # (N, 1)
+    negatives = q @ queue.T                                                    # (N, K)
+    logits = torch.cat([positive, negatives], dim=1) / temperature             # (N, 1 + K), k⁺ is class 0
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))  # no 2τ in v2
+
+
+# ----------------------------------------------------------------------------- training step
+@torch.no_grad()
+def shuffled_keys(model, x):
+    """v2's shuffled BN: each rank encodes a random N of the global batch. Keys of x (N, D) and of all (world·N, D)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    x_all = common.all_gather(x, keep_grad=False)                              # (world·N, C, H, W)
+    order = torch.randperm(len(x_all), device=x.device)
+    if world > 1:
+        dist.broadcast(order, src=0)                                           # one permutation for every rank
+    k = model.momentum_encoder(x_all[order.view(world, -1)[rank]])             # (N, D) keys of shuffled images
+    k_all = common.all_gather(k, keep_grad=False)[order.argsort()]             # (world·N, D) unshuffled
+    return k_all.view(world, len(x), -1)[rank], k_all
+
+
+@torch.no_grad()
+def enqueue(model, keys):
+    """FIFO: the global batch of keys (B, D) overwrites the oldest B; the pointer wraps at K (no GPU sync)."""
+    slots = (model.queue_ptr + torch.arange(len(keys), device=keys.device)) % len(model.queue)  # (B,)
+    model.queue[slots] = F.normalize(keys.float(), dim=1)
+    model.queue_ptr.copy_((model.queue_ptr + len(keys)) % len(model.queue))
+
+
+def training_step(model, views, args):
+    raw = getattr(model, "module", model)  # DDP wraps the query forward; key side and queue are read directly
+    if args.version == "v3":
+        q1, q2 = model(*views)
+        with torch.no_grad():  # the stop-gradient: keys are targets
+            k1, k2 = [raw.momentum_encoder(x) for x in views]
+        # Symmetrised: each view queries the other's key; negatives are the keys of the global batch.
+        loss = contrastive_loss(q1, k2, args.temperature) + contrastive_loss(q2, k1, args.temperature)
+        return loss, q1
+    (q,) = model(views[0])
+    k, k_all = shuffled_keys(raw, views[1])
+    queue = raw.queue.clone()  # the negatives are the queue before this batch enters it (enqueue writes in place)
+    enqueue(raw, k_all)  # every rank enqueues the same gathered keys: the queues stay identical
+    return contrastive_loss(q, k, args.temperature, queue), q
+
+
+# ----------------------------------------------------------------------------- loop
+def build_model(args):
+    vit = args.arch.startswith("vit")
+    encoder = common.build_encoder(args.arch, args.image_size, args.patch_size, sincos=True)  # v3's fixed 2-D sin-cos
+    if vit:  # official init of the patch projection, which stays at it: Xavier-uniform, 2x torch's default scale
+        nn.init.xavier_uniform_(encoder.patch_embed.proj.weight.view(encoder.embed_dim, -1))  # (D, 3·p·p)
+        nn.init.zeros_(encoder.patch_embed.proj.bias)
+        encoder.patch_embed.requires_grad_(not args.stop_grad_conv1)  # random patch projection: stable training
+    d, hidden, out = encoder.embed_dim, args.proj_hidden, args.proj_dim
+    if args.version == "v2":  # Linear-ReLU-Linear, no BN (official --mlp); no predictor
+        return MoCo(encoder, nn.Sequential(nn.Linear(d, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out)),
+                    nn.Identity(), args.queue_size, out)
+    for block in encoder.modules():  # ResNet: official zero_init_residual, each residual block starts as the identity
+        if isinstance(block, (torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck)):
+            nn.init.zeros_(getattr(block, "bn3", block.bn2).weight)  # the block's last BN scale
+    # Official heads: BN after every layer (last one without affine) but the ResNet predictor's output.
+    projector = common.mlp([d] + [hidden] * (2 if vit else 1) + [out])
+    return MoCo(encoder, projector, common.mlp([out, hidden, out], last_bn=vit), 0, out)
+
+
+def main(args):
+    dist_env = common.init_distributed()
+    device = dist_env.device
+    args.image_size = args.image_size or common.default_image_size(args.data)
+    if args.batch_size % dist_env.world_size:
+        raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} GPUs")
+    v3 = args.version == "v3"
+    if (args.queue_size != 0) == v3 or args.queue_size < 0 or args.queue_size % args.batch_size:
+        raise common.UserError(f"--queue-size {args.queue_size}: MoCo v2 needs a positive multiple of the global --batch-size "
+                               f"{args.batch_size}; MoCo v3 has no queue (0)")
+    # v3: BYOL's asymmetric pair (blur always / rarely, solarize the second); v2: "aug-plus" for both views
+    size, scale, jitter = args.image_size, (args.crop_min, 1.0), (0.4, 0.4, 0.2 if v3 else 0.4, 0.1)  # not strengthened
+    views = [common.ssl_view(size, scale, jitter, blur=1.0 if v3 else 0.5),
+             common.ssl_view(size, scale, jitter, blur=0.1 if v3 else 0.5, solarize=0.2 if v3 else 0.0)]
+    dataset = common.build_dataset(args.data, "pretrain", common.MultiView(views), args.data_root)
+    loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
+                                on_device=not args.cpu_augment)
+    if len(loader) == 0:
+        raise common.UserError(f"{len(dataset)} images cannot fill one batch of {args.batch_size}")
+
+    torch.manual_seed(args.seed)
+    model = build_model(args).to(device)
+    if args.arch.startswith("resnet") and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    lr = args.base_lr * args.batch_size / 256  # linear scaling rule
+    trainable = [p for p in model.parameters() if p.requires_grad]  # not the key side, nor a frozen patch projection
+    if args.optimizer == "lars":  # biases and BN: no decay, no trust ratio (official v3 LARS)
+        optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=lr, momentum=0.9)
+    elif args.optimizer == "adamw":  # the official code decays every parameter, biases and norms included
+        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    else:
+        optimizer = torch.optim.SGD(trainable, lr=lr, momentum=0.9, weight_decay=args.weight_decay)
+    encoder_config = dict(arch=args.arch, image_size=args.image_size, patch_size=args.patch_size)
+
+    start_epoch, step = 0, 0
+    checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
+    resume_path = args.resume or (checkpoint_path if os.path.exists(checkpoint_path) else "")
+    if resume_path:
+        checkpoint = common.load_checkpoint(resume_path, "moco")
+        held = (checkpoint.get("args", {}).get("version"), checkpoint["encoder_config"])
+        if held != (args.version, encoder_config):
+            raise common.UserError(f"{resume_path} holds MoCo {held[0]} {held[1]}, not {args.version} {encoder_config}")
+        model.load_state_dict(checkpoint["model"])  # the queue and its pointer included
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_epoch, step = checkpoint["epoch"], checkpoint["step"]
+        if dist_env.is_main:
+            print(f"resumed from {resume_path} at epoch {start_epoch}")
+
+    raw_model = model
+    if dist_env.world_size > 1:
+        if v3 and device.type == "cuda":  # v3: global-batch BN; v2 keeps per-GPU BN, shuffles keys
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif v3 and dist_env.is_main:  # torch's SyncBN is CUDA-only: gloo ranks keep per-rank BN
+            print("note: SyncBatchNorm needs CUDA; on CPU each rank normalises with its own batch statistics")
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        raw_model = model.module
+    if args.compile:
+        model = torch.compile(model)  # checkpoints keep saving raw_model: plain names, loadable anywhere
+    knn = lambda: common.knn_monitor(raw_model.encoder, args.data, args.image_size, args.data_root,  # noqa: E731
+                                     args.batch_size // dist_env.world_size, args.workers, dist_env)
+    if dist_env.is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+    if args.knn_every and start_epoch == 0:
+        knn_init = knn()
+        if dist_env.is_main and knn_init is not None:
+            print(f"k-NN top-1 at random init: {100 * knn_init:.2f}%")
+            common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), {"epoch": 0, "knn_top1": knn_init})
+
+    record = {}
+    total_steps, warmup_steps = args.epochs * len(loader), args.warmup_epochs * len(loader)
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        loader.sampler.set_epoch(epoch)
+        torch.manual_seed(args.seed * 100003 + epoch * 1000 + dist_env.rank)  # resume replays the same augmentations
+        start, losses, stds = time.time(), [], []
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist_env.is_main)
+        for views, _ in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = common.cosine_schedule(step, total_steps, lr, 0.0, warmup_steps)
+            views = [v.to(device, non_blocking=True) for v in views]
+            if args.arch.startswith("resnet") and device.type == "cuda":
+                views = [v.to(memory_format=torch.channels_last) for v in views]
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                loss, z = training_step(model, views, args)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            # v3: m rises from 0.99 to 1 on a half cosine (as BYOL's): the keys settle as training ends. v2: fixed.
+            momentum = common.cosine_schedule(step, total_steps, args.momentum, 1.0) if v3 else args.momentum
+            momentum_update(raw_model, momentum)
+            losses.append(loss.item())
+            stds.append(common.embedding_std(z))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}",
+                            img_s=f"{len(losses) * args.batch_size / (time.time() - start):.0f}")
+
+        record = dict(epoch=epoch + 1, loss=sum(losses) / len(losses), embedding_std=sum(stds) / len(stds), momentum=momentum,
+                      lr=optimizer.param_groups[0]["lr"], images_per_s=len(losses) * args.batch_size / (time.time() - start))
+        if dist_env.is_main and (warning := common.collapse_warning(record["embedding_std"], args.proj_dim)):
+            print(warning)
+        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            record["knn_top1"] = knn()
+        if dist_env.is_main:
+            common.save_checkpoint(dict(method="moco", encoder_config=encoder_config,
+                                        encoder=raw_model.encoder.state_dict(), args=vars(args), epoch=epoch + 1,
+                                        step=step, model=raw_model.state_dict(), optimizer=optimizer.state_dict()),
+                                   checkpoint_path)
+            common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if v is not None))
+    if dist_env.is_main and record.get("knn_top1") is not None:
+        print(f"k-NN top-1 (k=20) on the val split: {100 * record['knn_top1']:.2f}%")
+    if dist_env.world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except common.UserError as error:
+        sys.exit(f"moco.py: error: {error}")
