@@ -44,12 +44,16 @@ CONFIGS = {
     "vit_base-224": ("vit_base", 224, 16, 256, ("mae",)),
     "cpu-tiny": ("vit_nano", 32, 8, 16, tuple(METHODS)),
 }
+# cpu-tiny only: heads shrunk to the backbone's scale, so that the CPU smoke run takes seconds.
+TINY_HEADS = {"simclr": ["--proj-hidden", "256"], "moco": ["--proj-hidden", "256"], "byol": ["--proj-hidden", "256", "--pred-hidden", "256"],
+              "simsiam": ["--proj-hidden", "256", "--pred-hidden", "64"], "mae": ["--decoder-dim", "64", "--decoder-depth", "1", "--decoder-heads", "4"],
+              "dino": ["--out-dim", "1024", "--head-hidden", "256", "--head-bottleneck", "64"]}
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12}  # dense
 
 
-def make_views(kind, size):
+def make_views(kind, size, patch_size):
     if kind == "multicrop":
-        return common.multi_crop(size, local_crops=10)
+        return common.multi_crop(size, local_crops=10, patch_size=patch_size)
     if kind == "mae":
         return common.MultiView([common.mae_transform(size)])
     if kind == "byol":
@@ -88,7 +92,8 @@ def benchmark(method, config_name, mode, args, dist_env):
     module = importlib.import_module(method)
     optimizer_kind, views_kind = METHODS[method]
     method_args = module.get_args_parser().parse_args(
-        ["--data", f"shapes:{size}", "--arch", arch, "--image-size", str(size), "--patch-size", str(patch)])
+        ["--data", f"shapes:{size}", "--arch", arch, "--image-size", str(size), "--patch-size", str(patch),
+         *(TINY_HEADS[method] if config_name == "cpu-tiny" else [])])
     torch.manual_seed(0)
     model = module.build_model(method_args).to(device)
     resnet = arch.startswith("resnet") and device.type == "cuda"
@@ -96,7 +101,7 @@ def benchmark(method, config_name, mode, args, dist_env):
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(optimizer_kind, model, device)
     step_model = torch.compile(model) if args.compile else model
-    views = make_views(views_kind, size)
+    views = make_views(views_kind, size, patch)
     inputs = batches(mode, views, config, args, dist_env)
 
     def step(count_flops=False):
