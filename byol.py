@@ -127,8 +127,8 @@ def main(args):
     if not 0 <= args.tau_base <= 1:
         raise common.UserError(f"--tau-base {args.tau_base} is not in [0, 1] (1: the target never moves)")
     # Asymmetric views (Table 6): view 1 always blurred, never solarised; view 2 rarely blurred, sometimes solarised.
-    transform = common.MultiView([common.ssl_view(args.image_size, jitter=(0.4, 0.4, 0.2, 0.1), blur=1.0, solarize=0.0),
-                                  common.ssl_view(args.image_size, jitter=(0.4, 0.4, 0.2, 0.1), blur=0.1, solarize=0.2)])
+    transform = common.MultiView([common.View(args.image_size, jitter=(0.4, 0.4, 0.2, 0.1), blur=1.0, solarize=0.0),
+                                  common.View(args.image_size, jitter=(0.4, 0.4, 0.2, 0.1), blur=0.1, solarize=0.2)])
     dataset = common.build_dataset(args.data, "pretrain", transform, args.data_root)
     loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
                                 on_device=not args.cpu_augment)

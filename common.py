@@ -191,7 +191,6 @@ class View:
         return self._compose(image)
 
 
-ssl_view = View  # TODO(lead): rename call sites to View once the method files land
 
 
 class MultiView:
@@ -208,9 +207,9 @@ def multi_crop(size, local_crops=10, global_scale=(0.4, 1.0), local_scale=(0.05,
     """DINO: 2 global crops (blur 1.0 / 0.1 + solarize 0.2) and N local crops at 96/224 of the size
     (at least 8 px), rounded to a multiple of the ViT patch size so that they tokenise exactly."""
     local_size = patch_size * max(1, round(max(8, size * 96 / 224) / patch_size))
-    global1 = ssl_view(size, global_scale, blur=1.0)
-    global2 = ssl_view(size, global_scale, blur=0.1, solarize=0.2)
-    local = ssl_view(local_size, local_scale, blur=0.5)
+    global1 = View(size, global_scale, blur=1.0, interpolation="bicubic")  # bicubic, as the official code
+    global2 = View(size, global_scale, blur=0.1, solarize=0.2, interpolation="bicubic")
+    local = View(local_size, local_scale, blur=0.5, interpolation="bicubic")
     return MultiView([global1, global2] + [local] * local_crops)
 
 

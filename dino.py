@@ -46,6 +46,7 @@ def get_args_parser():
     g.add_argument("--global-crops-scale", type=float, nargs=2, default=(0.4, 1.0), help="area range of the global crops")
     g.add_argument("--local-crops-scale", type=float, nargs=2, default=(0.05, 0.4), help="area range of the local crops")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count()), help="data-loading processes per GPU")
+    g.add_argument("--cpu-augment", action="store_true", help="augment in DataLoader workers even when the dataset fits on the device")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="vit_small", choices=common.ARCHS, help="encoder, the same for student and teacher")
     g.add_argument("--patch-size", type=int, default=16, help="ViT patch size (8 gives sharper attention maps, 4x the cost)")
@@ -77,6 +78,7 @@ def get_args_parser():
     g.add_argument("--attention-maps", type=int, default=0, help="every N epochs and at the end, save the teacher's "
                    "last-layer CLS attention per head for 4 val images as PNGs (ViT only; 0: off)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps, then faster)")
     return p
 
 
@@ -196,19 +198,16 @@ def training_step(model, crops, args, epoch=0):
     raw_model = getattr(model, "module", model)  # DDP or not
     student_out, teacher_out = model(crops)
     teacher_temp = teacher_temperature(epoch, args)
-    local_loss = dino_loss(student_out, teacher_out, raw_model.center, teacher_temp, args.student_temp)
+    loss = dino_loss(student_out, teacher_out, raw_model.center, teacher_temp, args.student_temp)
     with torch.no_grad():
         # Collapse monitor (§5.3): the teacher's entropy falls to 0 when one dimension dominates
         # and rises to log K when it goes uniform.
         p_t = F.softmax((teacher_out.float() - raw_model.center) / teacher_temp, dim=-1)
         entropy = torch.special.entr(p_t).sum(-1).mean()
         update_center(raw_model.center, teacher_out, args.center_momentum)  # after the loss used the old c
-        global_loss = local_loss.detach().clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(global_loss)  # report the whole batch's loss (a scalar); only the value changes
-            global_loss /= dist.get_world_size()
-    # The gradient stays this rank's: DDP averages it over ranks, which is the global batch's gradient.
-    return local_loss + (global_loss - local_loss.detach()), teacher_out, entropy
+    # Each rank's loss is the mean over its own images; DDP's average of the gradients makes the
+    # step the global batch's (the centre, the one cross-image term, is all-reduced above).
+    return loss, teacher_out, entropy
 
 
 # ----------------------------------------------------------------------------- loop
@@ -252,7 +251,8 @@ def main(args):
     transform = common.multi_crop(args.image_size, args.local_crops, tuple(args.global_crops_scale),
                                   tuple(args.local_crops_scale), patch_size=args.patch_size if is_vit else 1)
     dataset = common.build_dataset(args.data, "pretrain", transform, args.data_root)
-    loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers)
+    loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
+                                on_device=not args.cpu_augment)
     if len(loader) == 0:
         raise common.UserError(f"{len(dataset)} images cannot fill one batch of {args.batch_size}")
 
@@ -286,6 +286,8 @@ def main(args):
             print("note: SyncBatchNorm needs CUDA; on CPU each rank normalises with its own batch statistics")
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         raw_model = model.module
+    if args.compile:
+        model = torch.compile(model)  # checkpoints keep saving raw_model: plain names, loadable anywhere
     teacher_backbone = raw_model.teacher.backbone  # what the paper evaluates, and what the checkpoint exports
     knn = lambda: common.knn_monitor(teacher_backbone, args.data, args.image_size, args.data_root,  # noqa: E731
                                      args.batch_size // dist_env.world_size, args.workers, dist_env)
@@ -349,8 +351,7 @@ def main(args):
                                         optimizer=optimizer.state_dict()), checkpoint_path)
             common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if v is not None))
-            warning = common.collapse_warning(record["embedding_std"], args.out_dim)
-            if warning:
+            if warning := common.collapse_warning(record["embedding_std"], args.out_dim):
                 print(warning)
     if dist_env.is_main and record.get("knn_top1") is not None:
         print(f"k-NN top-1 (k=20) on the val split: {100 * record['knn_top1']:.2f}%")

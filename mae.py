@@ -42,6 +42,7 @@ def get_args_parser():
     g.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
     g.add_argument("--image-size", type=int, default=None, help="crop size (default: 224 for folders, 32 CIFAR, 96 STL-10)")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count()), help="data-loading processes per GPU")
+    g.add_argument("--cpu-augment", action="store_true", help="augment in DataLoader workers even when the dataset fits on the device")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="vit_base", choices=list(common.VIT_SIZES), help="ViT encoder")
     g.add_argument("--patch-size", type=int, default=16, help="ViT patch size (the unit that is masked and predicted)")
@@ -67,6 +68,7 @@ def get_args_parser():
     g.add_argument("--visualize", type=int, default=20, help="every N epochs and at the end, write OUTPUT_DIR/"
                    "reconstruction_EPOCH.png: original | masked | reconstruction of 8 fixed val images (0: off)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps, then faster)")
     return p
 
 
@@ -208,7 +210,8 @@ def main(args):
         raise common.UserError(f"--mask-ratio {args.mask_ratio} must be in [0, 1) and keep at least one of {num_patches} patches")
     transform = common.MultiView([common.mae_transform(args.image_size)])  # masking is the augmentation
     dataset = common.build_dataset(args.data, "pretrain", transform, args.data_root)
-    loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers)
+    loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
+                                on_device=not args.cpu_augment)
     if len(loader) == 0:
         raise common.UserError(f"{len(dataset)} images cannot fill one batch of {args.batch_size}")
 
@@ -236,6 +239,8 @@ def main(args):
     if dist_env.world_size > 1:  # no BatchNorm anywhere in MAE: nothing to synchronise but gradients
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         raw_model = model.module
+    if args.compile:
+        model = torch.compile(model)  # checkpoints keep saving raw_model: plain names, loadable anywhere
     knn = lambda: common.knn_monitor(raw_model.encoder, args.data, args.image_size, args.data_root,
                                      args.batch_size // dist_env.world_size, args.workers, dist_env)
     if dist_env.is_main:
@@ -286,8 +291,7 @@ def main(args):
                                    checkpoint_path)
             common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if v is not None))
-            warning = common.collapse_warning(record["embedding_std"], raw_model.encoder.embed_dim)
-            if warning:
+            if warning := common.collapse_warning(record["embedding_std"], raw_model.encoder.embed_dim):
                 print(warning)
             if args.visualize and ((epoch + 1) % args.visualize == 0 or last):
                 with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):

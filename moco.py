@@ -208,8 +208,8 @@ def main(args):
                                f"{args.batch_size}; MoCo v3 has no queue (0)")
     # v3: BYOL's asymmetric pair (blur always / rarely, solarize the second); v2: "aug-plus" for both views
     size, scale, jitter = args.image_size, (args.crop_min, 1.0), (0.4, 0.4, 0.2 if v3 else 0.4, 0.1)  # not strengthened
-    views = [common.ssl_view(size, scale, jitter, blur=1.0 if v3 else 0.5),
-             common.ssl_view(size, scale, jitter, blur=0.1 if v3 else 0.5, solarize=0.2 if v3 else 0.0)]
+    views = [common.View(size, scale, jitter, blur=1.0 if v3 else 0.5),
+             common.View(size, scale, jitter, blur=0.1 if v3 else 0.5, solarize=0.2 if v3 else 0.0)]
     dataset = common.build_dataset(args.data, "pretrain", common.MultiView(views), args.data_root)
     loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
                                 on_device=not args.cpu_augment)

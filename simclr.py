@@ -107,7 +107,7 @@ def main(args):
     if args.batch_size % dist_env.world_size:
         raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} GPUs")
     s = args.color_jitter
-    transform = common.MultiView([common.ssl_view(args.image_size, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s))] * 2)
+    transform = common.MultiView([common.View(args.image_size, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s))] * 2)
     dataset = common.build_dataset(args.data, "pretrain", transform, args.data_root)
     loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
                                 on_device=not args.cpu_augment)

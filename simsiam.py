@@ -117,7 +117,7 @@ def main(args):
     if args.batch_size // dist_env.world_size < 2:  # BN in the heads normalises over the images of each GPU
         raise common.UserError(f"--batch-size {args.batch_size}: BatchNorm needs at least 2 images per GPU")
     # MoCo v2's views, the same recipe for both (official code): crop 0.2-1, jitter not strengthened.
-    view = common.ssl_view(args.image_size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur=0.5)
+    view = common.View(args.image_size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur=0.5)
     transform = common.MultiView([view] * 2)
     dataset = common.build_dataset(args.data, "pretrain", transform, args.data_root)
     loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,

@@ -23,7 +23,7 @@ def test_shapes_is_deterministic_labelled_and_split():
 
 def test_two_views_and_multi_crop_shapes():
     image = common.Shapes("train", 32, 1)[0][0]
-    views = common.MultiView([common.ssl_view(32)] * 2)(image)
+    views = common.MultiView([common.View(32)] * 2)(image)
     assert [v.shape for v in views] == [(3, 32, 32)] * 2 and views[0].dtype == torch.float32
     assert not torch.equal(views[0], views[1])
     for size, local in ((32, 14), (224, 96)):
