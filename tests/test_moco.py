@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import common
 import moco
-from helpers import assert_same_step, ddp_vs_single_process, error_line, run_script
+from helpers import assert_same_state, assert_same_step, ddp_vs_single_process, error_line, run_script, straight_and_preempted
 
 
 def parse(*flags):
@@ -138,27 +138,10 @@ def test_two_ranks_equal_one_process(tmp_path, flags):
 def test_resume_replays_training_exactly_with_the_queue(tmp_path, monkeypatch):
     flags = ["--data", "shapes:16:64", "--version", "v2", "--arch", "vit_nano", "--patch-size", "8", "--batch-size", "16",
              "--queue-size", "48", "--proj-hidden", "32", "--epochs", "2", "--knn-every", "0", "--workers", "0"]
-    straight = tmp_path / "straight"
-    moco.main(moco.get_args_parser().parse_args(flags + ["--output-dir", str(straight)]))
-
-    preempted = tmp_path / "preempted"
-    real_save = common.save_checkpoint
-
-    def save_then_die(state, path):  # the job is killed right after its first checkpoint
-        real_save(state, path)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(common, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        moco.main(moco.get_args_parser().parse_args(flags + ["--output-dir", str(preempted)]))
-    monkeypatch.setattr(common, "save_checkpoint", real_save)
-    assert torch.load(preempted / "checkpoint.pth", weights_only=False)["model"]["queue_ptr"] == 4 * 16 % 48
-    moco.main(moco.get_args_parser().parse_args(flags + ["--output-dir", str(preempted)]))  # auto-resumes
-
-    a = torch.load(straight / "checkpoint.pth", weights_only=False)
-    b = torch.load(preempted / "checkpoint.pth", weights_only=False)
-    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] == 8
-    for name, tensor in a["model"].items():  # queue and pointer included
-        torch.testing.assert_close(b["model"][name], tensor, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+    straight, at_kill, resumed = straight_and_preempted(moco, flags, tmp_path, monkeypatch)
+    assert at_kill["epoch"] == 1 and at_kill["model"]["queue_ptr"] == 4 * 16 % 48
+    assert resumed["epoch"] == 2 and resumed["step"] == 8
+    assert_same_state(straight, resumed)  # queue and pointer included
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -1,7 +1,6 @@
 """SimCLR: the loss is the paper's formula, one DDP step equals one big-batch step, resume is exact,
 and a short run learns something a random encoder does not know."""
 import json
-import os
 
 import torch
 import torch.nn.functional as F
