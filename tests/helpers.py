@@ -8,9 +8,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_script(*argv, timeout=600):
+def run_script(*argv, timeout=600, threads=2):
     """Run `python ARGV...` from the repository root; returns the CompletedProcess."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -20,7 +20,7 @@ def ddp_vs_single_process(method, tmp_path, *flags):
     result = run_script("tests/ddp_step.py", method, single, *flags)
     assert result.returncode == 0, result.stderr
     result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "tests/ddp_step.py", method, ddp, *flags)
+                        "tests/ddp_step.py", method, ddp, *flags, threads=1)
     assert result.returncode == 0, result.stderr
     return torch.load(single), torch.load(ddp)
 

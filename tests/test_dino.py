@@ -158,7 +158,7 @@ def test_two_ranks_equal_one_process_and_share_the_centre_of_the_global_batch(tm
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "argv", [str(script), "dino", single, *NANO])
     runpy.run_path(str(script), run_name="__main__")  # one process, in this one: no interpreter to start
-    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "dino", ddp, *NANO)
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "dino", ddp, *NANO, threads=1)
     assert result.returncode == 0, result.stderr
     assert_same_step(torch.load(single), torch.load(ddp))
     expected = torch.load(single + ".center0")

@@ -115,8 +115,11 @@ def test_short_run_beats_random_init_knn(tmp_path):
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     random_init, trained = log[0]["knn_top1"], log[-1]["knn_top1"]
     print(f"k-NN top-1: random init {random_init:.3f} -> SimSiam {trained:.3f}")
-    # Measured on 2 shared CPU cores: 0.155 -> 0.175 (seed 0; chance 0.10). At this scale the methods without
-    # negatives learn slowly (6 epochs also gave 0.175), so the margin is small; the eval is deterministic.
+    # Measured on 2 shared CPU cores (chance 0.10; 200 val images, so ±0.02 is noise): seed 0 0.155 -> 0.175,
+    # seed 1 0.155 -> 0.110. No CPU-scale config found learns reliably (seed: init -> trained): base-lr 0.5 +
+    # warm-up: s0 0.155 -> 0.135; resnet18 at 16 px: s0 0.190 -> 0.155 (212 s); batch 32, base-lr 0.2, proj-dim 64:
+    # s0 0.155 -> 0.095; this config for 8 epochs: s1 0.155 -> 0.135; shapes:32:1500, base-lr 0.1: s1 0.150 -> 0.130.
+    # So this is a smoke test on seed 0 (runs, logs, checkpoint), not proof of learning.
     assert trained > random_init + 0.01, (random_init, trained)
     assert all(record["embedding_std"] > 0.5 / 16 for record in log[1:])  # logged every epoch, healthy
     checkpoint = common.load_checkpoint(str(tmp_path / "checkpoint.pth"), "simsiam")
