@@ -49,9 +49,9 @@ def get_args_parser():
     g.add_argument("--tau-base", type=float, default=0.996, help="target EMA rate τ at step 0; rises to 1 on a cosine "
                    "(§3.3). Lower it for short runs (0.99; 0.9 for a few hundred steps on CPU): the target follows faster")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=1000, help="training epochs (the paper's ablations use 300)")
+    g.add_argument("--epochs", type=common.positive_int, default=1000, help="training epochs (the paper's ablations use 300)")
     g.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warm-up")
-    g.add_argument("--batch-size", type=int, default=4096, help="global batch, split over the GPUs")
+    g.add_argument("--batch-size", type=common.positive_int, default=4096, help="global batch, split over the GPUs")
     g.add_argument("--base-lr", type=float, default=0.2, help="lr = base-lr × batch-size / 256 (LARS)")
     g.add_argument("--weight-decay", type=float, default=1.5e-6, help="not on biases and BN parameters")
     g = p.add_argument_group("run")

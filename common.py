@@ -560,6 +560,13 @@ def all_gather(x, keep_grad):
 
 
 # ----------------------------------------------------------------------------- optimisation
+def positive_int(text):
+    """argparse type for counts (epochs, batch size): a ValueError becomes argparse's one-line error."""
+    if int(text) < 1:
+        raise ValueError(text)
+    return int(text)
+
+
 def cosine_schedule(step, total_steps, start, end, warmup_steps=0, warmup_from=0.0):
     """Linear warm-up from warmup_from to start, then half a cosine from start to end."""
     if step < warmup_steps:

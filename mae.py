@@ -56,9 +56,9 @@ def get_args_parser():
                    help="predict per-patch standardised pixels (Table 1c: better than raw pixels); "
                         "--no-norm-pix-loss predicts raw (ImageNet-normalised) pixels")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=800, help="training epochs (1600 for the paper's best; longer keeps helping)")
+    g.add_argument("--epochs", type=common.positive_int, default=800, help="training epochs (1600 for the paper's best; longer keeps helping)")
     g.add_argument("--warmup-epochs", type=int, default=40, help="linear lr warm-up")
-    g.add_argument("--batch-size", type=int, default=4096, help="global batch, split over the GPUs")
+    g.add_argument("--batch-size", type=common.positive_int, default=4096, help="global batch, split over the GPUs")
     g.add_argument("--base-lr", type=float, default=1.5e-4, help="lr = base-lr × batch-size / 256 (AdamW, β = (0.9, 0.95))")
     g.add_argument("--weight-decay", type=float, default=0.05, help="not on biases and norm parameters")
     g = p.add_argument_group("run")

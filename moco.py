@@ -59,8 +59,8 @@ def get_args_parser():
 
     def recipe_flag(group, name, text, **kw):  # default=SUPPRESS: unset, the attribute comes from RECIPES
         per_recipe = ", ".join(f"{family}: {recipe[name]}" for family, recipe in RECIPES.items())
-        group.add_argument("--" + name.replace("_", "-"), type=type(RECIPES["v2"][name]), help=f"{text} ({per_recipe})",
-                           default=argparse.SUPPRESS, **kw)
+        kw.setdefault("type", type(RECIPES["v2"][name]))
+        group.add_argument("--" + name.replace("_", "-"), help=f"{text} ({per_recipe})", default=argparse.SUPPRESS, **kw)
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="shapes[:SIZE[:N]], cifar10, cifar100, stl10, or an ImageFolder root")
     g.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
@@ -80,9 +80,9 @@ def get_args_parser():
     recipe_flag(g, "momentum", "key encoder momentum m (v3: start of the cosine rise to 1; v2: fixed)")
     recipe_flag(g, "queue_size", "v2: number of queued negative keys K, a multiple of --batch-size (v3 has none)")
     g = p.add_argument_group("optimisation")
-    recipe_flag(g, "epochs", "training epochs (v3 ResNet-50: 300 or 1000 for 72.8 / 74.6%%)")
+    recipe_flag(g, "epochs", "training epochs (v3 ResNet-50: 300 or 1000 for 72.8 / 74.6%%)", type=common.positive_int)
     recipe_flag(g, "warmup_epochs", "linear lr warm-up, then cosine decay to 0")
-    recipe_flag(g, "batch_size", "global batch, split over the GPUs")
+    recipe_flag(g, "batch_size", "global batch, split over the GPUs", type=common.positive_int)
     recipe_flag(g, "optimizer", "LARS (trust 0.001) and SGD use momentum 0.9", choices=["adamw", "lars", "sgd"])
     recipe_flag(g, "base_lr", "lr = base-lr × batch-size / 256")
     recipe_flag(g, "weight_decay", "weight decay (LARS: not on biases and BN parameters)")

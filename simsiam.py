@@ -47,9 +47,9 @@ def get_args_parser():
     g.add_argument("--proj-dim", type=int, default=2048, help="projector output width (z)")
     g.add_argument("--pred-hidden", type=int, default=512, help="predictor bottleneck width (the predictor maps z to z's width)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=100, help="training epochs (800 for the paper's best)")
+    g.add_argument("--epochs", type=common.positive_int, default=100, help="training epochs (800 for the paper's best)")
     g.add_argument("--warmup-epochs", type=int, default=0, help="linear lr warm-up (the paper has none at batch 512)")
-    g.add_argument("--batch-size", type=int, default=512, help="global batch, split over the GPUs")
+    g.add_argument("--batch-size", type=common.positive_int, default=512, help="global batch, split over the GPUs")
     g.add_argument("--base-lr", type=float, default=0.05, help="lr = base-lr × batch-size / 256 (SGD)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="on every parameter, as in the official code")
     g.add_argument("--fix-pred-lr", action=argparse.BooleanOptionalAction, default=True,

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import byol
 import common
-from helpers import assert_same_step, ddp_vs_single_process, error_line, run_script
+from helpers import assert_same_state, assert_same_step, ddp_vs_single_process, error_line, run_script, straight_and_preempted
 
 # CPU scale: vit_nano at 32 px, small heads; τ_base 0.9 so that the target moves within 124 steps.
 QUICK = ["--data", "shapes:32:1000", "--arch", "vit_nano", "--patch-size", "8", "--epochs", "4", "--batch-size", "32",
@@ -78,32 +78,15 @@ def test_resume_replays_training_exactly_and_tau_follows_the_schedule(tmp_path, 
     taus = []
     real_update = byol.momentum_update
     monkeypatch.setattr(byol, "momentum_update", lambda model, tau: (taus.append(tau), real_update(model, tau)))
-    straight = tmp_path / "straight"
-    byol.main(byol.get_args_parser().parse_args(flags + ["--output-dir", str(straight)]))
+    straight, at_kill, resumed = straight_and_preempted(byol, flags, tmp_path, monkeypatch)
     K = 4  # 2 epochs x 2 steps
     # τ_k = 1 − (1 − τ_base)(cos(πk/K) + 1)/2 for k = 0 .. K−1 (§3.3), after every optimiser step
-    assert taus == pytest.approx([1 - (1 - 0.996) * (math.cos(math.pi * k / K) + 1) / 2 for k in range(K)])
-
-    preempted = tmp_path / "preempted"
-    real_save = common.save_checkpoint
-
-    def save_then_die(state, path):  # the job is killed right after its first checkpoint
-        real_save(state, path)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(common, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        byol.main(byol.get_args_parser().parse_args(flags + ["--output-dir", str(preempted)]))
-    monkeypatch.setattr(common, "save_checkpoint", real_save)
-    taus.clear()
-    byol.main(byol.get_args_parser().parse_args(flags + ["--output-dir", str(preempted)]))  # auto-resumes
-    assert taus == pytest.approx([1 - (1 - 0.996) * (math.cos(math.pi * k / K) + 1) / 2 for k in range(2, K)])
-
-    a = torch.load(straight / "checkpoint.pth", weights_only=False)
-    b = torch.load(preempted / "checkpoint.pth", weights_only=False)
-    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] == K
-    assert any(name.startswith("target.") for name in a["model"])
-    for name, tensor in a["model"].items():  # online and target networks alike
-        torch.testing.assert_close(b["model"][name], tensor, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+    schedule = [1 - (1 - 0.996) * (math.cos(math.pi * k / K) + 1) / 2 for k in range(K)]
+    # straight run: k = 0..3; pre-empted run: k = 0, 1 then killed; resumed run: continues at k = 2
+    assert taus == pytest.approx(schedule + schedule[:2] + schedule[2:])
+    assert at_kill["epoch"] == 1 and resumed["step"] == K
+    assert any(name.startswith("target.") for name in straight["model"])
+    assert_same_state(straight, resumed)  # online and target networks alike
 
 
 def test_two_ranks_equal_one_process(tmp_path):

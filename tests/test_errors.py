@@ -1,4 +1,6 @@
 """Bad input ends in one clear error line and a nonzero exit, and never harms a checkpoint."""
+import importlib
+
 import pytest
 import torch
 
@@ -84,3 +86,15 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     previous = torch.load(path)
     assert previous["epoch"] == 1 and previous["weights"].sum() == 4
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco", "byol", "simsiam", "mae", "dino"])
+def test_non_positive_batch_or_epochs_is_one_line(method, capsys):
+    parser = importlib.import_module(method).get_args_parser()
+    for flag, value in [("--batch-size", "0"), ("--epochs", "-1")]:
+        # argparse's own rejection: the usage, then one error line, exit code 2 (no ZeroDivisionError later)
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(["--data", "shapes", flag, value])
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+            f"argument {flag}: invalid positive_int value: '{value}'")
