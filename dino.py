@@ -38,7 +38,7 @@ def get_args_parser():
     p = argparse.ArgumentParser("dino.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="shapes[:SIZE[:N]], cifar10, cifar100, stl10, or an ImageFolder root")
+    g.add_argument("--data", required=True, help="shapes[:SIZE[:N[:V]]], cifar10, cifar100, stl10, or an ImageFolder root")
     g.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
     g.add_argument("--image-size", type=int, default=None, help="global crop size (default: 224 for folders, 32 CIFAR, 96 STL-10)")
     g.add_argument("--local-crops", type=int, default=10, help="local crops per image, at 96/224 of the global size "
@@ -211,6 +211,16 @@ def training_step(model, crops, args, epoch=0):
 
 
 # ----------------------------------------------------------------------------- loop
+def multi_crop(size, local_crops=10, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), patch_size=1):
+    """2 global crops (blur 1.0 / 0.1 + solarize 0.2, as BYOL) and N local crops at 96/224 of the size
+    (at least 8 px), rounded to a multiple of the ViT patch size so that they tokenise exactly."""
+    local_size = patch_size * max(1, round(max(8, size * 96 / 224) / patch_size))
+    global1 = common.View(size, global_scale, blur=1.0, interpolation="bicubic")  # bicubic, as the official code
+    global2 = common.View(size, global_scale, blur=0.1, solarize=0.2, interpolation="bicubic")
+    local = common.View(local_size, local_scale, blur=0.5, interpolation="bicubic")
+    return common.MultiView([global1, global2] + [local] * local_crops)
+
+
 def build_model(args):
     def network(drop_path):
         backbone = common.build_encoder(args.arch, args.image_size, args.patch_size, drop_path)
@@ -248,8 +258,8 @@ def main(args):
         raise common.UserError(f"--attention-maps needs a ViT (--arch vit_*), not {args.arch}")
     if args.local_crops < 0:
         raise common.UserError(f"--local-crops {args.local_crops} must be >= 0")
-    transform = common.multi_crop(args.image_size, args.local_crops, tuple(args.global_crops_scale),
-                                  tuple(args.local_crops_scale), patch_size=args.patch_size if is_vit else 1)
+    transform = multi_crop(args.image_size, args.local_crops, tuple(args.global_crops_scale),
+                           tuple(args.local_crops_scale), patch_size=args.patch_size if is_vit else 1)
     dataset = common.build_dataset(args.data, "pretrain", transform, args.data_root)
     loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
                                 on_device=not args.cpu_augment)

@@ -38,7 +38,7 @@ def get_args_parser():
     p = argparse.ArgumentParser("mae.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="shapes[:SIZE[:N]], cifar10, cifar100, stl10, or an ImageFolder root")
+    g.add_argument("--data", required=True, help="shapes[:SIZE[:N[:V]]], cifar10, cifar100, stl10, or an ImageFolder root")
     g.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
     g.add_argument("--image-size", type=int, default=None, help="crop size (default: 224 for folders, 32 CIFAR, 96 STL-10)")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count()), help="data-loading processes per GPU")
@@ -192,6 +192,11 @@ def visualize(model, imgs, noise, args, path):
 
 
 # ----------------------------------------------------------------------------- loop
+def mae_view(size):
+    """Masking is the augmentation, so only crop (0.2-1, bicubic) and flip: no colour, no blur."""
+    return common.View(size, (0.2, 1.0), blur=0.0, jitter_prob=0.0, grayscale_prob=0.0, interpolation="bicubic")
+
+
 def build_model(args):
     encoder = common.build_encoder(args.arch, args.image_size, args.patch_size, sincos=True)
     if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:
@@ -208,7 +213,7 @@ def main(args):
     num_patches = (args.image_size // args.patch_size) ** 2
     if not 0 <= args.mask_ratio < 1 or int(num_patches * (1 - args.mask_ratio)) < 1:
         raise common.UserError(f"--mask-ratio {args.mask_ratio} must be in [0, 1) and keep at least one of {num_patches} patches")
-    transform = common.MultiView([common.mae_transform(args.image_size)])  # masking is the augmentation
+    transform = common.MultiView([mae_view(args.image_size)])
     dataset = common.build_dataset(args.data, "pretrain", transform, args.data_root)
     loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
                                 on_device=not args.cpu_augment)

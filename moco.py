@@ -62,7 +62,7 @@ def get_args_parser():
         kw.setdefault("type", type(RECIPES["v2"][name]))
         group.add_argument("--" + name.replace("_", "-"), help=f"{text} ({per_recipe})", default=argparse.SUPPRESS, **kw)
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="shapes[:SIZE[:N]], cifar10, cifar100, stl10, or an ImageFolder root")
+    g.add_argument("--data", required=True, help="shapes[:SIZE[:N[:V]]], cifar10, cifar100, stl10, or an ImageFolder root")
     g.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
     g.add_argument("--image-size", type=int, default=None, help="crop size (default: 224 for folders, 32 CIFAR, 96 STL-10)")
     recipe_flag(g, "crop_min", "smallest crop area of RandomResizedCrop")

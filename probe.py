@@ -34,7 +34,7 @@ def get_args_parser():
     p = argparse.ArgumentParser("probe.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a checkpoint of this project's methods, or a plain state_dict with --arch")
-    p.add_argument("--data", required=True, help="shapes[:SIZE[:N]], cifar10, cifar100, stl10, or an ImageFolder root with train/ and val/")
+    p.add_argument("--data", required=True, help="shapes[:SIZE[:N[:V]]], cifar10, cifar100, stl10, or an ImageFolder root with train/ and val/")
     p.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
     p.add_argument("--protocol", default="all", choices=["knn", "linear", "finetune", "all"], help="all = knn + linear + finetune")
     p.add_argument("--arch", default=None, choices=common.ARCHS, help="only for a plain torchvision/timm-named state_dict")

@@ -53,9 +53,9 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e1
 
 def make_views(kind, size, patch_size):
     if kind == "multicrop":
-        return common.multi_crop(size, local_crops=10, patch_size=patch_size)
+        return importlib.import_module("dino").multi_crop(size, local_crops=10, patch_size=patch_size)
     if kind == "mae":
-        return common.MultiView([common.mae_transform(size)])
+        return common.MultiView([importlib.import_module("mae").mae_view(size)])
     if kind == "byol":
         return common.MultiView([common.View(size, blur=1.0), common.View(size, blur=0.1, solarize=0.2)])
     return common.MultiView([common.View(size)] * 2)

@@ -1,4 +1,5 @@
 """Shared test plumbing: run a script as a user would, and compare one DDP step with one process."""
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,21 @@ def run_script(*argv, timeout=600, threads=2):
     """Run `python ARGV...` from the repository root; returns the CompletedProcess."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def short_run(method, flags, tmp_path):
+    """Train METHOD.py as a user would (FLAGS log the k-NN at epoch 0 and at the end); returns its
+    log records, its checkpoint with the encoder loaded back strictly (as probe.py does), its stdout."""
+    import common
+
+    result = run_script(f"{method}.py", *flags, "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    print(f"{method}: k-NN top-1 random init {log[0]['knn_top1']:.4f} -> trained {log[-1]['knn_top1']:.4f}")
+    assert "k-NN top-1 (k=20) on the val split" in result.stdout
+    checkpoint = common.load_checkpoint(str(tmp_path / "checkpoint.pth"), method)
+    common.build_encoder(**checkpoint["encoder_config"]).load_state_dict(checkpoint["encoder"])
+    return log, checkpoint, result.stdout
 
 
 def ddp_vs_single_process(method, tmp_path, *flags):

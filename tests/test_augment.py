@@ -7,6 +7,7 @@ import torchvision
 from torchvision.transforms import v2
 
 import common
+import mae
 
 
 def test_crop_boxes_match_torchvision_random_resized_crop():
@@ -47,7 +48,7 @@ def views_statistics(views):
 
 
 @pytest.mark.parametrize("view", [common.View(24), common.View(24, blur=0.1, solarize=0.2),
-                                  common.mae_transform(24), common.View(12, scale=(0.05, 0.4), blur=1.0)],
+                                  mae.mae_view(24), common.View(12, scale=(0.05, 0.4), blur=1.0)],
                          ids=["simclr", "byol-view2", "mae", "dino-local"])
 def test_same_distribution_as_torchvision_pipeline(view):
     image = common.Shapes("train", 32, 1)[0][0]

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 import byol
 import common
-from helpers import assert_same_state, assert_same_step, ddp_vs_single_process, error_line, run_script, straight_and_preempted
+from helpers import assert_same_state, assert_same_step, ddp_vs_single_process, error_line, run_script, short_run, straight_and_preempted
 
 # CPU scale: vit_nano at 32 px, small heads; τ_base 0.9 so that the target moves within 124 steps.
-QUICK = ["--data", "shapes:32:1000", "--arch", "vit_nano", "--patch-size", "8", "--epochs", "4", "--batch-size", "32",
+QUICK = ["--data", "shapes:32:1000:2000", "--arch", "vit_nano", "--patch-size", "8", "--epochs", "4", "--batch-size", "32",
          "--proj-hidden", "256", "--proj-dim", "64", "--pred-hidden", "256", "--base-lr", "8", "--tau-base", "0.9",
          "--warmup-epochs", "1", "--workers", "2"]
 TINY = ["--arch", "vit_nano", "--patch-size", "4", "--proj-hidden", "32", "--proj-dim", "16", "--pred-hidden", "32"]
@@ -101,19 +101,16 @@ def test_tau_base_out_of_range(tmp_path):
     assert "--tau-base 1.5 is not in [0, 1]" in line
 
 
-def test_short_run_beats_random_init_knn(tmp_path):
-    result = run_script("byol.py", *QUICK, "--knn-every", "4", "--output-dir", str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+def test_short_run_trains_without_collapse(tmp_path):
+    log, checkpoint, _ = short_run("byol", QUICK + ["--knn-every", "4"], tmp_path)
     random_init, trained = log[0]["knn_top1"], log[-1]["knn_top1"]
-    print(f"k-NN top-1: random init {random_init:.3f} -> BYOL {trained:.3f}")
-    # Measured on 2 shared CPU cores (chance 0.10; 200 val images, so ±0.02 is noise): seed 0 0.155 -> 0.170,
-    # seed 1 0.155 -> 0.125. No CPU-scale config found learns reliably (seed: init -> trained): base-lr 4,
-    # τ_base 0.99: s0 0.155 -> 0.160; this config for 8 epochs: s1 0.155 -> 0.155; batch 64 on shapes:32:1500:
-    # s1 0.150 -> 0.157. So this is a smoke test on seed 0 (runs, logs, checkpoint), not proof of learning.
-    assert trained > random_init + 0.01, (random_init, trained)
+    # k-NN measured on 2 CPU cores (2000 val images, so ±0.01; chance 0.10): 0.258 -> 0.248 (4 epochs; 8 epochs of
+    # 1500 with τ_base 0.99: 0.286 -> 0.269). At this budget (under 200 steps) the method does NOT beat its random-
+    # init encoder; only SimCLR does (+0.12). The earlier "gains" of 0.01-0.02 were measured on 200 val images and
+    # were noise. So this checks that the run trains without collapsing (a collapsed encoder sits at chance) and
+    # prints the k-NN; showing the method learns needs a longer run than CI allows (a GPU run on CIFAR-10).
+    assert trained > 0.2, (random_init, trained)
     assert all(record["embedding_std"] > 0.5 / 8 for record in log[1:])  # logged every epoch; healthy ≈ 1/sqrt(64)
-    checkpoint = common.load_checkpoint(str(tmp_path / "checkpoint.pth"), "byol")
     assert checkpoint["encoder_config"] == dict(arch="vit_nano", image_size=32, patch_size=8)
     assert checkpoint["encoder"].keys() == common.build_encoder("vit_nano", 32, 8).state_dict().keys()  # the online f
     probe = run_script("probe.py", str(tmp_path / "checkpoint.pth"), "--data", "shapes:32:1000", "--protocol", "knn",

@@ -21,16 +21,11 @@ def test_shapes_is_deterministic_labelled_and_split():
     assert len(common.build_dataset("shapes:64:100", "val")) == 20
 
 
-def test_two_views_and_multi_crop_shapes():
+def test_two_views_shapes():
     image = common.Shapes("train", 32, 1)[0][0]
     views = common.MultiView([common.View(32)] * 2)(image)
     assert [v.shape for v in views] == [(3, 32, 32)] * 2 and views[0].dtype == torch.float32
     assert not torch.equal(views[0], views[1])
-    for size, local in ((32, 14), (224, 96)):
-        big = image.resize((size, size))
-        crops = common.multi_crop(size, local_crops=8)(big)
-        assert [c.shape[-1] for c in crops] == [size] * 2 + [local] * 8
-    assert common.mae_transform(32)(image).shape == (3, 32, 32)
     assert common.eval_transform(224)(image.resize((300, 260))).shape == (3, 224, 224)
 
 

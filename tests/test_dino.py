@@ -13,10 +13,10 @@ import torchvision
 
 import common
 import dino
-from helpers import ROOT, assert_same_step, run_script
+from helpers import ROOT, assert_same_step, run_script, short_run
 
 # CPU scale: vit_nano at 32 px (16 px local crops = 4 patches), a small head and softmax width.
-QUICK = ["--data", "shapes:32:1000", "--arch", "vit_nano", "--patch-size", "8", "--out-dim", "1024", "--head-hidden", "256",
+QUICK = ["--data", "shapes:32:1000:2000", "--arch", "vit_nano", "--patch-size", "8", "--out-dim", "1024", "--head-hidden", "256",
          "--head-bottleneck", "64", "--local-crops", "2", "--epochs", "5", "--batch-size", "50", "--base-lr", "2.5e-3",
          "--warmup-epochs", "1", "--warmup-teacher-temp-epochs", "0", "--teacher-temp", "0.04",
          "--momentum-teacher", "0.99", "--freeze-last-layer", "0", "--workers", "0", "--seed", "1"]
@@ -135,12 +135,13 @@ def test_multi_crop_shapes_at_32_and_224_px():
     model = dino.build_model(args)
     image = common.Shapes("train", 32, 1)[0][0]
     for size, patch, local in ((32, 8, 16), (224, 16, 96)):
-        crops = common.multi_crop(size, local_crops=3, patch_size=patch)(image.resize((size, size)))
+        crops = dino.multi_crop(size, local_crops=3, patch_size=patch)(image.resize((size, size)))
         assert [c.shape for c in crops] == [(3, size, size)] * 2 + [(3, local, local)] * 3
-    crops = [c[None] for c in common.multi_crop(32, local_crops=3, patch_size=8)(image)]
+    crops = [c[None] for c in dino.multi_crop(32, local_crops=3, patch_size=8)(image)]
     student, teacher = model(crops)  # one pass per resolution through the student, globals through the teacher
     assert student.shape == (5, 256) and teacher.shape == (2, 256)
-    assert common.multi_crop(32, 1, patch_size=16).transforms[-1].size == 16  # never below one patch
+    assert dino.multi_crop(32, 1, patch_size=16).transforms[-1].size == 16  # never below one patch
+    assert dino.multi_crop(32, 1).transforms[-1].size == 14  # ResNets: 96/224 of the size, unrounded
 
 
 def test_two_ranks_equal_one_process_and_share_the_centre_of_the_global_batch(tmp_path, monkeypatch):
@@ -174,26 +175,17 @@ def test_attention_maps_need_a_vit(tmp_path):
         dino.main(args)
 
 
-def test_short_run_beats_random_init_knn_and_writes_attention_maps(tmp_path):
-    result = run_script("dino.py", *QUICK, "--knn-every", "5", "--attention-maps", "5", "--output-dir", str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+def test_short_run_trains_and_writes_attention_maps(tmp_path):
+    log, checkpoint, _ = short_run("dino", QUICK + ["--knn-every", "5", "--attention-maps", "5"], tmp_path)
     random_init, trained = log[0]["knn_top1"], log[-1]["knn_top1"]
-    print(f"k-NN top-1: random init {random_init:.3f} -> DINO {trained:.3f}")
-    # Measured with this config on 2 CPU cores (k-NN on 200 val images, so one image is 0.005; chance 0.10):
-    # seed 0: 0.155 -> 0.160, seed 1: 0.155 -> 0.180, seed 2: 0.150 -> 0.160. DINO starts slowly at this
-    # scale: after the lr peak the teacher entropy drifts up towards uniform. Variants tried on the
-    # same budget (seeds in brackets) were no more reliable: teacher momentum 0.95 [0] 0.160 and 0.9
-    # [0] 0.125 (faster uniform collapse); 0.95 + last layer frozen 1 epoch [0, 1, 2] +0.020, -0.015,
-    # +0.010; + centre momentum 0.99 [0, 1, 2] +0.010, -0.035, +0.005 (no drift, but sharp: entropy
-    # ~0.3); + τ_t 0.02 [0] +0.000; + centre momentum 0.95 [0] +0.010; no local crops [0] +0.000;
-    # base lr 1e-3 [0] -0.025. So only "better than random init" holds on every seed measured; the run
-    # is deterministic on CPU, so it does not flake.
-    assert trained > random_init, (random_init, trained)
+    # k-NN measured on 2 CPU cores (2000 val images, so ±0.01; chance 0.10): 0.266 -> 0.246 (8 epochs of 1500: 0.286
+    # -> 0.256). At this budget (under 200 steps) the method does NOT beat its random-init encoder; only SimCLR does
+    # (+0.12). The earlier "gains" of 0.01-0.02 were measured on 200 val images and were noise. So this checks that
+    # the run trains without collapsing (a collapsed encoder sits at chance) and prints the k-NN; showing the method
+    # learns needs a longer run than CI allows (a GPU run on CIFAR-10).
+    assert trained > 0.2, (random_init, trained)
     assert all(0 < r["embedding_std"] and 0 < r["teacher_entropy"] < math.log(1024) for r in log[1:])
-    checkpoint = common.load_checkpoint(str(tmp_path / "checkpoint.pth"), "dino")
-    encoder = common.build_encoder(**checkpoint["encoder_config"])
-    encoder.load_state_dict(checkpoint["encoder"])  # the teacher backbone, as probe.py loads it
+    # the checkpoint's encoder (which short_run loaded strictly, as probe.py does) is the teacher backbone
     assert all(torch.equal(v, checkpoint["model"][f"teacher.backbone.{k}"]) for k, v in checkpoint["encoder"].items())
     # 4 fixed val images, one map per head (vit_nano: 4), each upsampled to the 32 px image.
     folder = tmp_path / "attention" / "epoch0005"

@@ -10,14 +10,24 @@ from helpers import error_line, run_script
 TINY = ["--arch", "resnet18", "--batch-size", "8", "--epochs", "1", "--knn-every", "0", "--workers", "0"]
 
 
+def user_error(script, *argv):
+    """Run SCRIPT's main in this process (a subprocess costs seconds of imports); the error it raises
+    is what its __main__ prints as its one line, which the subprocess tests below check end to end."""
+    module = importlib.import_module(script)
+    with pytest.raises(common.UserError) as error:
+        module.main(module.get_args_parser().parse_args(list(argv)))
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
 def test_missing_data_path(tmp_path):
     line = error_line(run_script("simclr.py", "--data", str(tmp_path / "nope"), *TINY, "--output-dir", str(tmp_path / "o")))
-    assert "no such folder" in line
+    assert line.startswith("simclr.py: error: --data") and "no such folder" in line
 
 
 def test_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
-    line = error_line(run_script("simclr.py", "--data", str(tmp_path / "empty"), *TINY, "--output-dir", str(tmp_path / "o")))
+    line = user_error("simclr", "--data", str(tmp_path / "empty"), *TINY, "--output-dir", str(tmp_path / "o"))
     assert "empty" in line and "class" in line.lower()
 
 
@@ -28,47 +38,47 @@ def test_corrupt_image_is_named(tmp_path, workers):
         for i in range(4):
             common.Shapes().__getitem__(i)[0].save(tmp_path / "data" / "train" / c / f"{i}.png")
     (tmp_path / "data" / "train" / "b" / "broken.jpg").write_bytes(b"not a jpeg at all")
-    flags = TINY[:-1] + [workers]  # --workers is last: 0 raises in this process, 1 in a worker
-    line = error_line(run_script("simclr.py", "--data", str(tmp_path / "data"), *flags, "--knn-every", "1",
-                                 "--output-dir", str(tmp_path / "o")))  # no val/: the monitor is skipped
+    flags = ["--data", str(tmp_path / "data"), *TINY[:-1], workers, "--knn-every", "1", "--output-dir", str(tmp_path / "o")]
+    # --workers 0 raises in this process; 1 raises in a worker, whose traceback must still end as one line
+    line = user_error("simclr", *flags) if workers == "0" else error_line(run_script("simclr.py", *flags))
+    # (no val/ split: the k-NN monitor is skipped, not an error)
     assert "cannot read image" in line and "broken.jpg" in line
 
 
 def test_offline_download_fails_fast(tmp_path):
-    result = run_script("simclr.py", "--data", "cifar10", "--data-root", str(tmp_path), *TINY,
-                        "--output-dir", str(tmp_path / "o"), timeout=120)
-    assert "could not load or download cifar10" in error_line(result)
+    line = user_error("simclr", "--data", "cifar10", "--data-root", str(tmp_path), *TINY, "--output-dir", str(tmp_path / "o"))
+    assert "could not load or download cifar10" in line
 
 
 def test_dataset_smaller_than_a_batch(tmp_path):
-    line = error_line(run_script("simclr.py", "--data", "shapes:16:4", *TINY, "--output-dir", str(tmp_path / "o")))
+    line = user_error("simclr", "--data", "shapes:16:4", *TINY, "--output-dir", str(tmp_path / "o"))
     assert "cannot fill one batch" in line
 
 
 def test_vit_patch_must_divide_image(tmp_path):
-    line = error_line(run_script("simclr.py", "--data", "shapes:30:64", "--arch", "vit_nano", "--patch-size", "8",
-                                 "--batch-size", "8", "--knn-every", "0", "--workers", "0", "--output-dir", str(tmp_path)))
+    line = user_error("simclr", "--data", "shapes:30:64", "--arch", "vit_nano", "--patch-size", "8",
+                      "--batch-size", "8", "--knn-every", "0", "--workers", "0", "--output-dir", str(tmp_path))
     assert "not a multiple of the patch size" in line
 
 
 def test_resume_from_another_methods_checkpoint(tmp_path):
     common.save_checkpoint({"method": "moco", "encoder_config": {}, "encoder": {}}, str(tmp_path / "checkpoint.pth"))
-    line = error_line(run_script("simclr.py", "--data", "shapes:16:64", *TINY, "--output-dir", str(tmp_path)))
+    line = user_error("simclr", "--data", "shapes:16:64", *TINY, "--output-dir", str(tmp_path))
     assert "is a moco checkpoint, not simclr" in line
 
 
 def test_probe_rejects_foreign_files(tmp_path):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pth")
     line = error_line(run_script("probe.py", str(tmp_path / "foreign.pth"), "--data", "shapes:16:64"))
-    assert "not written by this project" in line
+    assert line.startswith("probe.py: error:") and "not written by this project" in line
     (tmp_path / "garbage.pth").write_bytes(b"\x00garbage")
-    assert "not a readable torch file" in error_line(run_script("probe.py", str(tmp_path / "garbage.pth"), "--data", "shapes"))
-    assert "no such file" in error_line(run_script("probe.py", str(tmp_path / "missing.pth"), "--data", "shapes"))
+    assert "not a readable torch file" in user_error("probe", str(tmp_path / "garbage.pth"), "--data", "shapes")
+    assert "no such file" in user_error("probe", str(tmp_path / "missing.pth"), "--data", "shapes")
 
 
 def test_probe_plain_state_dict_of_wrong_arch(tmp_path):
     torch.save(common.build_encoder("resnet18", 32).state_dict(), tmp_path / "r18.pth")
-    line = error_line(run_script("probe.py", str(tmp_path / "r18.pth"), "--arch", "resnet50", "--data", "shapes:32:64"))
+    line = user_error("probe", str(tmp_path / "r18.pth"), "--arch", "resnet50", "--data", "shapes:32:64")
     assert "does not fit a resnet50" in line
 
 
@@ -98,3 +108,8 @@ def test_non_positive_batch_or_epochs_is_one_line(method, capsys):
         assert exit_.value.code == 2
         assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
             f"argument {flag}: invalid positive_int value: '{value}'")
+
+
+@pytest.mark.parametrize("spec", ["shapes:abc", "shapes:32:0", "shapes:32:10:10:10"])
+def test_bad_shapes_spec(spec, tmp_path):
+    assert "expected shapes[:SIZE[:N[:V]]]" in user_error("simclr", "--data", spec, *TINY, "--output-dir", str(tmp_path))

@@ -10,11 +10,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import common
 import mae
-from helpers import assert_same_step, ddp_vs_single_process, run_script
+from helpers import assert_same_step, ddp_vs_single_process, run_script, short_run
 
 TINY_DECODER = ["--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "4"]
 # CPU scale: 16 px shapes, 4x4 patches of 4 px (4 visible), a 1-block decoder; 4 epochs of 2000 images.
-QUICK = ["--data", "shapes:16:2000", "--arch", "vit_nano", "--patch-size", "4", "--decoder-dim", "64", "--decoder-depth", "1",
+QUICK = ["--data", "shapes:16:2000:2000", "--arch", "vit_nano", "--patch-size", "4", "--decoder-dim", "64", "--decoder-depth", "1",
          "--decoder-heads", "4", "--batch-size", "32", "--base-lr", "0.016", "--epochs", "4", "--warmup-epochs", "1", "--workers", "1"]
 
 
@@ -119,24 +119,20 @@ def test_bad_mask_ratio_and_decoder_width(tmp_path):
 
 
 def test_short_run_learns_and_visualizes(tmp_path):
-    result = run_script("mae.py", *QUICK, "--knn-every", "4", "--visualize", "4", "--output-dir", str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    log, checkpoint, _ = short_run("mae", QUICK + ["--knn-every", "4", "--visualize", "4"], tmp_path)
     random_init, trained = log[0]["knn_top1"], log[-1]["knn_top1"]
-    print(f"k-NN top-1: random init {random_init:.3f} -> MAE {trained:.3f}; loss {log[1]['loss']:.3f} -> {log[-1]['loss']:.3f}")
-    assert log[-1]["loss"] < 0.75 * log[1]["loss"]  # the hidden patches are reconstructed better (measured 0.86 -> 0.49)
-    # MAE's k-NN does NOT beat the random-init encoder at CPU scale. Measured on 2 shared cores,
-    # random init -> trained (chance 0.10): this config 0.165 -> 0.160; with 6 epochs 0.165 -> 0.178 and
-    # 0.168 -> 0.153 (seeds 0, 1; linear probe 15.4 -> 17.3% and 18.5 -> 16.5%);
-    # 32 px / patch 8 or 4, decoders 64x1 to 128x2, lr 4e-4 to 2.5e-3, 8-10 epochs of 1500: between
-    # -0.05 and +0.01; 600 steps of batch 32: 0.165 -> 0.200 (step 400) -> 0.157 (step 600). MAE's
-    # features need long training and are read out by fine-tuning (Fig. 9). So this asserts only what
-    # is reliable: the CLS feature is not degenerate (above chance), and probe.py reads the encoder.
+    print(f"MAE reconstruction loss {log[1]['loss']:.3f} -> {log[-1]['loss']:.3f}")
+    assert log[-1]["loss"] < 0.85 * log[1]["loss"]  # hidden patches reconstructed better (measured 1.071 -> 0.825)
+    # MAE's k-NN does NOT beat the random-init encoder at CPU scale: measured on 2 cores (2000 val images,
+    # so ±0.01; chance 0.10) 0.382 -> 0.136 for this run, and 0.382 -> 0.117 for 6 epochs. The CLS token is
+    # only trained through the decoder's attention, and at 16 tokens x 4 epochs it loses what the random
+    # patch embedding gave it. (On the earlier 8-colour shapes, ~20 configs gave -0.05..+0.08 on 200-400
+    # val images: noise.) MAE's features need hundreds of epochs and are read out by fine-tuning (Fig. 9),
+    # so this checks only that the feature is not fully degenerate, and that probe.py reads the encoder.
     assert trained > 0.11, (random_init, trained)
     # One row per fixed val image: original | masked | reconstruction, 16 px tiles, save_image's 2 px padding.
     png = Image.open(tmp_path / "reconstruction_0004.png")
     assert png.size == (3 * 16 + 4 * 2, 8 * 16 + 9 * 2)
-    checkpoint = common.load_checkpoint(str(tmp_path / "checkpoint.pth"), "mae")
     assert checkpoint["encoder_config"] == dict(arch="vit_nano", image_size=16, patch_size=4)
     assert set(checkpoint["encoder"]) == set(common.build_encoder("vit_nano", 16, 4).state_dict())  # no decoder
     probe = run_script("probe.py", str(tmp_path / "checkpoint.pth"), "--data", "shapes:16:300", "--protocol", "knn",

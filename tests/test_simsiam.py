@@ -9,10 +9,10 @@ import torch.nn.functional as F
 
 import common
 import simsiam
-from helpers import assert_same_step, ddp_vs_single_process, error_line, run_script
+from helpers import assert_same_step, ddp_vs_single_process, error_line, run_script, short_run
 
 # CPU scale: vit_nano at 32 px, small heads, the paper's lr rule (0.05 × 64/256); 4 epochs of 1000 images.
-QUICK = ["--data", "shapes:32:1000", "--arch", "vit_nano", "--patch-size", "8", "--epochs", "4", "--batch-size", "64",
+QUICK = ["--data", "shapes:32:1000:2000", "--arch", "vit_nano", "--patch-size", "8", "--epochs", "4", "--batch-size", "64",
          "--proj-hidden", "256", "--proj-dim", "256", "--pred-hidden", "64", "--base-lr", "0.05", "--workers", "2"]
 TINY = ["--arch", "vit_nano", "--patch-size", "4", "--proj-hidden", "32", "--proj-dim", "16", "--pred-hidden", "8"]
 
@@ -109,18 +109,14 @@ def test_one_image_per_gpu_is_a_user_error(tmp_path):
     assert "at least 2 images per GPU" in line
 
 
-def test_short_run_beats_random_init_knn(tmp_path):
-    result = run_script("simsiam.py", *QUICK, "--knn-every", "4", "--output-dir", str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+def test_short_run_trains_without_collapse(tmp_path):
+    log, checkpoint, _ = short_run("simsiam", QUICK + ["--knn-every", "4"], tmp_path)
     random_init, trained = log[0]["knn_top1"], log[-1]["knn_top1"]
-    print(f"k-NN top-1: random init {random_init:.3f} -> SimSiam {trained:.3f}")
-    # Measured on 2 shared CPU cores (chance 0.10; 200 val images, so ±0.02 is noise): seed 0 0.155 -> 0.175,
-    # seed 1 0.155 -> 0.110. No CPU-scale config found learns reliably (seed: init -> trained): base-lr 0.5 +
-    # warm-up: s0 0.155 -> 0.135; resnet18 at 16 px: s0 0.190 -> 0.155 (212 s); batch 32, base-lr 0.2, proj-dim 64:
-    # s0 0.155 -> 0.095; this config for 8 epochs: s1 0.155 -> 0.135; shapes:32:1500, base-lr 0.1: s1 0.150 -> 0.130.
-    # So this is a smoke test on seed 0 (runs, logs, checkpoint), not proof of learning.
-    assert trained > random_init + 0.01, (random_init, trained)
+    # k-NN measured on 2 CPU cores (2000 val images, so ±0.01; chance 0.10): 0.258 -> 0.245 (4 epochs; 8 epochs of
+    # 1500, base-lr 0.1: 0.286 -> 0.269). At this budget (under 200 steps) the method does NOT beat its random-init
+    # encoder; only SimCLR does (+0.12). The earlier "gains" of 0.01-0.02 were measured on 200 val images and were
+    # noise. So this checks that the run trains without collapsing (a collapsed encoder sits at chance) and prints
+    # the k-NN; showing the method learns needs a longer run than CI allows (a GPU run on CIFAR-10).
+    assert trained > 0.2, (random_init, trained)
     assert all(record["embedding_std"] > 0.5 / 16 for record in log[1:])  # logged every epoch, healthy
-    checkpoint = common.load_checkpoint(str(tmp_path / "checkpoint.pth"), "simsiam")
     assert checkpoint["encoder_config"] == dict(arch="vit_nano", image_size=32, patch_size=8)
