@@ -11,7 +11,9 @@ sg and the slow EMA mean the target is never pulled towards the online outputs, 
 must predict a moving, informative target; the predictor q must stay near-optimal for that (§3.2).
 Each epoch logs embedding_std (SimSiam §4.1; ≈ 1/√d healthy, → 0 collapsed) and warns when it falls.
 
-    python byol.py --data shapes --arch resnet18 --epochs 20 --batch-size 256                 # CPU, minutes
+    python byol.py --data shapes:32:1000:2000 --arch vit_nano --patch-size 8 --epochs 4 --batch-size 32 \\
+        --proj-hidden 256 --proj-dim 64 --pred-hidden 256 --base-lr 8 --tau-base 0.9 --warmup-epochs 1
+        # CPU, ~1 min; a smoke run: k-NN 25.8 -> 24.8%, too few steps for BYOL to beat its random init
     torchrun --nproc_per_node=8 byol.py --data /imagenet                                      # paper recipe
 
 Paper: ResNet-50, batch 4096, 1000 epochs -> 74.3% linear top-1 on ImageNet (Table 1).
@@ -37,8 +39,8 @@ def get_args_parser():
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="shapes[:SIZE[:N[:V]]], cifar10, cifar100, stl10, or an ImageFolder root")
     g.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
-    g.add_argument("--image-size", type=int, default=None, help="crop size (default: 224 for folders, 32 CIFAR, 96 STL-10)")
-    g.add_argument("--workers", type=int, default=min(8, os.cpu_count()), help="data-loading processes per GPU")
+    g.add_argument("--image-size", type=common.positive_int, default=None, help="crop size (default: 224 for folders, 32 CIFAR, 96 STL-10)")
+    g.add_argument("--workers", type=common.non_negative_int, default=min(8, os.cpu_count()), help="data-loading processes per GPU")
     g.add_argument("--cpu-augment", action="store_true", help="augment in DataLoader workers even when the dataset fits on the device")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet50", choices=common.ARCHS, help="encoder")
@@ -50,14 +52,14 @@ def get_args_parser():
                    "(§3.3). Lower it for short runs (0.99; 0.9 for a few hundred steps on CPU): the target follows faster")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=common.positive_int, default=1000, help="training epochs (the paper's ablations use 300)")
-    g.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warm-up")
+    g.add_argument("--warmup-epochs", type=common.non_negative_int, default=10, help="linear lr warm-up")
     g.add_argument("--batch-size", type=common.positive_int, default=4096, help="global batch, split over the GPUs")
     g.add_argument("--base-lr", type=float, default=0.2, help="lr = base-lr × batch-size / 256 (LARS)")
     g.add_argument("--weight-decay", type=float, default=1.5e-6, help="not on biases and BN parameters")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default="runs/byol", help="checkpoint.pth and log.jsonl; resumes from it if present")
     g.add_argument("--resume", default="", help="resume from this checkpoint instead of OUTPUT_DIR/checkpoint.pth")
-    g.add_argument("--knn-every", type=int, default=10, help="k-NN monitor on the val split every N epochs and at the end (0: off)")
+    g.add_argument("--knn-every", type=common.non_negative_int, default=10, help="k-NN monitor on the val split every N epochs and at the end (0: off)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps, then faster)")
     return p

@@ -559,8 +559,15 @@ def all_gather(x, keep_grad):
 
 # ----------------------------------------------------------------------------- optimisation
 def positive_int(text):
-    """argparse type for counts (epochs, batch size): a ValueError becomes argparse's one-line error."""
+    """argparse types for counts (epochs, sizes) and for periods / worker counts where 0 means none:
+    the ValueError becomes argparse's one-line error, never a traceback deep in the loop."""
     if int(text) < 1:
+        raise ValueError(text)
+    return int(text)
+
+
+def non_negative_int(text):
+    if int(text) < 0:
         raise ValueError(text)
     return int(text)
 

@@ -13,8 +13,8 @@ lack, a shortcut to a low loss, so keys are computed on a batch shuffled across 
 query and key would still be normalised over the same images, only more of them. On one GPU the shuffle
 stays inside one BN batch and changes nothing: query and key share its statistics, as with SyncBN.
 
-    python moco.py --data shapes:32:1000 --arch vit_nano --patch-size 8 --epochs 4 --batch-size 64 --warmup-epochs 1 \\
-        --proj-hidden 256 --optimizer lars --weight-decay 1e-6 --base-lr 8 --knn-every 4   # CPU, ~1 min: k-NN 16 -> 20%
+    python moco.py --data shapes:32:1000:2000 --arch vit_nano --patch-size 8 --epochs 4 --batch-size 64 --warmup-epochs 1 \\
+        --proj-hidden 256 --optimizer lars --weight-decay 1e-6 --base-lr 8 --knn-every 4   # CPU, ~1 min, smoke run: k-NN 27 -> 22%
     torchrun --nproc_per_node=8 moco.py --data /imagenet                   # v3 ViT-S/16, 300 ep -> 73.2% linear
     torchrun --nproc_per_node=8 moco.py --data /imagenet --arch resnet50   # v3 R-50, LARS, τ 1.0, 100 ep -> 68.9%
     torchrun --nproc_per_node=8 moco.py --data /imagenet --version v2      # v2 R-50, batch 256, 200 ep -> 67.5%
@@ -64,9 +64,9 @@ def get_args_parser():
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="shapes[:SIZE[:N[:V]]], cifar10, cifar100, stl10, or an ImageFolder root")
     g.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
-    g.add_argument("--image-size", type=int, default=None, help="crop size (default: 224 for folders, 32 CIFAR, 96 STL-10)")
+    g.add_argument("--image-size", type=common.positive_int, default=None, help="crop size (default: 224 for folders, 32 CIFAR, 96 STL-10)")
     recipe_flag(g, "crop_min", "smallest crop area of RandomResizedCrop")
-    g.add_argument("--workers", type=int, default=min(8, os.cpu_count()), help="data-loading processes per GPU")
+    g.add_argument("--workers", type=common.non_negative_int, default=min(8, os.cpu_count()), help="data-loading processes per GPU")
     g.add_argument("--cpu-augment", action="store_true", help="augment in DataLoader workers even when the dataset fits on the device")
     g = p.add_argument_group("method")
     g.add_argument("--version", default="v3", choices=["v3", "v2"], help="the method; it sets the recipe defaults")
@@ -81,7 +81,7 @@ def get_args_parser():
     recipe_flag(g, "queue_size", "v2: number of queued negative keys K, a multiple of --batch-size (v3 has none)")
     g = p.add_argument_group("optimisation")
     recipe_flag(g, "epochs", "training epochs (v3 ResNet-50: 300 or 1000 for 72.8 / 74.6%%)", type=common.positive_int)
-    recipe_flag(g, "warmup_epochs", "linear lr warm-up, then cosine decay to 0")
+    recipe_flag(g, "warmup_epochs", "linear lr warm-up, then cosine decay to 0", type=common.non_negative_int)
     recipe_flag(g, "batch_size", "global batch, split over the GPUs", type=common.positive_int)
     recipe_flag(g, "optimizer", "LARS (trust 0.001) and SGD use momentum 0.9", choices=["adamw", "lars", "sgd"])
     recipe_flag(g, "base_lr", "lr = base-lr × batch-size / 256")
@@ -89,7 +89,7 @@ def get_args_parser():
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default="runs/moco", help="checkpoint.pth and log.jsonl; resumes from it if present")
     g.add_argument("--resume", default="", help="resume from this checkpoint instead of OUTPUT_DIR/checkpoint.pth")
-    g.add_argument("--knn-every", type=int, default=10, help="k-NN monitor on the val split every N epochs and at the end (0: off)")
+    g.add_argument("--knn-every", type=common.non_negative_int, default=10, help="k-NN monitor on the val split every N epochs and at the end (0: off)")
     g.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of every epoch's augmentations")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps, then faster)")
     return p

@@ -99,15 +99,17 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["simclr", "moco", "byol", "simsiam", "mae", "dino"])
-def test_non_positive_batch_or_epochs_is_one_line(method, capsys):
+def test_out_of_range_counts_are_one_line(method, capsys):
     parser = importlib.import_module(method).get_args_parser()
-    for flag, value in [("--batch-size", "0"), ("--epochs", "-1")]:
-        # argparse's own rejection: the usage, then one error line, exit code 2 (no ZeroDivisionError later)
+    for flag, value, kind in [("--batch-size", "0", "positive_int"), ("--epochs", "-1", "positive_int"),
+                              ("--image-size", "0", "positive_int"), ("--workers", "-1", "non_negative_int"),
+                              ("--warmup-epochs", "-1", "non_negative_int"), ("--knn-every", "-1", "non_negative_int")]:
+        # argparse's own rejection: the usage, then one error line, exit code 2 (before, a ZeroDivisionError or
+        # the DataLoader's ValueError deep in the run, or a silent default for --image-size 0)
         with pytest.raises(SystemExit) as exit_:
             parser.parse_args(["--data", "shapes", flag, value])
         assert exit_.value.code == 2
-        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
-            f"argument {flag}: invalid positive_int value: '{value}'")
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"argument {flag}: invalid {kind} value: '{value}'")
 
 
 @pytest.mark.parametrize("spec", ["shapes:abc", "shapes:32:0", "shapes:32:10:10:10"])
