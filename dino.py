@@ -211,14 +211,16 @@ def training_step(model, crops, args, epoch=0):
 
 
 # ----------------------------------------------------------------------------- loop
-def multi_crop(size, local_crops=10, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), patch_size=1):
-    """2 global crops (blur 1.0 / 0.1 + solarize 0.2, as BYOL) and N local crops at 96/224 of the size
-    (at least 8 px), rounded to a multiple of the ViT patch size so that they tokenise exactly."""
+def augmentations(args):
+    """Multi-crop: 2 global crops (blur 1.0 / 0.1 + solarize 0.2, as BYOL) and N local crops at 96/224
+    of the size (at least 8 px), rounded to a multiple of the ViT patch size so that they tokenise exactly."""
+    size, patch_size = args.image_size, args.patch_size if args.arch.startswith("vit") else 1
     local_size = patch_size * max(1, round(max(8, size * 96 / 224) / patch_size))
+    global_scale, local_scale = tuple(args.global_crops_scale), tuple(args.local_crops_scale)
     global1 = common.View(size, global_scale, blur=1.0, interpolation="bicubic")  # bicubic, as the official code
     global2 = common.View(size, global_scale, blur=0.1, solarize=0.2, interpolation="bicubic")
     local = common.View(local_size, local_scale, blur=0.5, interpolation="bicubic")
-    return common.MultiView([global1, global2] + [local] * local_crops)
+    return common.MultiView([global1, global2] + [local] * args.local_crops)
 
 
 def build_model(args):
@@ -258,9 +260,7 @@ def main(args):
         raise common.UserError(f"--attention-maps needs a ViT (--arch vit_*), not {args.arch}")
     if args.local_crops < 0:
         raise common.UserError(f"--local-crops {args.local_crops} must be >= 0")
-    transform = multi_crop(args.image_size, args.local_crops, tuple(args.global_crops_scale),
-                           tuple(args.local_crops_scale), patch_size=args.patch_size if is_vit else 1)
-    dataset = common.build_dataset(args.data, "pretrain", transform, args.data_root)
+    dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root)
     loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
                                 on_device=not args.cpu_augment)
     if len(loader) == 0:

@@ -192,9 +192,10 @@ def visualize(model, imgs, noise, args, path):
 
 
 # ----------------------------------------------------------------------------- loop
-def mae_view(size):
+def augmentations(args):
     """Masking is the augmentation, so only crop (0.2-1, bicubic) and flip: no colour, no blur."""
-    return common.View(size, (0.2, 1.0), blur=0.0, jitter_prob=0.0, grayscale_prob=0.0, interpolation="bicubic")
+    return common.MultiView([common.View(args.image_size, (0.2, 1.0), blur=0.0, jitter_prob=0.0, grayscale_prob=0.0,
+                                         interpolation="bicubic")])
 
 
 def build_model(args):
@@ -213,8 +214,7 @@ def main(args):
     num_patches = (args.image_size // args.patch_size) ** 2
     if not 0 <= args.mask_ratio < 1 or int(num_patches * (1 - args.mask_ratio)) < 1:
         raise common.UserError(f"--mask-ratio {args.mask_ratio} must be in [0, 1) and keep at least one of {num_patches} patches")
-    transform = common.MultiView([mae_view(args.image_size)])
-    dataset = common.build_dataset(args.data, "pretrain", transform, args.data_root)
+    dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root)
     loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
                                 on_device=not args.cpu_augment)
     if len(loader) == 0:

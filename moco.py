@@ -177,6 +177,14 @@ def training_step(model, views, args):
 
 
 # ----------------------------------------------------------------------------- loop
+def augmentations(args):
+    """v3: BYOL's asymmetric pair (blur always / rarely, solarize the second); v2: "aug-plus" for both views."""
+    v3 = args.version == "v3"
+    size, scale, jitter = args.image_size, (args.crop_min, 1.0), (0.4, 0.4, 0.2 if v3 else 0.4, 0.1)  # not strengthened
+    return common.MultiView([common.View(size, scale, jitter, blur=1.0 if v3 else 0.5),
+                             common.View(size, scale, jitter, blur=0.1 if v3 else 0.5, solarize=0.2 if v3 else 0.0)])
+
+
 def build_model(args):
     vit = args.arch.startswith("vit")
     encoder = common.build_encoder(args.arch, args.image_size, args.patch_size, sincos=True)  # v3's fixed 2-D sin-cos
@@ -206,11 +214,7 @@ def main(args):
     if (args.queue_size != 0) == v3 or args.queue_size < 0 or args.queue_size % args.batch_size:
         raise common.UserError(f"--queue-size {args.queue_size}: MoCo v2 needs a positive multiple of the global --batch-size "
                                f"{args.batch_size}; MoCo v3 has no queue (0)")
-    # v3: BYOL's asymmetric pair (blur always / rarely, solarize the second); v2: "aug-plus" for both views
-    size, scale, jitter = args.image_size, (args.crop_min, 1.0), (0.4, 0.4, 0.2 if v3 else 0.4, 0.1)  # not strengthened
-    views = [common.View(size, scale, jitter, blur=1.0 if v3 else 0.5),
-             common.View(size, scale, jitter, blur=0.1 if v3 else 0.5, solarize=0.2 if v3 else 0.0)]
-    dataset = common.build_dataset(args.data, "pretrain", common.MultiView(views), args.data_root)
+    dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root)
     loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
                                 on_device=not args.cpu_augment)
     if len(loader) == 0:

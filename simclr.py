@@ -97,6 +97,13 @@ def training_step(model, views, args):
 
 
 # ----------------------------------------------------------------------------- loop
+def augmentations(args):
+    """Two views from one distribution (§3, Appendix A): crop 0.08-1 + flip, colour jitter of strength s
+    (p 0.8), grayscale (p 0.2), blur (p 0.5)."""
+    s = args.color_jitter
+    return common.MultiView([common.View(args.image_size, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s))] * 2)
+
+
 def build_model(args):
     encoder = common.build_encoder(args.arch, args.image_size, args.patch_size)
     return SimCLR(encoder, args.proj_hidden, args.proj_dim)
@@ -108,9 +115,7 @@ def main(args):
     args.image_size = args.image_size or common.default_image_size(args.data)
     if args.batch_size % dist_env.world_size:
         raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} GPUs")
-    s = args.color_jitter
-    transform = common.MultiView([common.View(args.image_size, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s))] * 2)
-    dataset = common.build_dataset(args.data, "pretrain", transform, args.data_root)
+    dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root)
     loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
                                 on_device=not args.cpu_augment)
     if len(loader) == 0:

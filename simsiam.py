@@ -11,9 +11,9 @@ the loss falls to −1 at once while the outputs collapse (Fig. 2 without sg; Ta
 Each epoch logs embedding_std (std of the L2-normalised z, §4.1: ≈ 1/√d healthy, → 0 collapsed)
 and warns when it falls.
 
-    python simsiam.py --data shapes:32:1000:2000 --arch vit_nano --patch-size 8 --epochs 4 --batch-size 64 \\
-        --proj-hidden 256 --proj-dim 256 --pred-hidden 64
-        # CPU, ~1 min; a smoke run: k-NN 25.8 -> 24.5%, too few steps for SimSiam to beat its random init
+    python simsiam.py --data shapes:32:1000:2000 --arch vit_nano --patch-size 8 --epochs 8 --batch-size 64 \\
+        --proj-hidden 256 --proj-dim 256 --pred-hidden 64 --base-lr 2 --warmup-epochs 1
+        # CPU, ~1 min: k-NN 25.8 -> 34.0% (seed 1: 26.6 -> 28.9%; 16 epochs: 25.8 -> 39.0%)
     torchrun --nproc_per_node=8 simsiam.py --data /imagenet                                   # paper recipe
 
 Paper: ResNet-50, batch 512, 100 epochs -> 68.1% linear top-1 on ImageNet (Table 4); 800 -> 71.3%.
@@ -102,6 +102,11 @@ def training_step(model, views, args):
 
 
 # ----------------------------------------------------------------------------- loop
+def augmentations(args):
+    """MoCo v2's views, the same recipe for both (official code): crop 0.2-1, jitter not strengthened."""
+    return common.MultiView([common.View(args.image_size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur=0.5)] * 2)
+
+
 def build_model(args):
     encoder = common.build_encoder(args.arch, args.image_size, args.patch_size)
     for block in encoder.modules():  # official code: each residual block starts as the identity
@@ -118,10 +123,7 @@ def main(args):
         raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} GPUs")
     if args.batch_size // dist_env.world_size < 2:  # BN in the heads normalises over the images of each GPU
         raise common.UserError(f"--batch-size {args.batch_size}: BatchNorm needs at least 2 images per GPU")
-    # MoCo v2's views, the same recipe for both (official code): crop 0.2-1, jitter not strengthened.
-    view = common.View(args.image_size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur=0.5)
-    transform = common.MultiView([view] * 2)
-    dataset = common.build_dataset(args.data, "pretrain", transform, args.data_root)
+    dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root)
     loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
                                 on_device=not args.cpu_augment)
     if len(loader) == 0:

@@ -30,12 +30,9 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 
-# Method -> (optimizer, views). Views as the scripts make them: two views, BYOL's asymmetric
-# pair, MAE's single light view, DINO's 2 global + 10 local crops.
-METHODS = {
-    "simclr": ("lars", "two"), "moco": ("adamw", "two"), "byol": ("lars", "byol"),
-    "simsiam": ("sgd", "two"), "mae": ("adamw", "mae"), "dino": ("adamw", "multicrop"),
-}
+# Method -> its paper's optimizer. The views are the method's own (module.augmentations): two views,
+# BYOL's asymmetric pair, MAE's single light view, DINO's 2 global + 10 local crops.
+METHODS = {"simclr": "lars", "moco": "adamw", "byol": "lars", "simsiam": "sgd", "mae": "adamw", "dino": "adamw"}
 # name -> (arch, image size, patch size, per-GPU batch, methods)
 CONFIGS = {
     "resnet18-32": ("resnet18", 32, 16, 512, ("simclr", "moco", "byol", "simsiam")),
@@ -49,16 +46,6 @@ TINY_HEADS = {"simclr": ["--proj-hidden", "256"], "moco": ["--proj-hidden", "256
               "simsiam": ["--proj-hidden", "256", "--pred-hidden", "64"], "mae": ["--decoder-dim", "64", "--decoder-depth", "1", "--decoder-heads", "4"],
               "dino": ["--out-dim", "1024", "--head-hidden", "256", "--head-bottleneck", "64"]}
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12}  # dense
-
-
-def make_views(kind, size, patch_size):
-    if kind == "multicrop":
-        return importlib.import_module("dino").multi_crop(size, local_crops=10, patch_size=patch_size)
-    if kind == "mae":
-        return common.MultiView([importlib.import_module("mae").mae_view(size)])
-    if kind == "byol":
-        return common.MultiView([common.View(size, blur=1.0), common.View(size, blur=0.1, solarize=0.2)])
-    return common.MultiView([common.View(size)] * 2)
 
 
 def make_optimizer(kind, model, device):
@@ -90,7 +77,6 @@ def benchmark(method, config_name, mode, args, dist_env):
     arch, size, patch, batch, _ = config = CONFIGS[config_name]
     device = dist_env.device
     module = importlib.import_module(method)
-    optimizer_kind, views_kind = METHODS[method]
     method_args = module.get_args_parser().parse_args(
         ["--data", f"shapes:{size}", "--arch", arch, "--image-size", str(size), "--patch-size", str(patch),
          *(TINY_HEADS[method] if config_name == "cpu-tiny" else [])])
@@ -99,9 +85,9 @@ def benchmark(method, config_name, mode, args, dist_env):
     resnet = arch.startswith("resnet") and device.type == "cuda"
     if resnet:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(optimizer_kind, model, device)
+    optimizer = make_optimizer(METHODS[method], model, device)
     step_model = torch.compile(model) if args.compile else model
-    views = make_views(views_kind, size, patch)
+    views = module.augmentations(method_args)
     inputs = batches(mode, views, config, args, dist_env)
 
     def step(count_flops=False):

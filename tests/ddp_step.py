@@ -52,3 +52,9 @@ if dist_env.world_size > 1:
 if dist_env.is_main:
     torch.save({"loss": global_loss, "grads": {n: p.grad for n, p in raw_model.named_parameters() if p.grad is not None}},
                out_path)
+if dist_env.world_size > 1:
+    # Every rank waits for rank 0's save, then shuts gloo down before the interpreter exits: a rank
+    # that exits with the process group alive aborts in gloo's thread destructors ("terminate called
+    # without an active exception", SIGABRT), intermittently, which torchrun reports as a failure.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

@@ -1,6 +1,7 @@
 """Shared test plumbing: run a script as a user would, and compare one DDP step with one process."""
 import json
 import os
+import runpy
 import subprocess
 import sys
 
@@ -33,8 +34,11 @@ def short_run(method, flags, tmp_path):
 def ddp_vs_single_process(method, tmp_path, *flags):
     """Loss and gradients of one step: 2 gloo ranks x 4 images vs 1 process x 8 images."""
     single, ddp = str(tmp_path / "single.pt"), str(tmp_path / "ddp.pt")
-    result = run_script("tests/ddp_step.py", method, single, *flags)
-    assert result.returncode == 0, result.stderr
+    saved_argv, sys.argv = sys.argv, ["tests/ddp_step.py", method, single, *flags]
+    try:  # the one-process side in this interpreter: no second torch import to wait for
+        runpy.run_path(os.path.join(ROOT, "tests", "ddp_step.py"), run_name="__main__")
+    finally:
+        sys.argv = saved_argv
     result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "tests/ddp_step.py", method, ddp, *flags, threads=1)
     assert result.returncode == 0, result.stderr

@@ -13,7 +13,7 @@ import common
 from helpers import assert_same_state, assert_same_step, ddp_vs_single_process, error_line, run_script, short_run, straight_and_preempted
 
 # CPU scale: vit_nano at 32 px, small heads; τ_base 0.9 so that the target moves within 124 steps.
-QUICK = ["--data", "shapes:32:1000:2000", "--arch", "vit_nano", "--patch-size", "8", "--epochs", "4", "--batch-size", "32",
+QUICK = ["--data", "shapes:32:1000:2000", "--arch", "vit_nano", "--patch-size", "8", "--epochs", "2", "--batch-size", "32",
          "--proj-hidden", "256", "--proj-dim", "64", "--pred-hidden", "256", "--base-lr", "8", "--tau-base", "0.9",
          "--warmup-epochs", "1", "--workers", "2"]
 TINY = ["--arch", "vit_nano", "--patch-size", "4", "--proj-hidden", "32", "--proj-dim", "16", "--pred-hidden", "32"]
@@ -102,13 +102,14 @@ def test_tau_base_out_of_range(tmp_path):
 
 
 def test_short_run_trains_without_collapse(tmp_path):
-    log, checkpoint, _ = short_run("byol", QUICK + ["--knn-every", "4"], tmp_path)
+    log, checkpoint, _ = short_run("byol", QUICK + ["--knn-every", "2"], tmp_path)
     random_init, trained = log[0]["knn_top1"], log[-1]["knn_top1"]
-    # k-NN measured on 2 CPU cores (2000 val images, so ±0.01; chance 0.10): 0.258 -> 0.248 (4 epochs; 8 epochs of
-    # 1500 with τ_base 0.99: 0.286 -> 0.269). At this budget (under 200 steps) the method does NOT beat its random-
-    # init encoder; only SimCLR does (+0.12). The earlier "gains" of 0.01-0.02 were measured on 200 val images and
-    # were noise. So this checks that the run trains without collapsing (a collapsed encoder sits at chance) and
-    # prints the k-NN; showing the method learns needs a longer run than CI allows (a GPU run on CIFAR-10).
+    # k-NN measured on 2 CPU cores (2000 val images, so ±0.01; chance 0.10): 0.258 -> 0.250 (these 62 steps). BYOL
+    # first dips (the online net chases a random target), then climbs back: with base-lr 4, τ_base 0.99, batch 64,
+    # 0.258 -> 0.224 at 60 steps, 0.310 at 210, 0.298 at 375 (the end); other 190-250-step configs gave -0.02..+0.04.
+    # That is inside the ±0.04 a short run varies by from seed to seed (SimCLR's seeds gain +0.12, +0.10, +0.02), so
+    # a gain cannot be asserted at CI budget: this checks that the run trains without collapsing (a collapsed
+    # encoder sits at chance) and prints the k-NN; showing BYOL learns needs a longer run (a GPU run on CIFAR-10).
     assert trained > 0.2, (random_init, trained)
     assert all(record["embedding_std"] > 0.5 / 8 for record in log[1:])  # logged every epoch; healthy ≈ 1/sqrt(64)
     assert checkpoint["encoder_config"] == dict(arch="vit_nano", image_size=32, patch_size=8)

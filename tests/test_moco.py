@@ -20,11 +20,11 @@ def parse(*flags):
 
 
 # CPU-scale learning runs (~40 s each on 2 cores): v3 on vit_nano at 32 px, v2 on resnet18 at 16 px with a queue.
-V3_QUICK = ["--data", "shapes:32:1000:2000", "--arch", "vit_nano", "--patch-size", "8", "--epochs", "4", "--batch-size", "64",
+V3_QUICK = ["--data", "shapes:32:1000:2000", "--arch", "vit_nano", "--patch-size", "8", "--epochs", "2", "--batch-size", "64",
             "--warmup-epochs", "1", "--proj-hidden", "256", "--optimizer", "lars", "--weight-decay", "1e-6", "--base-lr", "8",
-            "--knn-every", "4", "--workers", "0"]
-V2_QUICK = ["--data", "shapes:16:512:2000", "--version", "v2", "--arch", "resnet18", "--epochs", "2", "--batch-size", "32",
-            "--queue-size", "256", "--base-lr", "0.1", "--momentum", "0.99", "--proj-hidden", "256", "--knn-every", "2",
+            "--knn-every", "2", "--workers", "0"]
+V2_QUICK = ["--data", "shapes:16:256:500", "--version", "v2", "--arch", "resnet18", "--epochs", "2", "--batch-size", "32",
+            "--queue-size", "192", "--base-lr", "0.1", "--momentum", "0.99", "--proj-hidden", "256", "--knn-every", "2",
             "--workers", "0"]
 TINY_V3 = ["--arch", "vit_nano", "--patch-size", "8", "--proj-hidden", "32", "--proj-dim", "16"]
 TINY_V2 = ["--version", "v2", "--arch", "resnet18", "--proj-hidden", "32", "--proj-dim", "16", "--queue-size", "32"]
@@ -170,15 +170,15 @@ def test_bad_flags_exit_with_one_line_and_resume_checks_the_version(tmp_path):
 def test_v3_vit_short_run_on_the_momentum_schedule(tmp_path):
     log, checkpoint, _ = short_run("moco", V3_QUICK, tmp_path)
     random_init, trained = log[0]["knn_top1"], log[-1]["knn_top1"]
-    # k-NN measured on 2 CPU cores (2000 val images, so ±0.01; chance 0.10): 0.273 -> 0.217 (8 epochs of 1500: 0.296
-    # -> 0.218). At this budget (under 200 steps) the method does NOT beat its random-init encoder; only SimCLR does
-    # (+0.12). The earlier "gains" of 0.01-0.02 were measured on 200 val images and were noise. So this checks that
+    # k-NN measured on 2 CPU cores (2000 val images, so ±0.01; chance 0.10): 0.273 -> 0.209 (2 epochs; 4 epochs: 0.217;
+    # 8 epochs of 1500: 0.296 -> 0.218). At this budget (under 200 steps) the method does NOT beat its random-init
+    # encoder; SimCLR and SimSiam do. The earlier "gains" of 0.01-0.02 were measured on 200 val images and were noise. So this checks that
     # the run trains without collapsing (a collapsed encoder sits at chance) and prints the k-NN; showing the method
     # learns needs a longer run than CI allows (a GPU run on CIFAR-10).
     assert trained > 0.2, (random_init, trained)
     steps_per_epoch = 1000 // 64
     for record in log[1:]:  # m after step s of S: 1 − (1 − 0.99)(1 + cos(π s / S)) / 2, from 0.99 up to 1
-        s, total = record["epoch"] * steps_per_epoch, 4 * steps_per_epoch
+        s, total = record["epoch"] * steps_per_epoch, 2 * steps_per_epoch
         assert record["momentum"] == pytest.approx(1 - 0.01 * (1 + math.cos(math.pi * s / total)) / 2)
     assert log[-1]["momentum"] == 1.0
     assert checkpoint["encoder_config"] == dict(arch="vit_nano", image_size=32, patch_size=8)
@@ -187,10 +187,10 @@ def test_v3_vit_short_run_on_the_momentum_schedule(tmp_path):
 def test_v2_resnet_with_queue_short_run(tmp_path):
     log, checkpoint, _ = short_run("moco", V2_QUICK, tmp_path)
     random_init, trained = log[0]["knn_top1"], log[-1]["knn_top1"]
-    # k-NN measured on 2 CPU cores (2000 val images, so ±0.01; chance 0.10): 0.374 -> 0.386, within noise of
-    # the random ResNet after 32 steps (the earlier 0.157 -> 0.245 was on 102 val images). So, as for v3, this
-    # checks that the run trains without collapsing and that the queue is filled with unit keys.
-    assert trained > 0.3, (random_init, trained)
+    # k-NN measured on 2 CPU cores (500 val images, so ±0.02; 256 train images as neighbours; chance 0.10):
+    # 0.260 -> 0.280 (with 512 and 2000: 0.374 -> 0.386), within noise of the random ResNet after 16 steps. So,
+    # as for v3, this checks that the run trains without collapsing and that the queue is filled with unit keys.
+    assert trained > 0.2, (random_init, trained)
     assert all(record["momentum"] == 0.99 for record in log[1:])  # v2: fixed
-    assert checkpoint["model"]["queue_ptr"] == 2 * (512 // 32) * 32 % 256
-    torch.testing.assert_close(checkpoint["model"]["queue"].norm(dim=1), torch.ones(256))  # unit keys
+    assert checkpoint["model"]["queue_ptr"] == 2 * (256 // 32) * 32 % 192  # 16 batches of 32 keys, wrapped once
+    torch.testing.assert_close(checkpoint["model"]["queue"].norm(dim=1), torch.ones(192))  # unit keys

@@ -50,10 +50,12 @@ def test_short_run_beats_random_init_knn_with_either_augmentation_path(tmp_path)
     log, checkpoint, stdout = short_run("simclr", QUICK + ["--knn-every", "8"], tmp_path / "device")
     cpu_log, _, _ = short_run("simclr", QUICK + ["--knn-every", "8", "--cpu-augment"], tmp_path / "cpu")
     random_init, trained, trained_cpu = log[0]["knn_top1"], log[-1]["knn_top1"], cpu_log[-1]["knn_top1"]
-    # Measured on 2 CPU cores (2000 val images, so ±0.01; chance 0.10): 0.286 -> 0.409 on the device,
-    # 0.286 -> 0.337 through the torchvision pipeline. Both learn; the device path learns *more*, which
-    # the distribution tests in test_augment.py do not explain yet, so this asserts "not worse".
+    # Measured on 2 CPU cores (2000 val images, so ±0.01 from the val sample; chance 0.10), device / torchvision:
+    #   seed 0: 0.286 -> 0.409 / 0.337    seed 1: 0.287 -> 0.383 / 0.367    seed 2: 0.307 -> 0.324 / 0.361
+    # Neither path is ahead (device - torchvision: +0.07, +0.02, -0.04): a run this short varies by about ±0.04
+    # from seed to seed, so "as well as" is asserted to within 0.08; the sharp check of the distributions
+    # is test_augment.py's.
     assert cpu_log[0]["knn_top1"] == random_init  # same seed, same random encoder
     assert trained > random_init + 0.08 and trained_cpu > random_init + 0.03, (random_init, trained, trained_cpu)
-    assert trained > trained_cpu - 0.02, (trained, trained_cpu)
+    assert abs(trained - trained_cpu) < 0.08, (trained, trained_cpu)
     assert checkpoint["encoder_config"] == dict(arch="vit_nano", image_size=32, patch_size=8)
