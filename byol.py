@@ -12,7 +12,7 @@ must predict a moving, informative target; the predictor q must stay near-optima
 Each epoch logs embedding_std (SimSiam §4.1; ≈ 1/√d healthy, → 0 collapsed) and warns when it falls.
 
     python byol.py --data shapes:32:1000:2000 --arch vit_nano --patch-size 8 --epochs 24 --batch-size 64 \\
-        --proj-hidden 256 --proj-dim 64 --pred-hidden 256 --base-lr 4 --tau-base 0.99 --warmup-epochs 2
+        --proj-hidden 256 --proj-dim 64 --pred-hidden 256 --base-lr 4 --tau-base 0.99 --warmup-epochs 2 --knn-every 2
         # CPU, ~2 min: k-NN 25.8 -> 22.4% (epoch 4: chasing a random target) -> 31.0% (epoch 14) -> 29.8%
     torchrun --nproc_per_node=8 byol.py --data /imagenet                                      # paper recipe
 
@@ -44,10 +44,10 @@ def get_args_parser():
     g.add_argument("--cpu-augment", action="store_true", help="augment in DataLoader workers even when the dataset fits on the device")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet50", choices=common.ARCHS, help="encoder")
-    g.add_argument("--patch-size", type=int, default=16, help="ViT patch size")
-    g.add_argument("--proj-hidden", type=int, default=4096, help="projector hidden width")
-    g.add_argument("--proj-dim", type=int, default=256, help="projector output width (z)")
-    g.add_argument("--pred-hidden", type=int, default=4096, help="predictor hidden width (the predictor maps z to z's width)")
+    g.add_argument("--patch-size", type=common.positive_int, default=16, help="ViT patch size")
+    g.add_argument("--proj-hidden", type=common.positive_int, default=4096, help="projector hidden width")
+    g.add_argument("--proj-dim", type=common.positive_int, default=256, help="projector output width (z)")
+    g.add_argument("--pred-hidden", type=common.positive_int, default=4096, help="predictor hidden width (the predictor maps z to z's width)")
     g.add_argument("--tau-base", type=float, default=0.996, help="target EMA rate τ at step 0; rises to 1 on a cosine "
                    "(§3.3). Lower it for short runs (0.99; 0.9 for a few hundred steps on CPU): the target follows faster")
     g = p.add_argument_group("optimisation")

@@ -31,6 +31,27 @@ class UserError(Exception):
         super().__init__(str(message).strip().splitlines()[-1].split("UserError: ")[-1])
 
 
+def positive_int(text):
+    """argparse types for counts (epochs, sizes) and for periods / worker counts where 0 means none:
+    the ValueError becomes argparse's one-line error, never a traceback deep in the loop."""
+    if int(text) < 1:
+        raise ValueError(text)
+    return int(text)
+
+
+def non_negative_int(text):
+    if int(text) < 0:
+        raise ValueError(text)
+    return int(text)
+
+
+def positive_float(text):
+    """Temperatures: τ = 0 divides by zero and the run goes on with NaN losses."""
+    if not float(text) > 0:
+        raise ValueError(text)
+    return float(text)
+
+
 # ----------------------------------------------------------------------------- data
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TONES = np.array([[.9, .9, .9], [.1, .1, .1]])  # light and dark; each image tints them slightly
@@ -154,9 +175,10 @@ def shapes_spec(spec):
     """'shapes[:SIZE[:N[:V]]]' -> (SIZE, N, V), defaults 32 px, 10000 train, N/5 val."""
     try:
         fields = [int(field) for field in spec.split(":")[1:]]
-        assert len(fields) <= 3 and all(field > 0 for field in fields)
-    except (ValueError, AssertionError):
-        raise UserError(f"--data {spec!r}: expected shapes[:SIZE[:N[:V]]] with positive integers") from None
+    except ValueError:
+        fields = [0]  # not a number: rejected below
+    if len(fields) > 3 or min(fields, default=1) < 1:
+        raise UserError(f"--data {spec!r}: expected shapes[:SIZE[:N[:V]]] with positive integers")
     size, num_train = (fields + [32, 10000][len(fields):])[:2]
     return size, num_train, fields[2] if len(fields) == 3 else max(1, num_train // 5)
 
@@ -558,20 +580,6 @@ def all_gather(x, keep_grad):
 
 
 # ----------------------------------------------------------------------------- optimisation
-def positive_int(text):
-    """argparse types for counts (epochs, sizes) and for periods / worker counts where 0 means none:
-    the ValueError becomes argparse's one-line error, never a traceback deep in the loop."""
-    if int(text) < 1:
-        raise ValueError(text)
-    return int(text)
-
-
-def non_negative_int(text):
-    if int(text) < 0:
-        raise ValueError(text)
-    return int(text)
-
-
 def cosine_schedule(step, total_steps, start, end, warmup_steps=0, warmup_from=0.0):
     """Linear warm-up from warmup_from to start, then half a cosine from start to end."""
     if step < warmup_steps:

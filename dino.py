@@ -41,7 +41,7 @@ def get_args_parser():
     g.add_argument("--data", required=True, help="shapes[:SIZE[:N[:V]]], cifar10, cifar100, stl10, or an ImageFolder root")
     g.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
     g.add_argument("--image-size", type=common.positive_int, default=None, help="global crop size (default: 224 for folders, 32 CIFAR, 96 STL-10)")
-    g.add_argument("--local-crops", type=int, default=10, help="local crops per image, at 96/224 of the global size "
+    g.add_argument("--local-crops", type=common.non_negative_int, default=10, help="local crops per image, at 96/224 of the global size "
                    "(paper: 2x224 + 10x96; 0 disables multi-crop, then use --global-crops-scale 0.14 1)")
     g.add_argument("--global-crops-scale", type=float, nargs=2, default=(0.4, 1.0), help="area range of the global crops")
     g.add_argument("--local-crops-scale", type=float, nargs=2, default=(0.05, 0.4), help="area range of the local crops")
@@ -49,15 +49,15 @@ def get_args_parser():
     g.add_argument("--cpu-augment", action="store_true", help="augment in DataLoader workers even when the dataset fits on the device")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="vit_small", choices=common.ARCHS, help="encoder, the same for student and teacher")
-    g.add_argument("--patch-size", type=int, default=16, help="ViT patch size (8 gives sharper attention maps, 4x the cost)")
+    g.add_argument("--patch-size", type=common.positive_int, default=16, help="ViT patch size (8 gives sharper attention maps, 4x the cost)")
     g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the student ViT (the teacher has none)")
-    g.add_argument("--head-hidden", type=int, default=2048, help="hidden width of the 3-layer head MLP")
-    g.add_argument("--head-bottleneck", type=int, default=256, help="L2-normalised bottleneck before the last layer")
-    g.add_argument("--out-dim", type=int, default=65536, help="K, the softmax width; large values (65k) work well on ImageNet")
+    g.add_argument("--head-hidden", type=common.positive_int, default=2048, help="hidden width of the 3-layer head MLP")
+    g.add_argument("--head-bottleneck", type=common.positive_int, default=256, help="L2-normalised bottleneck before the last layer")
+    g.add_argument("--out-dim", type=common.positive_int, default=65536, help="K, the softmax width; large values (65k) work well on ImageNet")
     g = p.add_argument_group("objective")
-    g.add_argument("--student-temp", type=float, default=0.1, help="τ_s")
-    g.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="τ_t at epoch 0; lower it if the loss does not decrease")
-    g.add_argument("--teacher-temp", type=float, default=0.07, help="τ_t after the warm-up; above 0.07 is unstable")
+    g.add_argument("--student-temp", type=common.positive_float, default=0.1, help="τ_s")
+    g.add_argument("--warmup-teacher-temp", type=common.positive_float, default=0.04, help="τ_t at epoch 0; lower it if the loss does not decrease")
+    g.add_argument("--teacher-temp", type=common.positive_float, default=0.07, help="τ_t after the warm-up; above 0.07 is unstable")
     g.add_argument("--warmup-teacher-temp-epochs", type=common.non_negative_int, default=30, help="linear τ_t warm-up")
     g.add_argument("--center-momentum", type=float, default=0.9, help="m in c <- m c + (1 - m) mean(teacher output)")
     g.add_argument("--momentum-teacher", type=float, default=0.996, help="teacher EMA at step 0, cosine to 1 (0.9995 at batch 256)")
@@ -258,8 +258,6 @@ def main(args):
         raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} GPUs")
     if args.attention_maps and not is_vit:
         raise common.UserError(f"--attention-maps needs a ViT (--arch vit_*), not {args.arch}")
-    if args.local_crops < 0:
-        raise common.UserError(f"--local-crops {args.local_crops} must be >= 0")
     dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root)
     loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
                                 on_device=not args.cpu_augment)

@@ -45,13 +45,13 @@ def get_args_parser():
     g.add_argument("--cpu-augment", action="store_true", help="augment in DataLoader workers even when the dataset fits on the device")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="vit_base", choices=list(common.VIT_SIZES), help="ViT encoder")
-    g.add_argument("--patch-size", type=int, default=16, help="ViT patch size (the unit that is masked and predicted)")
+    g.add_argument("--patch-size", type=common.positive_int, default=16, help="ViT patch size (the unit that is masked and predicted)")
     g.add_argument("--mask-ratio", type=float, default=0.75, help="share of patches removed; 0.75 is best for both "
                    "fine-tuning and linear probing (Fig. 5), BERT's 0.15 is far too easy for images")
-    g.add_argument("--decoder-dim", type=int, default=512, help="decoder width (Table 1b: 512)")
-    g.add_argument("--decoder-depth", type=int, default=8, help="decoder blocks; a deep decoder matters for linear "
+    g.add_argument("--decoder-dim", type=common.positive_int, default=512, help="decoder width (Table 1b: 512)")
+    g.add_argument("--decoder-depth", type=common.positive_int, default=8, help="decoder blocks; a deep decoder matters for linear "
                    "probing (Table 1a: 8), 1 block is enough for fine-tuning")
-    g.add_argument("--decoder-heads", type=int, default=16, help="decoder attention heads")
+    g.add_argument("--decoder-heads", type=common.positive_int, default=16, help="decoder attention heads")
     g.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
                    help="predict per-patch standardised pixels (Table 1c: better than raw pixels); "
                         "--no-norm-pix-loss predicts raw (ImageNet-normalised) pixels")

@@ -27,8 +27,8 @@ NANO = ["--arch", "vit_nano", "--patch-size", "8", *SMALL_HEAD]
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """In-process runs on one thread, as run_script's subprocesses (OMP_NUM_THREADS=1): these models are
-    tiny, and two threads on a busy CPU spend more time waiting for each other (30 s vs 1.5 s measured)."""
+    """In-process runs on one thread: these models are tiny, and two threads on a busy CPU spend more
+    time waiting for each other (30 s vs 1.5 s measured)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

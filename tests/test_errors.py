@@ -98,12 +98,24 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert previous["epoch"] == 1 and previous["weights"].sum() == 4
 
 
+# Widths of 0 ran on with NaN collapse signals or crashed in an MLP (IndexError); τ = 0 gave NaN losses.
+WIDTHS = {"simclr": [("--proj-dim", "0", "positive_int"), ("--temperature", "0", "positive_float")],
+          "moco": [("--proj-hidden", "0", "positive_int"), ("--temperature", "-0.2", "positive_float")],
+          "byol": [("--pred-hidden", "0", "positive_int")],
+          "simsiam": [("--proj-dim", "0", "positive_int")],
+          "mae": [("--decoder-heads", "0", "positive_int"), ("--decoder-depth", "-1", "positive_int")],
+          "dino": [("--out-dim", "0", "positive_int"), ("--local-crops", "-1", "non_negative_int"),
+                   ("--teacher-temp", "0", "positive_float")]}
+
+
 @pytest.mark.parametrize("method", ["simclr", "moco", "byol", "simsiam", "mae", "dino"])
 def test_out_of_range_counts_are_one_line(method, capsys):
     parser = importlib.import_module(method).get_args_parser()
     for flag, value, kind in [("--batch-size", "0", "positive_int"), ("--epochs", "-1", "positive_int"),
                               ("--image-size", "0", "positive_int"), ("--workers", "-1", "non_negative_int"),
-                              ("--warmup-epochs", "-1", "non_negative_int"), ("--knn-every", "-1", "non_negative_int")]:
+                              ("--warmup-epochs", "-1", "non_negative_int"), ("--knn-every", "-1", "non_negative_int"),
+                              ("--patch-size", "0", "positive_int"),  # was a ZeroDivisionError in build_encoder
+                              *WIDTHS[method]]:
         # argparse's own rejection: the usage, then one error line, exit code 2 (before, a ZeroDivisionError or
         # the DataLoader's ValueError deep in the run, or a silent default for --image-size 0)
         with pytest.raises(SystemExit) as exit_:
@@ -115,3 +127,14 @@ def test_out_of_range_counts_are_one_line(method, capsys):
 @pytest.mark.parametrize("spec", ["shapes:abc", "shapes:32:0", "shapes:32:10:10:10"])
 def test_bad_shapes_spec(spec, tmp_path):
     assert "expected shapes[:SIZE[:N[:V]]]" in user_error("simclr", "--data", spec, *TINY, "--output-dir", str(tmp_path))
+
+
+def test_probe_out_of_range_counts_are_one_line(capsys):
+    probe = importlib.import_module("probe")
+    for flag, value, kind in [("--batch-size", "0", "positive_int"), ("--seeds", "0", "positive_int"), ("--k", "0", "positive_int"),
+                              ("--linear-epochs", "0", "positive_int"), ("--knn-temperature", "0", "positive_float"),
+                              ("--finetune-warmup-epochs", "-1", "non_negative_int")]:
+        with pytest.raises(SystemExit) as exit_:
+            probe.get_args_parser().parse_args(["checkpoint.pth", "--data", "shapes", flag, value])
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"argument {flag}: invalid {kind} value: '{value}'")

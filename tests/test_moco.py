@@ -172,8 +172,8 @@ def test_v3_vit_short_run_on_the_momentum_schedule(tmp_path):
     random_init, trained = log[0]["knn_top1"], log[-1]["knn_top1"]
     # k-NN measured on 2 CPU cores (2000 val images, so ±0.01; chance 0.10): 0.273 -> 0.209 (2 epochs; 4 epochs: 0.217;
     # 8 epochs of 1500: 0.296 -> 0.218). At this budget (under 200 steps) the method does NOT beat its random-init
-    # encoder; SimCLR and SimSiam do. The earlier "gains" of 0.01-0.02 were measured on 200 val images and were noise. So this checks that
-    # the run trains without collapsing (a collapsed encoder sits at chance) and prints the k-NN; showing the method
+    # encoder; SimCLR and SimSiam do. The earlier "gains" of 0.01-0.02 were measured on 200 val images and were
+    # noise. So this checks that the run trains without collapsing (a collapsed encoder sits at chance) and prints the k-NN; showing the method
     # learns needs a longer run than CI allows (a GPU run on CIFAR-10).
     assert trained > 0.2, (random_init, trained)
     steps_per_epoch = 1000 // 64
