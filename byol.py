@@ -51,7 +51,8 @@ def get_args_parser():
     g.add_argument("--tau-base", type=float, default=0.996, help="target EMA rate τ at step 0; rises to 1 on a cosine "
                    "(§3.3). Lower it for short runs (0.99; 0.9 for a few hundred steps on CPU): the target follows faster")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=common.positive_int, default=1000, help="training epochs (the paper's ablations use 300)")
+    g.add_argument("--epochs", type=common.positive_int, default=1000, help="training epochs; the official presets "
+                   "(configs/byol.py) for 300 epochs are --base-lr 0.3 --weight-decay 1e-6 --tau-base 0.99 (100: 0.45, 1e-6, 0.99)")
     g.add_argument("--warmup-epochs", type=common.non_negative_int, default=10, help="linear lr warm-up")
     g.add_argument("--batch-size", type=common.positive_int, default=4096, help="global batch, split over the GPUs")
     g.add_argument("--base-lr", type=float, default=0.2, help="lr = base-lr × batch-size / 256 (LARS)")
@@ -68,7 +69,8 @@ def get_args_parser():
 # ----------------------------------------------------------------------------- model
 class BYOL(nn.Module):
     """Online network: encoder f, projector g and predictor q, both MLPs Linear(4096)-BN-ReLU-Linear(256)
-    with no BN on the output (§3.3). Target network: a copy of f and g that gradients never reach."""
+    with no BN and no bias on the output (§3.3; official utils/networks.py MLP: with_bias=False).
+    Target network: a copy of f and g that gradients never reach."""
 
     def __init__(self, encoder, proj_hidden, proj_dim, pred_hidden):
         super().__init__()
@@ -115,12 +117,14 @@ def training_step(model, views, args):
 # ----------------------------------------------------------------------------- loop
 def augmentations(args):
     """Asymmetric views (Table 6): view 1 always blurred, never solarised; view 2 rarely blurred, sometimes solarised."""
-    return common.MultiView([common.View(args.image_size, jitter=(0.4, 0.4, 0.2, 0.1), blur=1.0, solarize=0.0),
-                             common.View(args.image_size, jitter=(0.4, 0.4, 0.2, 0.1), blur=0.1, solarize=0.2)])
+    views = [common.View(args.image_size, jitter=(0.4, 0.4, 0.2, 0.1), blur=blur, solarize=solarize, interpolation="bicubic")
+             for blur, solarize in ((1.0, 0.0), (0.1, 0.2))]  # bicubic resize, as the official utils/dataset.py
+    return common.MultiView(views)
 
 
 def build_model(args):
-    encoder = common.build_encoder(args.arch, args.image_size, args.patch_size)
+    # Residual blocks start as the identity (haiku's ResNet BlockV1, which BYOL uses: last BN scale_init zeros).
+    encoder = common.build_encoder(args.arch, args.image_size, args.patch_size, zero_init_residual=True)
     return BYOL(encoder, args.proj_hidden, args.proj_dim, args.pred_hidden)
 
 

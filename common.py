@@ -239,8 +239,10 @@ class MultiView:
 
 
 def eval_transform(size):
+    """Resize (bicubic, as DINO's eval_knn.py / eval_linear.py and MAE's util/datasets.py) + centre crop."""
     resize = size if size <= 64 else int(size * 256 / 224)  # ImageNet's 256 -> 224 centre crop
-    return v2.Compose([v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(size), *to_normalized_tensor()])
+    return v2.Compose([v2.ToImage(), v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                       v2.CenterCrop(size), *to_normalized_tensor()])
 
 
 def make_loader(dataset, batch_size, dist_env, workers, train=True, on_device=True):
@@ -486,7 +488,11 @@ class VisionTransformer(nn.Module):
         grid = math.isqrt(pos.shape[1])
         if (h, w) != (grid, grid):  # other resolutions (DINO's local crops): resize the grid
             pos = pos.reshape(1, grid, grid, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
-            pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+            # As DINO's vision_transformer.py interpolate_pos_encoding (l. 186-191): a scale factor of
+            # (n + 0.1)/g, not size=(h, w). The sampling positions differ, and so do the values (for a
+            # ViT-S/16's 96 px crops by a third of the largest entry): official weights expect these.
+            pos = F.interpolate(pos, scale_factor=((h + 0.1) / grid, (w + 0.1) / grid), mode="bicubic")  # (1, D, h, w)
+            pos = pos.flatten(2).transpose(1, 2)
         return x.flatten(2).transpose(1, 2) + pos  # (B, L, D)
 
     def forward_tokens(self, x, return_attention=False):
@@ -505,12 +511,16 @@ class VisionTransformer(nn.Module):
         return self.forward_tokens(self.embed(x), return_attention=True)
 
 
-def build_encoder(arch, image_size=224, patch_size=16, drop_path=0.0, sincos=False):
+def build_encoder(arch, image_size=224, patch_size=16, drop_path=0.0, sincos=False, num_heads=None,
+                  zero_init_residual=False):
     """Backbone without classifier, exposing .embed_dim. ResNets are torchvision's (fc removed);
     at 64 px and below the 7x7/2 stem + max-pool becomes a 3x3/1 stem (SimCLR's CIFAR variant),
-    since 4x early downsampling would leave a 32 px image 1x1 before the last stage."""
+    since 4x early downsampling would leave a 32 px image 1x1 before the last stage.
+    zero_init_residual: the last BN scale of every residual block starts at 0, so each block starts
+    as the identity (SimCLR, BYOL, SimSiam and MoCo ResNets). num_heads: a ViT's head count if not
+    the usual one (MoCo v3's ViT-S has 12 heads, DINO's and timm's 6); it changes no weight shape."""
     if arch in ("resnet18", "resnet34", "resnet50"):
-        model = getattr(torchvision.models, arch)()
+        model = getattr(torchvision.models, arch)(zero_init_residual=zero_init_residual)
         if image_size <= 64:
             model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
             model.maxpool = nn.Identity()
@@ -521,20 +531,20 @@ def build_encoder(arch, image_size=224, patch_size=16, drop_path=0.0, sincos=Fal
         dim, depth, heads = VIT_SIZES[arch]
         if image_size % patch_size:
             raise UserError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
-        return VisionTransformer(image_size, patch_size, dim, depth, heads, drop_path=drop_path, sincos=sincos)
+        return VisionTransformer(image_size, patch_size, dim, depth, num_heads or heads, drop_path=drop_path, sincos=sincos)
     raise UserError(f"unknown arch {arch!r}: choose from resnet18, resnet34, resnet50, {', '.join(VIT_SIZES)}")
 
 
 ARCHS = ("resnet18", "resnet34", "resnet50", *VIT_SIZES)
 
 
-def mlp(dims, last_bn=True, last_affine=False):
-    """Linear-BN-ReLU layers (SimCLR / BYOL / MoCo v3 heads); biases are dropped where BN follows.
-    dims = (in, hidden, ..., out)."""
+def mlp(dims, last_bn=True, last_affine=False, last_bias=False):
+    """Linear-BN-ReLU layers (SimCLR / BYOL / SimSiam / MoCo v3 heads); biases are dropped where BN
+    follows, and on the last layer unless last_bias (SimSiam's predictor has one). dims = (in, hidden, ..., out)."""
     layers = []
     for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
         last = i == len(dims) - 2
-        layers.append(nn.Linear(d_in, d_out, bias=last and not last_bn))
+        layers.append(nn.Linear(d_in, d_out, bias=last and last_bias and not last_bn))
         if not last:
             layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
         elif last_bn:
@@ -643,9 +653,8 @@ def extract_features(encoder, loader, dist_env):
     its shard (the eval DistributedSampler pads it to equal size) and all ranks gather."""
     encoder.eval()
     features, labels = [], []
-    for images, targets in loader:
-        with torch.autocast("cuda", torch.bfloat16, enabled=dist_env.device.type == "cuda"):
-            features.append(encoder(images.to(dist_env.device, non_blocking=True)).float())
+    for images, targets in loader:  # fp32, as DINO's eval_knn.py: a k-NN ranks near-equal cosines
+        features.append(encoder(images.to(dist_env.device, non_blocking=True)).float())
         labels.append(targets.to(dist_env.device))
     features, labels = torch.cat(features), torch.cat(labels)
     indices = torch.tensor(list(iter(loader.sampler)), device=dist_env.device)

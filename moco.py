@@ -15,7 +15,7 @@ stays inside one BN batch and changes nothing: query and key share its statistic
 
     python moco.py --data shapes:32:1000:2000 --arch vit_nano --patch-size 8 --epochs 4 --batch-size 64 --warmup-epochs 1 \\
         --proj-hidden 256 --optimizer lars --weight-decay 1e-6 --base-lr 8 --knn-every 4   # CPU, ~1 min, smoke run: k-NN 27 -> 22%
-    torchrun --nproc_per_node=8 moco.py --data /imagenet                   # v3 ViT-S/16, 300 ep -> 73.2% linear
+    torchrun --nproc_per_node=8 moco.py --data /imagenet                   # v3 ViT-S/16 (12 heads), 300 ep -> 73.2% linear
     torchrun --nproc_per_node=8 moco.py --data /imagenet --arch resnet50   # v3 R-50, LARS, τ 1.0, 100 ep -> 68.9%
     torchrun --nproc_per_node=8 moco.py --data /imagenet --version v2      # v2 R-50, batch 256, 200 ep -> 67.5%
 """
@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from tqdm import tqdm
 
 import common
@@ -80,7 +79,8 @@ def get_args_parser():
     recipe_flag(g, "momentum", "key encoder momentum m (v3: start of the cosine rise to 1; v2: fixed)")
     recipe_flag(g, "queue_size", "v2: number of queued negative keys K, a multiple of --batch-size (v3 has none)")
     g = p.add_argument_group("optimisation")
-    recipe_flag(g, "epochs", "training epochs (v3 ResNet-50: 300 or 1000 for 72.8 / 74.6%%)", type=common.positive_int)
+    recipe_flag(g, "epochs", "training epochs; v3 ResNet-50 (CONFIG.md): 100 -> 68.9%%, 300 with --base-lr 0.3 -> 72.8%%, "
+                "1000 with --base-lr 0.3 --weight-decay 1.5e-6 --momentum 0.996 -> 74.6%%", type=common.positive_int)
     recipe_flag(g, "warmup_epochs", "linear lr warm-up, then cosine decay to 0", type=common.non_negative_int)
     recipe_flag(g, "batch_size", "global batch, split over the GPUs", type=common.positive_int)
     recipe_flag(g, "optimizer", "LARS (trust 0.001) and SGD use momentum 0.9", choices=["adamw", "lars", "sgd"])
@@ -185,21 +185,36 @@ def augmentations(args):
                              common.View(size, scale, jitter, blur=0.1 if v3 else 0.5, solarize=0.2 if v3 else 0.0)])
 
 
+def encoder_config_of(args):
+    """What probe.py needs to rebuild the encoder. MoCo v3's ViT-S has 12 heads (official vits.py), not
+    DINO's / timm's 6: the weights have the same shapes either way, so the count must travel with them."""
+    return dict(arch=args.arch, image_size=args.image_size, patch_size=args.patch_size,
+                **({"num_heads": 12} if args.arch == "vit_small" and args.version == "v3" else {}))
+
+
 def build_model(args):
     vit = args.arch.startswith("vit")
-    encoder = common.build_encoder(args.arch, args.image_size, args.patch_size, sincos=True)  # v3's fixed 2-D sin-cos
-    if vit:  # official init of the patch projection, which stays at it: Xavier-uniform, 2x torch's default scale
-        nn.init.xavier_uniform_(encoder.patch_embed.proj.weight.view(encoder.embed_dim, -1))  # (D, 3·p·p)
+    encoder = common.build_encoder(**encoder_config_of(args), sincos=True,  # v3's fixed 2-D sin-cos
+                                   zero_init_residual=args.version == "v3")  # v3 builder: blocks start as the identity
+    if vit:  # official VisionTransformerMoCo init (vits.py)
+        for name, m in encoder.named_modules():
+            if isinstance(m, nn.Linear):  # Xavier-uniform; q, k and v as three separate (D, D) matrices
+                bound = (6 / (m.weight.shape[0] // (3 if name.endswith("qkv") else 1) + m.weight.shape[1])) ** 0.5
+                nn.init.uniform_(m.weight, -bound, bound)
+        nn.init.normal_(encoder.cls_token, std=1e-6)
+        # The official sin-cos embedding puts the row (y) half first, MAE's (and common's) the column (x) half.
+        pos = encoder.pos_embed.data[0, 1:]                                    # (L, D), CLS position stays 0
+        encoder.pos_embed.data[0, 1:] = torch.cat(pos.chunk(2, dim=1)[::-1], dim=1)
+        # The patch projection stays at its random init, Xavier-uniform over (D, 3·p·p): §4.2, stable training.
+        nn.init.xavier_uniform_(encoder.patch_embed.proj.weight.view(encoder.embed_dim, -1))
         nn.init.zeros_(encoder.patch_embed.proj.bias)
-        encoder.patch_embed.requires_grad_(not args.stop_grad_conv1)  # random patch projection: stable training
+        encoder.patch_embed.requires_grad_(not args.stop_grad_conv1)
     d, hidden, out = encoder.embed_dim, args.proj_hidden, args.proj_dim
     if args.version == "v2":  # Linear-ReLU-Linear, no BN (official --mlp); no predictor
         return MoCo(encoder, nn.Sequential(nn.Linear(d, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out)),
                     nn.Identity(), args.queue_size, out)
-    for block in encoder.modules():  # ResNet: official zero_init_residual, each residual block starts as the identity
-        if isinstance(block, (torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck)):
-            nn.init.zeros_(getattr(block, "bn3", block.bn2).weight)  # the block's last BN scale
-    # Official heads: BN after every layer (last one without affine) but the ResNet predictor's output.
+    # Official heads (builder.py _build_mlp): no biases; BN after every layer (the last one without affine),
+    # except at the ResNet predictor's output.
     projector = common.mlp([d] + [hidden] * (2 if vit else 1) + [out])
     return MoCo(encoder, projector, common.mlp([out, hidden, out], last_bn=vit), 0, out)
 
@@ -232,7 +247,7 @@ def main(args):
         optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     else:
         optimizer = torch.optim.SGD(trainable, lr=lr, momentum=0.9, weight_decay=args.weight_decay)
-    encoder_config = dict(arch=args.arch, image_size=args.image_size, patch_size=args.patch_size)
+    encoder_config = encoder_config_of(args)
 
     start_epoch, step = 0, 0
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
@@ -277,8 +292,11 @@ def main(args):
         start, losses, stds = time.time(), [], []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist_env.is_main)
         for views, _ in bar:
+            # v3 moves the lr every step (official main_moco.py: epoch + i / iters_per_epoch); v2's cosine moves once
+            # per epoch (moco's main_moco.py adjust_learning_rate with --cos); a warm-up, if any, ramps per step.
+            at = step if v3 or step < warmup_steps else epoch * len(loader)
             for group in optimizer.param_groups:
-                group["lr"] = common.cosine_schedule(step, total_steps, lr, 0.0, warmup_steps)
+                group["lr"] = common.cosine_schedule(at, total_steps, lr, 0.0, warmup_steps)
             views = [v.to(device, non_blocking=True) for v in views]
             if args.arch.startswith("resnet") and device.type == "cuda":
                 views = [v.to(memory_format=torch.channels_last) for v in views]

@@ -62,13 +62,15 @@ def get_args_parser():
 
 # ----------------------------------------------------------------------------- model
 class SimCLR(nn.Module):
-    """Encoder f and projector g: Linear-BN-ReLU-Linear-BN as in the official code (the output BN
-    has no affine: its scale is undone by the L2 normalisation anyway)."""
+    """Encoder f and projector g: Linear-BN-ReLU-Linear-BN as in the official code. The output BN
+    keeps its scale γ but has no shift β (official model_util.py linear_layer: center=use_bias=False),
+    so z is centred over the batch and each dimension's learned γ weighs it in the cosine."""
 
     def __init__(self, encoder, proj_hidden, proj_dim):
         super().__init__()
         self.encoder = encoder
-        self.projector = common.mlp([encoder.embed_dim, proj_hidden, proj_dim])
+        self.projector = common.mlp([encoder.embed_dim, proj_hidden, proj_dim], last_affine=True)
+        self.projector[-1].bias.requires_grad_(False)  # β stays 0: no optimizer ever sees it
 
     def forward(self, x):
         return self.projector(self.encoder(x))
@@ -82,7 +84,10 @@ def info_nce(z1, z2, temperature):
     logits.fill_diagonal_(float("-inf"))                                 # k ≠ i: a view is not its own negative
     n = len(z1)
     positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)  # i <-> i + N
-    return F.cross_entropy(logits, positives)                            # mean over the 2N anchors
+    # The official loss is loss_a + loss_b, each a mean over the N anchors of one view (objective.py,
+    # add_contrastive_loss), i.e. twice the mean over 2N. LARS's trust ratio ignores the scale, but
+    # biases and BN parameters (not adapted) would otherwise move at half the official rate.
+    return 2 * F.cross_entropy(logits, positives)
 
 
 # ----------------------------------------------------------------------------- training step
@@ -101,11 +106,13 @@ def augmentations(args):
     """Two views from one distribution (§3, Appendix A): crop 0.08-1 + flip, colour jitter of strength s
     (p 0.8), grayscale (p 0.2), blur (p 0.5)."""
     s = args.color_jitter
-    return common.MultiView([common.View(args.image_size, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s))] * 2)
+    view = common.View(args.image_size, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), interpolation="bicubic")  # data_util.py
+    return common.MultiView([view] * 2)
 
 
 def build_model(args):
-    encoder = common.build_encoder(args.arch, args.image_size, args.patch_size)
+    # Residual blocks start as the identity: the official resnet.py zero-initialises their last BN scale.
+    encoder = common.build_encoder(args.arch, args.image_size, args.patch_size, zero_init_residual=True)
     return SimCLR(encoder, args.proj_hidden, args.proj_dim)
 
 

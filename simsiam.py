@@ -26,7 +26,6 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.models.resnet import BasicBlock, Bottleneck
 from tqdm import tqdm
 
 import common
@@ -74,7 +73,7 @@ class SimSiam(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.projector = common.mlp([encoder.embed_dim, proj_hidden, proj_hidden, proj_dim], last_bn=True)
-        self.predictor = common.mlp([proj_dim, pred_hidden, proj_dim], last_bn=False)
+        self.predictor = common.mlp([proj_dim, pred_hidden, proj_dim], last_bn=False, last_bias=True)  # official: with bias
 
     def forward(self, x1, x2):
         """Predictions p = h(f(x)) and projections z = f(x) of both views.
@@ -108,10 +107,8 @@ def augmentations(args):
 
 
 def build_model(args):
-    encoder = common.build_encoder(args.arch, args.image_size, args.patch_size)
-    for block in encoder.modules():  # official code: each residual block starts as the identity
-        if isinstance(block, (BasicBlock, Bottleneck)):
-            nn.init.zeros_(block.bn3.weight if isinstance(block, Bottleneck) else block.bn2.weight)
+    # Residual blocks start as the identity (official builder.py: base_encoder(zero_init_residual=True)).
+    encoder = common.build_encoder(args.arch, args.image_size, args.patch_size, zero_init_residual=True)
     return SimSiam(encoder, args.proj_hidden, args.proj_dim, args.pred_hidden)
 
 
@@ -183,9 +180,12 @@ def main(args):
         start, losses, stds = time.time(), [], []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist_env.is_main)
         for views, _ in bar:
+            # The cosine moves once per epoch, as the official adjust_learning_rate (main_simsiam.py); only
+            # a warm-up (none in the paper) ramps per step.
+            scheduled = common.cosine_schedule(step if step < warmup_steps else epoch * len(loader), total_steps, lr, 0.0, warmup_steps)
             for group in optimizer.param_groups:
                 # --fix-pred-lr (§4.2): the predictor keeps adapting to the latest representations.
-                group["lr"] = lr if group["fix_lr"] else common.cosine_schedule(step, total_steps, lr, 0.0, warmup_steps)
+                group["lr"] = lr if group["fix_lr"] else scheduled
             views = [v.to(device, non_blocking=True) for v in views]
             if args.arch.startswith("resnet") and device.type == "cuda":
                 views = [v.to(memory_format=torch.channels_last) for v in views]
