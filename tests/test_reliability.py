@@ -14,7 +14,7 @@ from helpers import assert_same_state
 from test_errors import user_error
 
 METHODS = ["simclr", "moco", "byol", "simsiam", "mae", "dino"]
-RUN = ["--data", "shapes:16:16", "--batch-size", "8", "--knn-every", "0", "--workers", "0", "--warmup-epochs", "0"]
+RUN = ["--data", "shapes:16:16", "--batch-size", "8", "--epochs", "1", "--knn-every", "0", "--workers", "0", "--warmup-epochs", "0"]
 NANO = ["--arch", "vit_nano", "--patch-size", "8"]
 HEADS = {"simclr": ["--proj-hidden", "32", "--proj-dim", "16"],
          "moco": ["--proj-hidden", "32", "--proj-dim", "16"],
@@ -105,12 +105,13 @@ def sigterm_is_loud():
     signal.signal(signal.SIGTERM, previous)
 
 
-@pytest.mark.parametrize("method,path", [("mae", []), ("simclr", ["--cpu-augment", "--workers", "2"])],
-                         ids=["device-path", "worker-path"])
-def test_sigterm_saves_mid_epoch_and_resumes_exactly(method, path, tmp_path, monkeypatch, sigterm_is_loud):
+@pytest.mark.parametrize("method,path,signal_at,saved_at", [("mae", [], 6, 6), ("simclr", ["--cpu-augment", "--workers", "2"], 6, 6),
+                                                              ("mae", [], 4, 5)], ids=["device-path", "worker-path", "epoch-end"])
+def test_sigterm_saves_mid_epoch_and_resumes_exactly(method, path, signal_at, saved_at, tmp_path, monkeypatch, sigterm_is_loud):
     """SIGTERM in step 6 of 8 (epoch 2 of 2): saved at the step boundary, the same command resumes, and the
     result is bit-identical to a straight run. MAE's masks come from the main RNG (restored); on the worker
-    path, the workers' seeds must follow the epoch (persistent workers kept their first epoch's RNG)."""
+    path, the workers' seeds must follow the epoch (persistent workers kept their first epoch's RNG). In an
+    epoch's last step (4), the epoch ends and saves as usual, and the run stops after the next step."""
     flags = ["--data", "shapes:16:32", "--epochs", "2", *path]
     train(method, *flags, "--output-dir", str(tmp_path / "straight"))
     module = importlib.import_module(method)
@@ -118,15 +119,15 @@ def test_sigterm_saves_mid_epoch_and_resumes_exactly(method, path, tmp_path, mon
 
     def signalled_step(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 6:
+        if len(calls) == signal_at:
             os.kill(os.getpid(), signal.SIGTERM)  # what a cluster sends before it kills
         return real_step(*args, **kwargs)
     monkeypatch.setattr(module, "training_step", signalled_step)
-    with pytest.raises(common.UserError, match="stopped by SIGTERM at epoch 2, step 6"):
+    with pytest.raises(common.UserError, match=f"stopped by SIGTERM at epoch 2, step {saved_at}"):
         train(method, *flags, "--output-dir", str(tmp_path / "preempted"))
-    assert len(calls) == 6  # stopped at the boundary of the step it was in
+    assert len(calls) == saved_at  # stopped at the boundary of the step it was in
     at_kill = torch.load(tmp_path / "preempted" / "checkpoint.pth", weights_only=False)
-    assert (at_kill["epoch"], at_kill["step"]) == (1, 6)
+    assert (at_kill["epoch"], at_kill["step"]) == (1, saved_at)
     monkeypatch.setattr(module, "training_step", real_step)
     train(method, *flags, "--output-dir", str(tmp_path / "preempted"))
     load = lambda out: torch.load(tmp_path / out / "checkpoint.pth", weights_only=False)  # noqa: E731
