@@ -849,11 +849,17 @@ def all_finite(state_dict):
 
 class Preemption:
     """SIGTERM (what Slurm, Kubernetes and spot instances send before a kill) only sets a flag; the loop
-    asks at each step boundary, and all ranks get the same answer, since one may be signalled first."""
+    asks at each step boundary, and all ranks get the same answer, since one may be signalled first.
+    A second SIGTERM does what it did before (by default: end the process at once)."""
 
     def __init__(self):
-        self.signalled = False
-        signal.signal(signal.SIGTERM, lambda signum, frame: setattr(self, "signalled", True))
+        self.signalled, self.previous = False, signal.signal(signal.SIGTERM, self.handler)
+
+    def handler(self, signum, frame):
+        if self.signalled:
+            signal.signal(signal.SIGTERM, self.previous or signal.SIG_DFL)  # None: not installed from Python
+            signal.raise_signal(signal.SIGTERM)
+        self.signalled = True
 
     def __call__(self, dist_env):
         if dist_env.world_size == 1:

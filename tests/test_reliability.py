@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import common
-from helpers import assert_same_state
+from helpers import assert_same_state, run_script
 from test_errors import user_error
 
 METHODS = ["simclr", "moco", "byol", "simsiam", "mae", "dino"]
@@ -132,6 +132,43 @@ def test_sigterm_saves_mid_epoch_and_resumes_exactly(method, path, signal_at, sa
     train(method, *flags, "--output-dir", str(tmp_path / "preempted"))
     load = lambda out: torch.load(tmp_path / out / "checkpoint.pth", weights_only=False)  # noqa: E731
     assert_same_state(load("straight"), load("preempted"))
+
+
+SIGNAL_ONE_RANK = """import os, signal, sys
+sys.path.insert(0, os.getcwd())
+import common, simclr
+real_step, calls = simclr.training_step, []
+def step(*args, **kwargs):  # only rank 1 is signalled, in its 3rd step
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_step(*args, **kwargs)
+simclr.training_step = step
+try:
+    simclr.main(simclr.get_args_parser().parse_args(sys.argv[1:]))
+except common.UserError as error:
+    sys.exit(common.error_line("simclr.py", error))
+"""
+
+
+def test_sigterm_on_one_rank_stops_all_ranks_at_the_same_step(tmp_path):
+    (tmp_path / "signal_one_rank.py").write_text(SIGNAL_ONE_RANK)
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(tmp_path / "signal_one_rank.py"),
+                        *RUN, *NANO, *HEADS["simclr"], "--data", "shapes:16:32", "--epochs", "2", "--output-dir", str(tmp_path / "o"),
+                        threads=1)
+    assert result.returncode != 0
+    stopped = [line for line in result.stderr.splitlines() if "stopped by SIGTERM" in line]
+    assert len(stopped) == 1 and "at epoch 1, step 3" in stopped[0], result.stderr  # rank 0 agreed and saved, one line
+    saved = torch.load(tmp_path / "o" / "checkpoint.pth", weights_only=False)
+    assert (saved["epoch"], saved["step"]) == (0, 3) and "rng" in saved
+
+
+def test_a_second_sigterm_is_not_swallowed(sigterm_is_loud):
+    preempted = common.Preemption()
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert preempted(common.DistEnv())
+    with pytest.raises(RuntimeError, match="default handler"):  # the handler before it (here: the fixture's)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def test_save_every_keeps_numbered_snapshots(tmp_path):
