@@ -821,9 +821,9 @@ def check_same_run(checkpoint, args, path):
     """Refuse to resume a run with other run-defining flags (data, model, batch, lr, ...): it would go
     on training the old weights with new settings, or fail in a size-mismatch traceback."""
     saved = checkpoint.get("args", {})
-    same = lambda a, b: (list(a) if isinstance(a, (list, tuple)) else a) == (list(b) if isinstance(b, (list, tuple)) else b)  # noqa: E731
+    plain = lambda value: list(value) if isinstance(value, tuple) else value  # noqa: E731  (a default tuple = a given list)
     differ = [f"--{name.replace('_', '-')} {saved[name]} (now {value})" for name, value in vars(args).items()
-              if name in saved and name not in MAY_CHANGE_ON_RESUME and not same(saved[name], value)]
+              if name in saved and name not in MAY_CHANGE_ON_RESUME and plain(saved[name]) != plain(value)]
     if differ:
         raise UserError(f"{path} is a run with other flags: {', '.join(differ)}; use another --output-dir, or the "
                         f"same flags (only --{', --'.join(n.replace('_', '-') for n in MAY_CHANGE_ON_RESUME)} may change)")
