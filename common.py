@@ -746,14 +746,15 @@ def keep_snapshots(path, epoch, every, keep):
     the rolling checkpoint moves on); --keep K: only the last K numbered copies stay."""
     if not every or epoch % every:
         return
-    snapshot = path.replace(".pth", f"_{epoch:04d}.pth")
+    stem = os.path.splitext(path)[0] + "_"  # OUTPUT_DIR/checkpoint_
     try:
-        os.link(path, snapshot + ".tmp")
+        os.link(path, f"{stem}{epoch:04d}.tmp")
     except OSError:  # file systems without hard links
-        shutil.copyfile(path, snapshot + ".tmp")
-    os.replace(snapshot + ".tmp", snapshot)
-    folder, stem = os.path.split(path.replace(".pth", "_"))
-    snapshots = sorted(name for name in os.listdir(folder or ".") if name.startswith(stem) and name[len(stem):-4].isdigit())
+        shutil.copyfile(path, f"{stem}{epoch:04d}.tmp")
+    os.replace(f"{stem}{epoch:04d}.tmp", f"{stem}{epoch:04d}.pth")
+    folder, prefix = os.path.split(stem)
+    snapshots = sorted(name for name in os.listdir(folder or ".")
+                       if name.startswith(prefix) and name.endswith(".pth") and name[len(prefix):-4].isdigit())
     for name in snapshots[:-keep] if keep else []:
         os.remove(os.path.join(folder, name))
 
