@@ -882,16 +882,23 @@ def save_and_stop(state, path, dist_env):
 
 
 def rng_state():
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """Every rank's RNG state (their seeds differ), gathered so that rank 0 saves all of them."""
+    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if not (dist.is_available() and dist.is_initialized()):
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
 
 
 def resume_batches(batches, done, rng):
     """Resuming mid-epoch: draw and drop the `done` batches the pre-empted run had trained on (sampler,
-    workers and device augmentations then stand where they stood), then restore its RNG state."""
+    workers and device augmentations then stand where they stood), then restore this rank's RNG state."""
     batches = iter(batches)
     for _ in range(done):
         next(batches)
     if done:
+        rng = rng[dist.get_rank() % len(rng) if dist.is_available() and dist.is_initialized() else 0]
         torch.set_rng_state(rng["cpu"])
         if rng["cuda"]:
             torch.cuda.set_rng_state_all(rng["cuda"])

@@ -160,7 +160,8 @@ def test_sigterm_on_one_rank_stops_all_ranks_at_the_same_step(tmp_path):
     stopped = [line for line in result.stderr.splitlines() if "stopped by SIGTERM" in line]
     assert len(stopped) == 1 and "at epoch 1, step 3" in stopped[0], result.stderr  # rank 0 agreed and saved, one line
     saved = torch.load(tmp_path / "o" / "checkpoint.pth", weights_only=False)
-    assert (saved["epoch"], saved["step"]) == (0, 3) and "rng" in saved
+    assert (saved["epoch"], saved["step"]) == (0, 3)
+    assert len(saved["rng"]) == 2 and not torch.equal(saved["rng"][0]["cpu"], saved["rng"][1]["cpu"])  # each rank resumes its own
 
 
 def test_a_second_sigterm_is_not_swallowed(sigterm_is_loud):
