@@ -268,7 +268,7 @@ def make_loader(dataset, batch_size, dist_env, workers, train=True, on_device=Tr
         data = in_memory(dataset, workers, dist_env.device)
         if data is not None:
             if dist_env.is_main:
-                print(f"data: {len(dataset)} images ({data[0].nbytes / 2**20:.0f} MiB) held and augmented on {dist_env.device}")
+                print(f"data: {len(dataset)} images ({data[0].nbytes / 2**20:.1f} MiB) held and augmented on {dist_env.device}")
             return DeviceLoader(*data, dataset.transform, batch_size, dist_env)
     if train and dist_env.is_main:  # --cpu-augment, another transform, or too large for half the free memory
         print(f"data: {len(dataset)} images decoded and augmented per batch by {workers} DataLoader workers per process")
