@@ -717,10 +717,11 @@ def knn_monitor(encoder, data, image_size, root, batch_size, workers, dist_env, 
     if os.path.isdir(data) and not os.path.isdir(os.path.join(data, "val")):
         return None
     datasets = [build_dataset(data, split, eval_transform(image_size), root) for split in ("train", "val")]
-    if len(getattr(datasets[0], "classes", "ab")) == 1 < len(getattr(datasets[1], "classes", "")):
+    classes = [len(getattr(dataset, "classes", ())) for dataset in datasets]
+    if classes[0] == 1 < classes[1]:
         if dist_env.is_main:  # every train image would vote for one class: the accuracy would mean nothing
             print(f"warning: k-NN monitor off: {data}/train has one class folder (unlabelled), val/ has "
-                  f"{len(datasets[1].classes)}; k-NN needs train/ labelled by the same class folders")
+                  f"{classes[1]}; k-NN needs train/ labelled by the same class folders")
         return None
     loaders = [make_loader(dataset, batch_size, dist_env, workers, train=False) for dataset in datasets]
     (train_x, train_y), (val_x, val_y) = (extract_features(encoder, loader, dist_env) for loader in loaders)
