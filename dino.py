@@ -1,4 +1,4 @@
-"""DINO: self-distillation with no labels (Caron et al., ICCV 2021, arXiv:2104.14294).
+r"""DINO: self-distillation with no labels (Caron et al., ICCV 2021, arXiv:2104.14294).
 
 A student network g_s learns to predict the output of a teacher g_t, an exponential moving average
 of the student, on other crops of the same image. Both end in a K-way softmax (§3.1):
@@ -10,7 +10,7 @@ The teacher sees the 2 global crops, the student all of them (multi-crop: + N sm
 local-to-global correspondence is learnt. Centering (c) alone would collapse to the uniform
 distribution and sharpening (τ_t < τ_s) alone to one dimension; together they avoid both (§5.3).
 
-    python dino.py --data shapes --arch vit_nano --patch-size 8 --out-dim 1024 --head-hidden 256 \\
+    python dino.py --data shapes --arch vit_nano --patch-size 8 --out-dim 1024 --head-hidden 256 \
         --head-bottleneck 64 --local-crops 6 --epochs 30 --batch-size 128 --attention-maps 10   # CPU
     torchrun --nproc_per_node=8 dino.py --data /imagenet --attention-maps 10                # vanilla recipe
     torchrun --nproc_per_node=8 dino.py --data /imagenet --batch-size 1024 --epochs 300 --teacher-temp 0.07 \\
@@ -84,6 +84,8 @@ def get_args_parser():
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default="runs/dino", help="checkpoint.pth and log.jsonl; resumes from it if present")
     g.add_argument("--resume", default="", help="resume from this checkpoint instead of OUTPUT_DIR/checkpoint.pth")
+    g.add_argument("--save-every", type=common.non_negative_int, default=0, help="also keep OUTPUT_DIR/checkpoint_EPOCH.pth every N epochs (0: off)")
+    g.add_argument("--keep", type=common.non_negative_int, default=0, help="with --save-every: keep only the last K numbered snapshots (0: all)")
     g.add_argument("--knn-every", type=common.non_negative_int, default=10, help="k-NN of the teacher on val every N epochs and at the end (0: off)")
     g.add_argument("--attention-maps", type=common.non_negative_int, default=0, help="every N epochs and at the end, save the teacher's "
                    "last-layer CLS attention per head for 4 val images as PNGs (ViT only; 0: off)")
@@ -274,9 +276,10 @@ def main(args):
     dist_env = common.init_distributed()
     device = dist_env.device
     args.image_size = args.image_size or common.default_image_size(args.data)
+    common.start_run(args, dist_env)  # flags argparse cannot check, OUTPUT_DIR writable: fail now, not after an epoch
     is_vit = args.arch.startswith("vit")
     if args.batch_size % dist_env.world_size:
-        raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} GPUs")
+        raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} processes")
     if args.attention_maps and not is_vit:
         raise common.UserError(f"--attention-maps needs a ViT (--arch vit_*), not {args.arch}")
     dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root)
@@ -297,16 +300,17 @@ def main(args):
         optimizer = torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
     encoder_config = dict(arch=args.arch, image_size=args.image_size, patch_size=args.patch_size)
 
-    start_epoch, step = 0, 0
+    start_epoch, step, rng = 0, 0, None
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
     resume_path = args.resume or (checkpoint_path if os.path.exists(checkpoint_path) else "")
     if resume_path:
         checkpoint = common.load_checkpoint(resume_path, "dino")
         if checkpoint["encoder_config"] != encoder_config:
             raise common.UserError(f"{resume_path} holds {checkpoint['encoder_config']}, not {encoder_config}")
+        common.check_same_run(checkpoint, args, resume_path)  # other data, model, batch or lr: refused
         model.load_state_dict(checkpoint["model"])  # student, teacher and centre
         optimizer.load_state_dict(checkpoint["optimizer"])
-        start_epoch, step = checkpoint["epoch"], checkpoint["step"]
+        start_epoch, step, rng = checkpoint["epoch"], checkpoint["step"], checkpoint.get("rng")
         if dist_env.is_main:
             print(f"resumed from {resume_path} at epoch {start_epoch}")
 
@@ -323,9 +327,7 @@ def main(args):
     teacher_backbone = raw_model.teacher.backbone  # what the paper evaluates, and what the checkpoint exports
     knn = lambda: common.knn_monitor(teacher_backbone, args.data, args.image_size, args.data_root,  # noqa: E731
                                      args.batch_size // dist_env.world_size, args.workers, dist_env)
-    if dist_env.is_main:
-        os.makedirs(args.output_dir, exist_ok=True)
-    if args.knn_every and start_epoch == 0:
+    if args.knn_every and step == 0:  # a fresh run (a resumed one may be mid-epoch 1)
         knn_init = knn()
         if dist_env.is_main and knn_init is not None:
             print(f"k-NN top-1 at random init: {100 * knn_init:.2f}%")
@@ -336,6 +338,9 @@ def main(args):
         attention_images = torch.stack([val[i][0] for i in range(min(4, len(val)))]).to(device)
 
     record = {}
+    state = lambda **position: dict(method="dino", encoder_config=encoder_config, encoder=teacher_backbone.state_dict(),  # noqa: E731
+                                    args=vars(args), model=raw_model.state_dict(), optimizer=optimizer.state_dict(), **position)
+    preempted = common.Preemption()  # SIGTERM sets it; the loop saves at the next step boundary
     total_steps = args.epochs * len(loader)
     for epoch in range(start_epoch, args.epochs):
         model.train()
@@ -343,7 +348,7 @@ def main(args):
         torch.manual_seed(args.seed * 100003 + epoch * 1000 + dist_env.rank)  # resume replays the same augmentations
         start, losses, stds, entropies = time.time(), [], [], []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist_env.is_main)
-        for crops, _ in bar:
+        for crops, _ in common.resume_batches(bar, step - epoch * len(loader), rng):  # skips what a pre-empted run did
             values = schedules(step, total_steps, len(loader), lr, args)
             for group in optimizer.param_groups:
                 group["lr"] = values["lr"]
@@ -364,10 +369,14 @@ def main(args):
             momentum_update(raw_model, values["momentum"])
             step += 1
             losses.append(loss.item())
+            common.check_finite(losses[-1], epoch, step, optimizer.param_groups[0]["lr"])  # diverged: stop before any save
             stds.append(common.embedding_std(teacher_out))
             entropies.append(entropy.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{values['lr']:.3g}",
                             img_s=f"{len(losses) * args.batch_size / (time.time() - start):.0f}")
+            if preempted(dist_env) and step % len(loader):  # SIGTERM: save here (with the RNG: exact resume
+                # mid-epoch) and exit; at an epoch's last step, the epoch's own save comes first
+                common.save_and_stop(state(epoch=epoch, step=step, rng=common.rng_state()), checkpoint_path, dist_env)
 
         record = dict(epoch=epoch + 1, loss=sum(losses) / len(losses), embedding_std=sum(stds) / len(stds),
                       teacher_entropy=sum(entropies) / len(entropies), teacher_temp=teacher_temperature(epoch, args),
@@ -375,13 +384,13 @@ def main(args):
                       images_per_s=len(losses) * args.batch_size / (time.time() - start))
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
             record["knn_top1"] = knn()
+        common.check_finite(record["loss"], epoch, step, record["lr"], raw_model)  # weights too, once an epoch
         if dist_env.is_main:
             if args.attention_maps and ((epoch + 1) % args.attention_maps == 0 or epoch + 1 == args.epochs):
                 save_attention_maps(teacher_backbone, attention_images,
                                     os.path.join(args.output_dir, "attention", f"epoch{epoch + 1:04d}"))
-            common.save_checkpoint(dict(method="dino", encoder_config=encoder_config, encoder=teacher_backbone.state_dict(),
-                                        args=vars(args), epoch=epoch + 1, step=step, model=raw_model.state_dict(),
-                                        optimizer=optimizer.state_dict()), checkpoint_path)
+            common.save_checkpoint(state(epoch=epoch + 1, step=step), checkpoint_path)
+            common.keep_snapshots(checkpoint_path, epoch + 1, args.save_every, args.keep)
             common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if v is not None))
             if warning := common.collapse_warning(record["embedding_std"], args.out_dim):
@@ -396,4 +405,4 @@ if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
     except common.UserError as error:
-        sys.exit(f"dino.py: error: {error}")
+        sys.exit(common.error_line("dino.py", error))  # exit code 1, printed once under torchrun

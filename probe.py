@@ -88,6 +88,8 @@ def load_encoder(args, drop_path=0.0):
     except RuntimeError as error:
         detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
         raise common.UserError(f"{args.checkpoint} does not fit a {config['arch']}: {detail}") from None
+    if not common.all_finite(state):  # a diverged run's weights would give normal-looking, meaningless numbers
+        raise common.UserError(f"{args.checkpoint}: the encoder has non-finite (NaN or inf) weights; its run diverged")
     return encoder, args.image_size or config["image_size"]
 
 

@@ -119,7 +119,7 @@ def test_two_ranks_equal_one_process(tmp_path):
 def test_one_image_per_gpu_is_a_user_error(tmp_path):
     line = error_line(run_script("simsiam.py", "--data", "shapes:16:64", *TINY, "--batch-size", "1", "--epochs", "1",
                                  "--knn-every", "0", "--workers", "0", "--output-dir", str(tmp_path)))
-    assert "at least 2 images per GPU" in line
+    assert "at least 2 images per process" in line
 
 
 def test_short_run_beats_random_init_knn(tmp_path):
