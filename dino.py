@@ -13,7 +13,7 @@ distribution and sharpening (τ_t < τ_s) alone to one dimension; together they 
     python dino.py --data shapes --arch vit_nano --patch-size 8 --out-dim 1024 --head-hidden 256 \
         --head-bottleneck 64 --local-crops 6 --epochs 30 --batch-size 128 --attention-maps 10   # CPU
     torchrun --nproc_per_node=8 dino.py --data /imagenet --attention-maps 10                # vanilla recipe
-    torchrun --nproc_per_node=8 dino.py --data /imagenet --batch-size 1024 --epochs 300 --teacher-temp 0.07 \\
+    torchrun --nproc_per_node=8 dino.py --data /imagenet --batch-size 1024 --epochs 300 --teacher-temp 0.07 \
         --warmup-teacher-temp-epochs 30 --no-norm-last-layer                                # boosted recipe
 
 The defaults are the official main_dino.py defaults, its README's "vanilla" run: ViT-S/16, 100 epochs,
