@@ -61,7 +61,7 @@ def test_probe_all_protocols_on_a_checkpoint(tmp_path):
                         "--linear-epochs", "5", "--finetune-epochs", "1", "--finetune-batch-size", "32", "--workers", "0",
                         "--trainable-blocks", "1", "--k", "5", "20")
     assert result.returncode == 0, result.stderr
-    results = json.load(open(tmp_path / "probe_shapes_16_200.json"))
+    results = json.load(open(tmp_path / "probe_shapes_16_200_knn+linear+finetune_labels1.json"))
     assert set(results["knn"]) == {"k=5", "k=20"}
     for protocol in (results["knn"]["k=20"], results["linear"], results["finetune"]):
         assert 0 <= protocol["top1"] <= protocol["top5"] <= 100
