@@ -1,11 +1,14 @@
 """probe.py gives the known answer on features with a known structure, and runs end to end."""
 import json
+import os
+import runpy
+import sys
 
 import torch
 
 import common
 import probe
-from helpers import run_script
+from helpers import ROOT, assert_same_step, run_script
 
 
 def blobs(n_per_class, num_classes, dim, noise, seed):
@@ -96,3 +99,41 @@ def test_finetune_groups_follow_mae_layer_decay():
     trainable = {id(p) for g in groups for p in g["params"]}
     assert trainable == {id(p) for p in [*encoder.blocks[3].parameters(), *encoder.norm.parameters(), *head.parameters()]}
     assert not encoder.blocks[2].attn.qkv.weight.requires_grad
+
+
+def save_checkpoint(path, arch="vit_nano", seed=0):
+    torch.manual_seed(seed)
+    config = dict(arch=arch, image_size=16, patch_size=8)
+    common.save_checkpoint(dict(method="simclr", encoder_config=config, encoder=common.build_encoder(**config).state_dict(), args={}), str(path))
+    return str(path)
+
+
+def test_finetune_step_under_ddp_equals_one_process(tmp_path):
+    saved_argv, sys.argv = sys.argv, ["tests/probe_ddp_step.py", str(tmp_path / "single.pt")]
+    try:  # the one-process side in this interpreter
+        runpy.run_path(os.path.join(ROOT, "tests", "probe_ddp_step.py"), run_name="__main__")
+    finally:
+        sys.argv = saved_argv
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/probe_ddp_step.py",
+                        str(tmp_path / "ddp.pt"), threads=1)
+    assert result.returncode == 0, result.stderr
+    single, ddp = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
+    assert_same_step(single, ddp)
+    assert single["grads"]["head.0.weight"].abs().sum() > 0  # fc_norm trains; the dropped final norm is gone
+    assert "encoder.norm.weight" not in single["grads"]
+    for name, param in single["params"].items():
+        torch.testing.assert_close(ddp["params"][name], param, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_knn_and_linear_under_torchrun_equal_one_process(tmp_path):
+    checkpoint = save_checkpoint(tmp_path / "c.pth")
+    flags = ["--data", "shapes:16:120:30", "--protocol", "knn", "linear", "--seeds", "1", "--linear-epochs", "3",
+             "--k", "5", "20", "--batch-size", "16", "--workers", "0"]
+    single = probe.main(probe.get_args_parser().parse_args([checkpoint, *flags, "--output", str(tmp_path / "single.json")]))
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "probe.py", checkpoint, *flags,
+                        "--output", str(tmp_path / "ddp.json"), threads=1)
+    assert result.returncode == 0, result.stderr
+    ddp = json.load(open(tmp_path / "ddp.json"))
+    assert ddp["settings"]["world_size"] == 2 and result.stdout.count("k-NN k=5") == 1  # rank 0 alone reports
+    assert ddp["knn"] == single["knn"] and ddp["linear"]["lr"] == single["linear"]["lr"]
+    assert all(abs(ddp["linear"][key] - value) < 1e-5 for key, value in single["linear"].items() if key != "lr")
