@@ -57,7 +57,7 @@ def get_args_parser():
     p.add_argument("--patch-size", type=common.positive_int, default=16, help="ViT patch size, with --arch")
     p.add_argument("--image-size", type=common.positive_int, default=None, help="default: the checkpoint's training size")
     p.add_argument("--label-fraction", type=float, default=1.0, help="share of training labels per class (0.01, 0.1: semi-supervised)")
-    p.add_argument("--seeds", type=common.positive_int, default=3, help="linear/fine-tune repeats (and label subsets): mean ± std")
+    p.add_argument("--seeds", type=common.positive_int, default=3, help="linear/fine-tune repeats (and label subsets): mean ± std; the random-init baseline is one draw for k-NN/linear, one per seed for fine-tune")
     p.add_argument("--batch-size", type=common.positive_int, default=256, help="feature extraction batch per rank")
     p.add_argument("--workers", type=common.non_negative_int, default=min(8, os.cpu_count()), help="data-loading processes per rank")
     p.add_argument("--output", default=None, help="results JSON (default: next to the checkpoint, named by data, protocols and label fraction)")
@@ -305,9 +305,9 @@ def run_linear(train_x, train_y, val_x, val_y, args, num_classes, on_the_fly=Non
     """Cached features; with on_the_fly(indices, lr, seed) -> head, the head trains on augmented views."""
     def fit(x, y, lr, seed):
         batch = global_batch(args.linear_batch_size, len(x), 1)
-        def batches(epoch):  # the last, partial batch is dropped: BatchNorm needs more than one sample
-            return [(x[b], y[b]) for b in torch.randperm(len(x), device=x.device)[:len(x) // batch * batch].split(batch)]
-        return train_linear(batches, len(x) // batch, x.shape[1], num_classes, lr, args.linear_epochs, seed, not args.no_linear_bn, x.device)
+        def batches(epoch):  # a last batch of one is dropped: BatchNorm needs more than one sample
+            return [(x[b], y[b]) for b in torch.randperm(len(x), device=x.device).split(batch) if len(b) > 1]
+        return train_linear(batches, math.ceil(len(x) / batch), x.shape[1], num_classes, lr, args.linear_epochs, seed, not args.no_linear_bn, x.device)
 
     runs, chosen = [], []
     for seed in range(args.seeds):
@@ -409,13 +409,14 @@ def finetune_transform(image_size, recipe):
 
 # ----------------------------------------------------------------------------- report
 def difference(a, b):
-    """a − b, with the seeds' spreads combined: std = sqrt(std_a² + std_b²)."""
-    return {k: a[k] - b[k] if not k.endswith("_std") else math.hypot(a[k], b[k]) for k in a if k in b and k != "lr"}
+    """a − b: means subtract, the seeds' spreads combine (std = sqrt(std_a² + std_b²)); k-NN's dict of k likewise."""
+    return {k: difference(a[k], b[k]) if isinstance(a[k], dict) else math.hypot(a[k], b[k]) if k.endswith("_std") else a[k] - b[k]
+            for k in a if k != "lr"}
 
 
 def row(name, result, signed=False):
     cell = lambda key: f"{result[key]:{'+' if signed else ''}.2f}" + (f" ± {result[key + '_std']:.2f}" if key + "_std" in result else "")
-    return f"{name:<46}{cell('top1'):>16}{cell('top5'):>16}{cell('macro_f1'):>16}"
+    return f"{name:<56}{cell('top1'):>16}{cell('top5'):>16}{cell('macro_f1'):>16}"
 
 
 def plot_features(x, y, method, path):
@@ -430,7 +431,8 @@ def plot_features(x, y, method, path):
         _, _, components = torch.pca_lowrank(x, q=2)  # centres x itself
         xy = ((x - x.mean(0)) @ components).cpu().numpy()  # (N, 2)
     fig, ax = plt.subplots(figsize=(6, 6))
-    ax.scatter(xy[:, 0], xy[:, 1], c=y.cpu().numpy(), cmap="tab10" if int(y.max()) < 10 else "nipy_spectral", s=4)
+    points = ax.scatter(xy[:, 0], xy[:, 1], c=y.cpu().numpy(), cmap="tab10" if int(y.max()) < 10 else "nipy_spectral", s=4)
+    fig.colorbar(points, ax=ax, label="class")
     ax.set(title=f"{method.upper()} of the val features, coloured by label", xticks=[], yticks=[])
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -462,8 +464,9 @@ def main(args):
              "linear": f"linear, {readout}, {'augmented' if args.augment else 'cached'} ({'DINO' if vit and readout != 'CLS' else 'MAE §A.2'})",
              "finetune": f"fine-tune, {'MAE §A.3' if recipe == 'mae' else 'plain'} recipe"}
     settings = {**vars(args), "protocol": protocols, "recipe": recipe, "readout": readout, "image_size": image_size, "world_size": dist_env.world_size}
-    results, baselines = {"checkpoint": args.checkpoint, "data": args.data, "label_fraction": args.label_fraction, "settings": settings}, {}
-    say(f"{'protocol (paper)':<46}{'top-1':>16}{'top-5':>16}{'macro-F1':>16}")
+    results = {"checkpoint": args.checkpoint, "data": args.data, "label_fraction": args.label_fraction, "settings": settings}
+    baselines, differences = {}, {}
+    say(f"{'protocol (paper)':<56}{'top-1':>16}{'top-5':>16}{'macro-F1':>16}")
 
     features = {}  # "checkpoint" / "random init" -> (readout, train_x, train_y, val_x, val_y), extracted once
     def features_of(which):
@@ -475,36 +478,33 @@ def main(args):
                                *embed_split(model, val_set, args, dist_env, f"{which}: val features"))
         return features[which]
 
-    for protocol in protocols:
-        for which in ["checkpoint"] + ["random init"] * args.baselines:
-            if protocol == "finetune":
-                train_aug = common.build_dataset(args.data, "train", finetune_transform(image_size, recipe), args.data_root)
-                result = run_finetune(args, train_aug, val_set, num_classes, dist_env, recipe, scratch=which != "checkpoint")
-            else:
-                model, train_x, train_y, val_x, val_y = features_of(which)
-                if protocol == "knn":
-                    subset = balanced_subset(train_y.cpu(), args.label_fraction, 0).to(device)
-                    result = run_knn(train_x[subset], train_y[subset], val_x, val_y, args, num_classes)
-                    if len(result) < len(args.k):
-                        say(f"(k-NN: k above the {len(subset)} labelled training images skipped)")
-                else:
-                    train_aug = common.build_dataset(args.data, "train", v2.Compose(train_augmentation(image_size) + common.to_normalized_tensor()), args.data_root)
-                    result = run_linear(train_x, train_y, val_x, val_y, args, num_classes,
-                                        linear_on_the_fly(model, train_aug, args, num_classes, dist_env) if args.augment else None)
-            rows = result.items() if protocol == "knn" else [("", result)]
-            if which == "checkpoint":
-                results[protocol] = result
-                for k, r in rows:
-                    say(row(names[protocol].format(k), r))
-            else:  # the baseline, and the checkpoint minus it
-                baselines[protocol] = result
-                checkpoint_rows = results[protocol].items() if protocol == "knn" else [("", results[protocol])]
-                for (k, r), (_, c) in zip(rows, checkpoint_rows):
-                    say(row(f"  {'from scratch' if protocol == 'finetune' else 'random init'} {k}", r))
-                    say(row(f"  difference {k}", difference(c, r), signed=True))
+    def run(protocol, which):
+        if protocol == "finetune":
+            train_aug = common.build_dataset(args.data, "train", finetune_transform(image_size, recipe), args.data_root)
+            return run_finetune(args, train_aug, val_set, num_classes, dist_env, recipe, scratch=which != "checkpoint")
+        model, train_x, train_y, val_x, val_y = features_of(which)
+        if protocol == "knn":
+            subset = balanced_subset(train_y.cpu(), args.label_fraction, 0).to(device)
+            if max(args.k) > len(subset):
+                say(f"(k-NN: k above the {len(subset)} labelled training images skipped)")
+            return run_knn(train_x[subset], train_y[subset], val_x, val_y, args, num_classes)
+        train_aug = common.build_dataset(args.data, "train", v2.Compose(train_augmentation(image_size) + common.to_normalized_tensor()), args.data_root)
+        on_the_fly = linear_on_the_fly(model, train_aug, args, num_classes, dist_env) if args.augment else None
+        return run_linear(train_x, train_y, val_x, val_y, args, num_classes, on_the_fly)
+
+    for protocol in protocols:  # each result is printed as soon as it is known
+        rows = lambda result: result.items() if protocol == "knn" else [("", result)]  # noqa: E731  (k-NN: a row per k)
+        results[protocol] = run(protocol, "checkpoint")
+        for k, result in rows(results[protocol]):
+            say(row(names[protocol].format(k), result))
+        if args.baselines:
+            baselines[protocol] = run(protocol, "random init")
+            differences[protocol] = difference(results[protocol], baselines[protocol])
+            for (k, baseline), (_, delta) in zip(rows(baselines[protocol]), rows(differences[protocol])):
+                say(row(f"  {'from scratch' if protocol == 'finetune' else 'random init'} {k}", baseline))
+                say(row(f"  difference {k}", delta, signed=True))
     if args.baselines:
-        results["baselines"] = baselines
-        results["difference"] = {p: ({k: difference(results[p][k], r) for k, r in baselines[p].items()} if p == "knn" else difference(results[p], baselines[p])) for p in baselines}
+        results.update(baselines=baselines, difference=differences)
 
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"probe_{os.path.basename(args.data.rstrip('/'))}"
                                          f"_{'+'.join(protocols)}_labels{args.label_fraction:g}.json".replace(":", "_"))
