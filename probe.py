@@ -30,6 +30,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -414,9 +415,9 @@ def difference(a, b):
             for k in a if k != "lr"}
 
 
-def row(name, result, signed=False):
+def row(name, result, seconds=None, signed=False):
     cell = lambda key: f"{result[key]:{'+' if signed else ''}.2f}" + (f" ± {result[key + '_std']:.2f}" if key + "_std" in result else "")
-    return f"{name:<56}{cell('top1'):>16}{cell('top5'):>16}{cell('macro_f1'):>16}"
+    return f"{name:<56}{cell('top1'):>16}{cell('top5'):>16}{cell('macro_f1'):>16}" + (f"{seconds:>9.0f} s" if seconds is not None else "")
 
 
 def plot_features(x, y, method, path):
@@ -466,7 +467,7 @@ def main(args):
     settings = {**vars(args), "protocol": protocols, "recipe": recipe, "readout": readout, "image_size": image_size, "world_size": dist_env.world_size}
     results = {"checkpoint": args.checkpoint, "data": args.data, "label_fraction": args.label_fraction, "settings": settings}
     baselines, differences = {}, {}
-    say(f"{'protocol (paper)':<56}{'top-1':>16}{'top-5':>16}{'macro-F1':>16}")
+    say(f"{'protocol (paper)':<56}{'top-1':>16}{'top-5':>16}{'macro-F1':>16}{'time':>11}")
 
     features = {}  # "checkpoint" / "random init" -> (readout, train_x, train_y, val_x, val_y), extracted once
     def features_of(which):
@@ -492,16 +493,18 @@ def main(args):
         on_the_fly = linear_on_the_fly(model, train_aug, args, num_classes, dist_env) if args.augment else None
         return run_linear(train_x, train_y, val_x, val_y, args, num_classes, on_the_fly)
 
-    for protocol in protocols:  # each result is printed as soon as it is known
+    for protocol in protocols:  # each result is printed as soon as it is known, with its wall-clock time
         rows = lambda result: result.items() if protocol == "knn" else [("", result)]  # noqa: E731  (k-NN: a row per k)
+        start = time.time()
         results[protocol] = run(protocol, "checkpoint")
         for k, result in rows(results[protocol]):
-            say(row(names[protocol].format(k), result))
+            say(row(names[protocol].format(k), result, time.time() - start))
         if args.baselines:
+            start = time.time()
             baselines[protocol] = run(protocol, "random init")
             differences[protocol] = difference(results[protocol], baselines[protocol])
             for (k, baseline), (_, delta) in zip(rows(baselines[protocol]), rows(differences[protocol])):
-                say(row(f"  {'from scratch' if protocol == 'finetune' else 'random init'} {k}", baseline))
+                say(row(f"  {'from scratch' if protocol == 'finetune' else 'random init'} {k}", baseline, time.time() - start))
                 say(row(f"  difference {k}", delta, signed=True))
     if args.baselines:
         results.update(baselines=baselines, difference=differences)
