@@ -68,7 +68,7 @@ def get_args_parser():
     g.add_argument("--k", type=common.positive_int, nargs="+", default=[10, 20, 100, 200], help="neighbour counts reported (those above the training set size are skipped)")
     g.add_argument("--knn-temperature", type=common.positive_float, default=0.07, help="T in the exp(s/T) vote")
     g = p.add_argument_group("linear")
-    g.add_argument("--linear-epochs", type=common.positive_int, default=100, help="DINO, MAE: 100 (90 for MAE's ViT-B)")
+    g.add_argument("--linear-epochs", type=common.positive_int, default=100, help="DINO: 100; MAE: 90")
     g.add_argument("--linear-batch-size", type=common.positive_int, default=None, help="global; default 1024 (DINO) capped at a tenth of the labelled images")
     g.add_argument("--linear-lr", type=float, default=None, help="SGD lr; default: chosen from 0.01-3 on held-out training labels")
     g.add_argument("--no-linear-bn", action="store_true", help="drop the BatchNorm (no affine) in front of the classifier (DINO has none)")
@@ -291,7 +291,7 @@ def train_linear(batches, steps_per_epoch, dim, num_classes, lr, epochs, seed, b
     model = DistributedDataParallel(head) if distributed else head
     optimizer = torch.optim.SGD(head.parameters(), lr, momentum=0.9)
     step = 0
-    for epoch in range(epochs):
+    for epoch in tqdm(range(epochs), desc=f"linear head, lr {lr:g}, seed {seed}", disable=dist.is_initialized() and dist.get_rank() > 0, leave=False):
         for x, y in batches(epoch):
             optimizer.param_groups[0]["lr"] = common.cosine_schedule(step, epochs * steps_per_epoch, lr, 0.0)
             loss = F.cross_entropy(model(x), y)
@@ -358,8 +358,8 @@ def finetune_step(model, optimizer, images, targets):
     return loss.detach()
 
 
-def run_finetune(args, train_set, val_set, num_classes, dist_env, recipe, scratch=False):
-    runs, labels, device = [], torch.tensor(labels_of(train_set)), dist_env.device
+def run_finetune(args, train_set, labels, val_set, dist_env, recipe, scratch=False):
+    runs, device, num_classes = [], dist_env.device, int(labels.max()) + 1
     for seed in range(args.seeds):
         torch.manual_seed(seed)
         encoder, _ = load_encoder(args, drop_path=args.drop_path, random_init=scratch)
@@ -459,7 +459,8 @@ def main(args):
     if vit and args.n_last_blocks > len(encoder.blocks):
         raise common.UserError(f"--n-last-blocks {args.n_last_blocks}: the ViT has {len(encoder.blocks)} blocks")
     train_set, val_set = (common.build_dataset(args.data, split, common.eval_transform(image_size), args.data_root) for split in ("train", "val"))
-    num_classes = max(labels_of(train_set)) + 1
+    labels = torch.tensor(labels_of(train_set))
+    num_classes = int(labels.max()) + 1
     readout = ("CLS" if args.n_last_blocks == 1 else f"CLS of {args.n_last_blocks} blocks") + " + avg patch" * args.avgpool_patchtokens if vit else "avg pool"
     names = {"knn": f"k-NN {{}} (DINO, T {args.knn_temperature:g})",
              "linear": f"linear, {readout}, {'augmented' if args.augment else 'cached'} ({'DINO' if vit and readout != 'CLS' else 'MAE §A.2'})",
@@ -482,7 +483,7 @@ def main(args):
     def run(protocol, which):
         if protocol == "finetune":
             train_aug = common.build_dataset(args.data, "train", finetune_transform(image_size, recipe), args.data_root)
-            return run_finetune(args, train_aug, val_set, num_classes, dist_env, recipe, scratch=which != "checkpoint")
+            return run_finetune(args, train_aug, labels, val_set, dist_env, recipe, scratch=which != "checkpoint")
         model, train_x, train_y, val_x, val_y = features_of(which)
         if protocol == "knn":
             subset = balanced_subset(train_y.cpu(), args.label_fraction, 0).to(device)
