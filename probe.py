@@ -434,7 +434,7 @@ def plot_features(x, y, method, path):
     fig, ax = plt.subplots(figsize=(6, 6))
     points = ax.scatter(xy[:, 0], xy[:, 1], c=y.cpu().numpy(), cmap="tab10" if int(y.max()) < 10 else "nipy_spectral", s=4)
     fig.colorbar(points, ax=ax, label="class")
-    ax.set(title=f"{method.upper()} of the val features, coloured by label", xticks=[], yticks=[])
+    ax.set(title=f"{ {'pca': 'PCA', 'tsne': 't-SNE'}[method]} of the val features, coloured by label", xticks=[], yticks=[])
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
