@@ -82,7 +82,8 @@ def get_args_parser():
                         "no mstd 0.5 noise), random erasing 0.25, MixUp 0.8 / CutMix 1.0; plain (ResNets): crop + flip")
     g.add_argument("--finetune-epochs", type=common.positive_int, default=100, help="MAE: 100 for ViT-B, 50 for ViT-L")
     g.add_argument("--finetune-batch-size", type=common.positive_int, default=None, help="global; default 1024 (MAE) capped at a tenth of the labelled images")
-    g.add_argument("--finetune-base-lr", type=float, default=5e-4, help="AdamW lr = base × batch / 256 (MAE)")
+    g.add_argument("--finetune-base-lr", type=float, default=5e-4, help="AdamW lr = base × batch / 256 (MAE). With a few thousand labels or fewer, raise it (or the epochs): "
+                   "AdamW moves a weight by about lr per step, and 100 epochs of small batches leave MAE's 2e-5 head at chance")
     g.add_argument("--finetune-weight-decay", type=float, default=0.05)
     g.add_argument("--finetune-warmup-epochs", type=common.non_negative_int, default=5)
     g.add_argument("--layer-decay", type=float, default=0.65, help="layer-wise lr decay (MAE: 0.65 ViT-B, 0.75 ViT-L; 1 = off; from scratch: off)")
@@ -434,7 +435,7 @@ def plot_features(x, y, method, path):
     fig, ax = plt.subplots(figsize=(6, 6))
     points = ax.scatter(xy[:, 0], xy[:, 1], c=y.cpu().numpy(), cmap="tab10" if int(y.max()) < 10 else "nipy_spectral", s=4)
     fig.colorbar(points, ax=ax, label="class")
-    ax.set(title=f"{ {'pca': 'PCA', 'tsne': 't-SNE'}[method]} of the val features, coloured by label", xticks=[], yticks=[])
+    ax.set(title=f"{dict(pca='PCA', tsne='t-SNE')[method]} of the val features, coloured by label", xticks=[], yticks=[])
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
