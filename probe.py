@@ -65,7 +65,7 @@ def get_args_parser():
     p.add_argument("--plot", default=None, choices=["pca", "tsne"], help="a 2-D map of the val features coloured by label, next to the JSON "
                    "(needs matplotlib; tsne also scikit-learn)")
     g = p.add_argument_group("k-NN")
-    g.add_argument("--k", type=common.positive_int, nargs="+", default=[10, 20, 100, 200], help="neighbour counts reported (those above the training set size are skipped)")
+    g.add_argument("--k", type=common.positive_int, nargs="+", default=[10, 20, 100, 200], help="neighbour counts reported (those above the labelled images per class are skipped)")
     g.add_argument("--knn-temperature", type=common.positive_float, default=0.07, help="T in the exp(s/T) vote")
     g = p.add_argument_group("linear")
     g.add_argument("--linear-epochs", type=common.positive_int, default=100, help="DINO: 100; MAE: 90")
@@ -277,7 +277,8 @@ def labels_of(dataset):
 
 # ----------------------------------------------------------------------------- protocols
 def run_knn(train_x, train_y, val_x, val_y, args, num_classes):
-    ks = [k for k in args.k if k <= len(train_x)] or [len(train_x)]  # k above the training set: skipped
+    # k above the images per class would let other classes outvote every class (k = 200 of 256 images): skipped
+    ks = [k for k in args.k if k <= len(train_x) // num_classes] or [min(min(args.k), len(train_x))]
     return {f"k={k}": metrics(knn_classify(train_x, train_y, val_x, k, args.knn_temperature, num_classes), val_y) for k in ks}
 
 
@@ -488,8 +489,8 @@ def main(args):
         model, train_x, train_y, val_x, val_y = features_of(which)
         if protocol == "knn":
             subset = balanced_subset(train_y.cpu(), args.label_fraction, 0).to(device)
-            if max(args.k) > len(subset):
-                say(f"(k-NN: k above the {len(subset)} labelled training images skipped)")
+            if max(args.k) > len(subset) // num_classes:
+                say(f"(k-NN: k above the {len(subset) // num_classes} labelled training images per class skipped)")
             return run_knn(train_x[subset], train_y[subset], val_x, val_y, args, num_classes)
         train_aug = common.build_dataset(args.data, "train", v2.Compose(train_augmentation(image_size) + common.to_normalized_tensor()), args.data_root)
         on_the_fly = linear_on_the_fly(model, train_aug, args, num_classes, dist_env) if args.augment else None
