@@ -1,4 +1,4 @@
-"""BYOL: bootstrap your own latent (Grill et al., NeurIPS 2020, arXiv:2006.07733).
+r"""BYOL: bootstrap your own latent (Grill et al., NeurIPS 2020, arXiv:2006.07733).
 
 No negatives. An online network (encoder f, projector g, predictor q) sees one view and predicts the
 target network's projection z' of the other view; the target (f', g') is not trained but trails the
@@ -11,7 +11,7 @@ sg and the slow EMA mean the target is never pulled towards the online outputs, 
 must predict a moving, informative target; the predictor q must stay near-optimal for that (§3.2).
 Each epoch logs embedding_std (SimSiam §4.1; ≈ 1/√d healthy, → 0 collapsed) and warns when it falls.
 
-    python byol.py --data shapes:32:1000:2000 --arch vit_nano --patch-size 8 --epochs 24 --batch-size 64 \\
+    python byol.py --data shapes:32:1000:2000 --arch vit_nano --patch-size 8 --epochs 24 --batch-size 64 \
         --proj-hidden 256 --proj-dim 64 --pred-hidden 256 --base-lr 4 --tau-base 0.99 --warmup-epochs 2 --knn-every 2
         # CPU, ~2 min: k-NN 25.8 -> 22.4% (epoch 4: chasing a random target) -> 31.0% (epoch 14) -> 29.8%
     torchrun --nproc_per_node=8 byol.py --data /imagenet                                      # paper recipe
@@ -51,7 +51,8 @@ def get_args_parser():
     g.add_argument("--tau-base", type=float, default=0.996, help="target EMA rate τ at step 0; rises to 1 on a cosine "
                    "(§3.3). Lower it for short runs (0.99; 0.9 for a few hundred steps on CPU): the target follows faster")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=common.positive_int, default=1000, help="training epochs (the paper's ablations use 300)")
+    g.add_argument("--epochs", type=common.positive_int, default=1000, help="training epochs; the official presets "
+                   "(configs/byol.py) for 300 epochs are --base-lr 0.3 --weight-decay 1e-6 --tau-base 0.99 (100: 0.45, 1e-6, 0.99)")
     g.add_argument("--warmup-epochs", type=common.non_negative_int, default=10, help="linear lr warm-up")
     g.add_argument("--batch-size", type=common.positive_int, default=4096, help="global batch, split over the GPUs")
     g.add_argument("--base-lr", type=float, default=0.2, help="lr = base-lr × batch-size / 256 (LARS)")
@@ -59,6 +60,8 @@ def get_args_parser():
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default="runs/byol", help="checkpoint.pth and log.jsonl; resumes from it if present")
     g.add_argument("--resume", default="", help="resume from this checkpoint instead of OUTPUT_DIR/checkpoint.pth")
+    g.add_argument("--save-every", type=common.non_negative_int, default=0, help="also keep OUTPUT_DIR/checkpoint_EPOCH.pth every N epochs (0: off)")
+    g.add_argument("--keep", type=common.non_negative_int, default=0, help="with --save-every: keep only the last K numbered snapshots (0: all)")
     g.add_argument("--knn-every", type=common.non_negative_int, default=10, help="k-NN monitor on the val split every N epochs and at the end (0: off)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps, then faster)")
@@ -68,7 +71,8 @@ def get_args_parser():
 # ----------------------------------------------------------------------------- model
 class BYOL(nn.Module):
     """Online network: encoder f, projector g and predictor q, both MLPs Linear(4096)-BN-ReLU-Linear(256)
-    with no BN on the output (§3.3). Target network: a copy of f and g that gradients never reach."""
+    with no BN and no bias on the output (§3.3; official utils/networks.py MLP: with_bias=False).
+    Target network: a copy of f and g that gradients never reach."""
 
     def __init__(self, encoder, proj_hidden, proj_dim, pred_hidden):
         super().__init__()
@@ -115,12 +119,14 @@ def training_step(model, views, args):
 # ----------------------------------------------------------------------------- loop
 def augmentations(args):
     """Asymmetric views (Table 6): view 1 always blurred, never solarised; view 2 rarely blurred, sometimes solarised."""
-    return common.MultiView([common.View(args.image_size, jitter=(0.4, 0.4, 0.2, 0.1), blur=1.0, solarize=0.0),
-                             common.View(args.image_size, jitter=(0.4, 0.4, 0.2, 0.1), blur=0.1, solarize=0.2)])
+    views = [common.View(args.image_size, jitter=(0.4, 0.4, 0.2, 0.1), blur=blur, solarize=solarize, interpolation="bicubic")
+             for blur, solarize in ((1.0, 0.0), (0.1, 0.2))]  # bicubic resize, as the official utils/dataset.py
+    return common.MultiView(views)
 
 
 def build_model(args):
-    encoder = common.build_encoder(args.arch, args.image_size, args.patch_size)
+    # Residual blocks start as the identity (haiku's ResNet BlockV1, which BYOL uses: last BN scale_init zeros).
+    encoder = common.build_encoder(args.arch, args.image_size, args.patch_size, zero_init_residual=True)
     return BYOL(encoder, args.proj_hidden, args.proj_dim, args.pred_hidden)
 
 
@@ -128,10 +134,11 @@ def main(args):
     dist_env = common.init_distributed()
     device = dist_env.device
     args.image_size = args.image_size or common.default_image_size(args.data)
+    common.start_run(args, dist_env)  # flags argparse cannot check, OUTPUT_DIR writable: fail now, not after an epoch
     if args.batch_size % dist_env.world_size:
-        raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} GPUs")
+        raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} processes")
     if args.batch_size // dist_env.world_size < 2:  # BN in the heads normalises over the images of each GPU
-        raise common.UserError(f"--batch-size {args.batch_size}: BatchNorm needs at least 2 images per GPU")
+        raise common.UserError(f"--batch-size {args.batch_size}: BatchNorm needs at least 2 images per process")
     if not 0 <= args.tau_base <= 1:
         raise common.UserError(f"--tau-base {args.tau_base} is not in [0, 1] (1: the target never moves)")
     dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root)
@@ -148,16 +155,17 @@ def main(args):
     optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=lr, momentum=0.9)  # online only
     encoder_config = dict(arch=args.arch, image_size=args.image_size, patch_size=args.patch_size)
 
-    start_epoch, step = 0, 0
+    start_epoch, step, rng = 0, 0, None
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
     resume_path = args.resume or (checkpoint_path if os.path.exists(checkpoint_path) else "")
     if resume_path:
         checkpoint = common.load_checkpoint(resume_path, "byol")
         if checkpoint["encoder_config"] != encoder_config:
             raise common.UserError(f"{resume_path} holds {checkpoint['encoder_config']}, not {encoder_config}")
+        common.check_same_run(checkpoint, args, resume_path)  # other data, model, batch or lr: refused
         model.load_state_dict(checkpoint["model"])  # the target network too
         optimizer.load_state_dict(checkpoint["optimizer"])
-        start_epoch, step = checkpoint["epoch"], checkpoint["step"]  # the step sets τ
+        start_epoch, step, rng = checkpoint["epoch"], checkpoint["step"], checkpoint.get("rng")  # the step sets τ
         if dist_env.is_main:
             print(f"resumed from {resume_path} at epoch {start_epoch}")
 
@@ -175,15 +183,16 @@ def main(args):
         model = torch.compile(model)  # checkpoints keep saving raw_model: plain names, loadable anywhere
     knn = lambda: common.knn_monitor(raw_model.encoder, args.data, args.image_size, args.data_root,
                                      args.batch_size // dist_env.world_size, args.workers, dist_env)
-    if dist_env.is_main:
-        os.makedirs(args.output_dir, exist_ok=True)
-    if args.knn_every and start_epoch == 0:
+    if args.knn_every and step == 0:  # a fresh run (a resumed one may be mid-epoch 1)
         knn_init = knn()
         if dist_env.is_main and knn_init is not None:
             print(f"k-NN top-1 at random init: {100 * knn_init:.2f}%")
             common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), {"epoch": 0, "knn_top1": knn_init})
 
     record = {}
+    state = lambda **position: dict(method="byol", encoder_config=encoder_config, encoder=raw_model.encoder.state_dict(),  # noqa: E731
+                                    args=vars(args), model=raw_model.state_dict(), optimizer=optimizer.state_dict(), **position)
+    preempted = common.Preemption()  # SIGTERM sets it; the loop saves at the next step boundary
     total_steps, warmup_steps = args.epochs * len(loader), args.warmup_epochs * len(loader)
     for epoch in range(start_epoch, args.epochs):
         model.train()
@@ -191,7 +200,7 @@ def main(args):
         torch.manual_seed(args.seed * 100003 + epoch * 1000 + dist_env.rank)  # resume replays the same augmentations
         start, losses, stds = time.time(), [], []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist_env.is_main)
-        for views, _ in bar:
+        for views, _ in common.resume_batches(bar, step - epoch * len(loader), rng):  # skips what a pre-empted run did
             for group in optimizer.param_groups:
                 group["lr"] = common.cosine_schedule(step, total_steps, lr, 0.0, warmup_steps)
             # τ = 1 − (1 − τ_base)(cos(πk/K) + 1)/2 (§3.3): a cosine from τ_base at k = 0 to 1 at k = K.
@@ -207,20 +216,23 @@ def main(args):
             momentum_update(raw_model, momentum)
             step += 1
             losses.append(loss.item())
+            common.check_finite(losses[-1], epoch, step, optimizer.param_groups[0]["lr"])  # diverged: stop before any save
             stds.append(common.embedding_std(z))
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}",
                             img_s=f"{len(losses) * args.batch_size / (time.time() - start):.0f}")
+            if preempted(dist_env) and step % len(loader):  # SIGTERM: save here (with the RNG: exact resume
+                # mid-epoch) and exit; at an epoch's last step, the epoch's own save comes first
+                common.save_and_stop(state(epoch=epoch, step=step, rng=common.rng_state()), checkpoint_path, dist_env)
 
         record = dict(epoch=epoch + 1, loss=sum(losses) / len(losses), embedding_std=sum(stds) / len(stds),
                       lr=optimizer.param_groups[0]["lr"], momentum=momentum,
                       images_per_s=len(losses) * args.batch_size / (time.time() - start))
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
             record["knn_top1"] = knn()
+        common.check_finite(record["loss"], epoch, step, record["lr"], raw_model)  # weights too, once an epoch
         if dist_env.is_main:
-            common.save_checkpoint(dict(method="byol", encoder_config=encoder_config,
-                                        encoder=raw_model.encoder.state_dict(), args=vars(args), epoch=epoch + 1,
-                                        step=step, model=raw_model.state_dict(), optimizer=optimizer.state_dict()),
-                                   checkpoint_path)
+            common.save_checkpoint(state(epoch=epoch + 1, step=step), checkpoint_path)
+            common.keep_snapshots(checkpoint_path, epoch + 1, args.save_every, args.keep)
             common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if v is not None))
             if warning := common.collapse_warning(record["embedding_std"], args.proj_dim):
@@ -235,4 +247,4 @@ if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
     except common.UserError as error:
-        sys.exit(f"byol.py: error: {error}")
+        sys.exit(common.error_line("byol.py", error))  # exit code 1, printed once under torchrun

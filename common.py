@@ -7,6 +7,8 @@ This module has no argparse and no global state; it only defines things.
 import json
 import math
 import os
+import shutil
+import signal
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +25,8 @@ from torchvision.transforms import v2
 
 
 class UserError(Exception):
-    """Bad input (path, data, checkpoint, flags): scripts print it as one line and exit 2."""
+    """Bad input (path, data, checkpoint, flags) or a run that must stop (diverged, pre-empted): scripts
+    print it as one line and exit with code 1 (see error_line); argparse's own errors exit with 2."""
 
     def __init__(self, message):
         # DataLoader workers re-raise with the whole worker traceback as the message: keep
@@ -120,11 +123,15 @@ class Shapes(torch.utils.data.Dataset):
 
 
 def read_image(path):
-    """ImageFolder loader that names the corrupt file instead of failing deep in a worker."""
+    """ImageFolder loader that names the corrupt (or too large) file instead of failing deep in a worker."""
     try:
         with Image.open(path) as image:
+            if image.mode.startswith("I"):  # 16/32-bit integer (16-bit PNG): PIL's convert would clip to 255
+                pixels = np.asarray(image, dtype=np.float64)
+                top = 65535 if image.mode.startswith("I;16") or pixels.max() > 255 else 255  # the value range
+                return Image.fromarray((pixels * (255 / top)).round().clip(0, 255).astype(np.uint8)).convert("RGB")
             return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as error:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
         raise UserError(f"cannot read image {path}: {error}") from None
 
 
@@ -166,9 +173,17 @@ def build_dataset(spec, split, transform=None, root="data"):
     if not train and not has_splits:
         raise UserError(f"--data {spec}: no val/ split (expected {spec}/train/<class>/ and {spec}/val/<class>/)")
     try:
-        return torchvision.datasets.ImageFolder(folder, transform=transform, loader=read_image)
+        dataset = torchvision.datasets.ImageFolder(folder, transform=transform, loader=read_image)
+        train_classes = torchvision.datasets.folder.find_classes(os.path.join(spec, "train"))[1] if has_splits else {}
     except (FileNotFoundError, OSError) as error:
         raise UserError(f"--data {folder}: {error}") from None
+    if not train and len(train_classes) > 1:  # labels by class NAME, as train/ numbers them (not by val/'s own order)
+        if missing := sorted(set(dataset.classes) - set(train_classes)):
+            raise UserError(f"--data {spec}: val/ has classes that train/ lacks: {', '.join(missing[:5])}")
+        dataset.samples = [(path, train_classes[dataset.classes[label]]) for path, label in dataset.samples]
+        dataset.targets = [label for _, label in dataset.samples]
+        dataset.classes, dataset.class_to_idx = sorted(train_classes, key=train_classes.get), train_classes
+    return dataset
 
 
 def shapes_spec(spec):
@@ -239,8 +254,10 @@ class MultiView:
 
 
 def eval_transform(size):
+    """Resize (bicubic, as DINO's eval_knn.py / eval_linear.py and MAE's util/datasets.py) + centre crop."""
     resize = size if size <= 64 else int(size * 256 / 224)  # ImageNet's 256 -> 224 centre crop
-    return v2.Compose([v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(size), *to_normalized_tensor()])
+    return v2.Compose([v2.ToImage(), v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                       v2.CenterCrop(size), *to_normalized_tensor()])
 
 
 def make_loader(dataset, batch_size, dist_env, workers, train=True, on_device=True):
@@ -250,13 +267,20 @@ def make_loader(dataset, batch_size, dist_env, workers, train=True, on_device=Tr
     is False."""
     views = dataset.transform.transforms if isinstance(dataset.transform, MultiView) else [dataset.transform]
     if train and on_device and all(isinstance(view, View) for view in views):
-        data = in_memory(dataset, workers)
+        data = in_memory(dataset, workers, dist_env.device)
         if data is not None:
+            if dist_env.is_main:
+                print(f"data: {len(dataset)} images ({data[0].nbytes / 2**20:.1f} MiB) held and augmented on {dist_env.device}")
             return DeviceLoader(*data, dataset.transform, batch_size, dist_env)
+    if train and dist_env.is_main:  # --cpu-augment, another transform, or too large for half the free memory
+        print(f"data: {len(dataset)} images decoded and augmented per batch by {workers} DataLoader workers per process")
     sampler = torch.utils.data.DistributedSampler(dataset, dist_env.world_size, dist_env.rank, shuffle=train)
+    # Workers are not persistent: each epoch starts new ones, seeded from the main RNG the loop seeds per
+    # epoch, so augmentations are a function of (seed, epoch, rank) and a resumed run replays them exactly
+    # (persistent workers keep the RNG of their first epoch: a resumed run drew other crops).
     return torch.utils.data.DataLoader(
         dataset, batch_size, sampler=sampler, num_workers=workers, drop_last=train,
-        pin_memory=dist_env.device.type == "cuda", persistent_workers=train and workers > 0)
+        pin_memory=dist_env.device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------- augmentation on the GPU
@@ -349,21 +373,41 @@ def augment_batch(images, view):
     return (x - mean) / std
 
 
-def in_memory(dataset, workers):
-    """(uint8 images (N, 3, H, W), labels (N,)) of a dataset that fits in memory, else None."""
+def free_memory(device):
+    """Bytes free for a dataset on device: the GPU's free memory, or the RAM Linux reports available."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return 1024 * next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def in_memory(dataset, workers, device=torch.device("cpu")):
+    """(uint8 images (N, 3, H, W), labels (N,)) of a dataset whose decoded bytes take at most half the
+    device's free memory (the model and its activations need the rest), else None."""
+    if isinstance(dataset, (torchvision.datasets.CIFAR10, torchvision.datasets.STL10)):
+        size = dataset.data.shape[-2:] if dataset.data.shape[-1] != 3 else dataset.data.shape[1:3]
+    elif isinstance(dataset, torchvision.datasets.ImageFolder):
+        try:  # folders of equal-size images (the first 1000 are checked; headers only)
+            sizes = {Image.open(path).size for path, _ in dataset.samples[:1000]}
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError):
+            return None  # the DataLoader path names the corrupt file
+        if len(sizes) != 1:
+            return None
+        size = sizes.pop()
+    elif isinstance(dataset, Shapes):
+        size = (dataset.size, dataset.size)
+    else:
+        return None
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type == "cpu" else 1  # CPU ranks share the RAM
+    if len(dataset) * 3 * size[0] * size[1] > free_memory(device) / 2 / ranks_here:
+        return None
     if isinstance(dataset, (torchvision.datasets.CIFAR10, torchvision.datasets.STL10)):
         images = torch.from_numpy(dataset.data)
         images = images.permute(0, 3, 1, 2) if images.shape[-1] == 3 else images  # CIFAR is (N, H, W, 3)
         return images.contiguous(), torch.as_tensor(getattr(dataset, "targets", getattr(dataset, "labels", None)))
-    if isinstance(dataset, torchvision.datasets.ImageFolder):
-        try:  # small folders of equal-size images (the first 1000 are checked; headers only)
-            sizes = {Image.open(path).size for path, _ in dataset.samples[:1000]}
-        except (OSError, UnidentifiedImageError):
-            return None  # the DataLoader path names the corrupt file
-        if len(dataset) > 200_000 or len(sizes) != 1:
-            return None
-    elif not isinstance(dataset, Shapes):
-        return None
     transform, dataset.transform = dataset.transform, v2.PILToTensor()
     try:  # decode (or render) every image once, in parallel
         images, labels = zip(*torch.utils.data.DataLoader(dataset, 256, num_workers=workers))
@@ -486,7 +530,11 @@ class VisionTransformer(nn.Module):
         grid = math.isqrt(pos.shape[1])
         if (h, w) != (grid, grid):  # other resolutions (DINO's local crops): resize the grid
             pos = pos.reshape(1, grid, grid, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
-            pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+            # As DINO's vision_transformer.py interpolate_pos_encoding (l. 186-191): a scale factor of
+            # (n + 0.1)/g, not size=(h, w). The sampling positions differ, and so do the values (for a
+            # ViT-S/16's 96 px crops by a third of the largest entry): official weights expect these.
+            pos = F.interpolate(pos, scale_factor=((h + 0.1) / grid, (w + 0.1) / grid), mode="bicubic")  # (1, D, h, w)
+            pos = pos.flatten(2).transpose(1, 2)
         return x.flatten(2).transpose(1, 2) + pos  # (B, L, D)
 
     def forward_tokens(self, x, return_attention=False):
@@ -505,12 +553,16 @@ class VisionTransformer(nn.Module):
         return self.forward_tokens(self.embed(x), return_attention=True)
 
 
-def build_encoder(arch, image_size=224, patch_size=16, drop_path=0.0, sincos=False):
+def build_encoder(arch, image_size=224, patch_size=16, drop_path=0.0, sincos=False, num_heads=None,
+                  zero_init_residual=False):
     """Backbone without classifier, exposing .embed_dim. ResNets are torchvision's (fc removed);
     at 64 px and below the 7x7/2 stem + max-pool becomes a 3x3/1 stem (SimCLR's CIFAR variant),
-    since 4x early downsampling would leave a 32 px image 1x1 before the last stage."""
+    since 4x early downsampling would leave a 32 px image 1x1 before the last stage.
+    zero_init_residual: the last BN scale of every residual block starts at 0, so each block starts
+    as the identity (SimCLR, BYOL, SimSiam and MoCo ResNets). num_heads: a ViT's head count if not
+    the usual one (MoCo v3's ViT-S has 12 heads, DINO's and timm's 6); it changes no weight shape."""
     if arch in ("resnet18", "resnet34", "resnet50"):
-        model = getattr(torchvision.models, arch)()
+        model = getattr(torchvision.models, arch)(zero_init_residual=zero_init_residual)
         if image_size <= 64:
             model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
             model.maxpool = nn.Identity()
@@ -521,20 +573,20 @@ def build_encoder(arch, image_size=224, patch_size=16, drop_path=0.0, sincos=Fal
         dim, depth, heads = VIT_SIZES[arch]
         if image_size % patch_size:
             raise UserError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
-        return VisionTransformer(image_size, patch_size, dim, depth, heads, drop_path=drop_path, sincos=sincos)
+        return VisionTransformer(image_size, patch_size, dim, depth, num_heads or heads, drop_path=drop_path, sincos=sincos)
     raise UserError(f"unknown arch {arch!r}: choose from resnet18, resnet34, resnet50, {', '.join(VIT_SIZES)}")
 
 
 ARCHS = ("resnet18", "resnet34", "resnet50", *VIT_SIZES)
 
 
-def mlp(dims, last_bn=True, last_affine=False):
-    """Linear-BN-ReLU layers (SimCLR / BYOL / MoCo v3 heads); biases are dropped where BN follows.
-    dims = (in, hidden, ..., out)."""
+def mlp(dims, last_bn=True, last_affine=False, last_bias=False):
+    """Linear-BN-ReLU layers (SimCLR / BYOL / SimSiam / MoCo v3 heads); biases are dropped where BN
+    follows, and on the last layer unless last_bias (SimSiam's predictor has one). dims = (in, hidden, ..., out)."""
     layers = []
     for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
         last = i == len(dims) - 2
-        layers.append(nn.Linear(d_in, d_out, bias=last and not last_bn))
+        layers.append(nn.Linear(d_in, d_out, bias=last and last_bias and not last_bn))
         if not last:
             layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
         elif last_bn:
@@ -629,8 +681,8 @@ def embedding_std(z):
 
 
 def collapse_warning(std, dim):
-    """A loud message when embedding_std has fallen far below the healthy 1/sqrt(dim), else None."""
-    if std * math.sqrt(dim) < 0.1:
+    """A loud message when embedding_std has fallen far below the healthy 1/sqrt(dim) or is NaN, else None."""
+    if not std * math.sqrt(dim) >= 0.1:  # written so that NaN warns too
         return (f"WARNING: representation collapse: embedding_std {std:.4f} is below 0.1/sqrt({dim}) = "
                 f"{0.1 / math.sqrt(dim):.4f} (healthy ≈ {1 / math.sqrt(dim):.4f}); outputs are nearly constant")
     return None
@@ -643,9 +695,8 @@ def extract_features(encoder, loader, dist_env):
     its shard (the eval DistributedSampler pads it to equal size) and all ranks gather."""
     encoder.eval()
     features, labels = [], []
-    for images, targets in loader:
-        with torch.autocast("cuda", torch.bfloat16, enabled=dist_env.device.type == "cuda"):
-            features.append(encoder(images.to(dist_env.device, non_blocking=True)).float())
+    for images, targets in loader:  # fp32, as DINO's eval_knn.py: a k-NN ranks near-equal cosines
+        features.append(encoder(images.to(dist_env.device, non_blocking=True)).float())
         labels.append(targets.to(dist_env.device))
     features, labels = torch.cat(features), torch.cat(labels)
     indices = torch.tensor(list(iter(loader.sampler)), device=dist_env.device)
@@ -674,18 +725,48 @@ def knn_monitor(encoder, data, image_size, root, batch_size, workers, dist_env, 
     folder without a val/ split (training on unlabelled images is fine, it just cannot be monitored)."""
     if os.path.isdir(data) and not os.path.isdir(os.path.join(data, "val")):
         return None
-    loaders = [make_loader(build_dataset(data, split, eval_transform(image_size), root), batch_size, dist_env,
-                           workers, train=False) for split in ("train", "val")]
+    datasets = [build_dataset(data, split, eval_transform(image_size), root) for split in ("train", "val")]
+    classes = [len(getattr(dataset, "classes", ())) for dataset in datasets]
+    if classes[0] == 1 < classes[1]:
+        if dist_env.is_main:  # every train image would vote for one class: the accuracy would mean nothing
+            print(f"warning: k-NN monitor off: {data}/train has one class folder (unlabelled), val/ has "
+                  f"{classes[1]}; k-NN needs train/ labelled by the same class folders")
+        return None
+    loaders = [make_loader(dataset, batch_size, dist_env, workers, train=False) for dataset in datasets]
     (train_x, train_y), (val_x, val_y) = (extract_features(encoder, loader, dist_env) for loader in loaders)
     return (knn_classify(train_x, train_y, val_x, k).argmax(1) == val_y).float().mean().item()
 
 
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(state, path):
-    """Write then rename: a crash mid-save leaves the previous checkpoint whole."""
+    """Write then rename: a crash mid-save (a full disk, a kill) leaves the previous checkpoint whole."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    try:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as error:  # a full disk is torch's RuntimeError "unexpected pos ..."
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise UserError(f"could not write {path} (is the disk full? {error}); "
+                        "the previous checkpoint is untouched") from None
+
+
+def keep_snapshots(path, epoch, every, keep):
+    """--save-every N: a numbered copy of checkpoint.pth every N epochs (a hard link: no extra disk until
+    the rolling checkpoint moves on); --keep K: only the last K numbered copies stay."""
+    if not every or epoch % every:
+        return
+    stem = os.path.splitext(path)[0] + "_"  # OUTPUT_DIR/checkpoint_
+    try:
+        os.link(path, f"{stem}{epoch:04d}.tmp")
+    except OSError:  # file systems without hard links
+        shutil.copyfile(path, f"{stem}{epoch:04d}.tmp")
+    os.replace(f"{stem}{epoch:04d}.tmp", f"{stem}{epoch:04d}.pth")
+    folder, prefix = os.path.split(stem)
+    snapshots = sorted(name for name in os.listdir(folder or ".")
+                       if name.startswith(prefix) and name.endswith(".pth") and name[len(prefix):-4].isdigit())
+    for name in snapshots[:-keep] if keep else []:
+        os.remove(os.path.join(folder, name))
 
 
 def load_checkpoint(path, method=None):
@@ -704,5 +785,131 @@ def load_checkpoint(path, method=None):
 
 
 def log_jsonl(path, record):
+    """One JSON object per line; a non-finite number is written as null (a bare NaN is not JSON)."""
+    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(record, allow_nan=False) + "\n")
+
+
+# ----------------------------------------------------------------------------- runs that must stop
+def error_line(script, error):
+    """What a script exits with on a UserError: sys.exit(its one line), exit code 1, printed by rank 0
+    only (under torchrun the other ranks exit 1 silently instead of repeating it)."""
+    return f"{script}: error: {error}" if os.environ.get("RANK", "0") == "0" else 1
+
+
+def start_run(args, dist_env):
+    """The checks argparse cannot make alone, and OUTPUT_DIR created and writable, so that a mistake
+    fails now in one line, not after an epoch in a traceback."""
+    if args.base_lr < 0:
+        raise UserError(f"--base-lr {args.base_lr} is negative")
+    for name in ("global_crops_scale", "local_crops_scale"):  # DINO's multi-crop area ranges
+        low, high = getattr(args, name, (1, 1))
+        if not 0 < low <= high <= 1:
+            raise UserError(f"--{name.replace('_', '-')} {low} {high}: expected MIN MAX with 0 < MIN <= MAX <= 1")
+    if not 0 < getattr(args, "crop_min", 1) <= 1:  # MoCo's smallest crop area
+        raise UserError(f"--crop-min {args.crop_min} is not an area fraction in (0, 1]")
+    if args.warmup_epochs > args.epochs and dist_env.is_main:  # legal (a short test run), but rarely meant
+        print(f"warning: --warmup-epochs {args.warmup_epochs} is longer than the run (--epochs {args.epochs}): "
+              f"the lr never reaches base-lr x batch-size / 256")
+    if dist_env.is_main:
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+            with open(os.path.join(args.output_dir, ".writable"), "w"):
+                pass
+            os.remove(os.path.join(args.output_dir, ".writable"))
+        except OSError as error:
+            raise UserError(f"--output-dir {args.output_dir} is not writable ({error.strerror or error})") from None
+
+
+# Flags that may differ when a run resumes: where it runs and what it reports, not what it computes.
+# --epochs may grow (or shrink to no less than the epochs done): the lr schedule then follows the new length.
+MAY_CHANGE_ON_RESUME = ("epochs", "output_dir", "resume", "workers", "cpu_augment", "compile", "knn_every",
+                        "save_every", "keep", "data_root", "attention_maps", "visualize")
+
+
+def check_same_run(checkpoint, args, path):
+    """Refuse to resume a run with other run-defining flags (data, model, batch, lr, ...): it would go
+    on training the old weights with new settings, or fail in a size-mismatch traceback."""
+    saved = checkpoint.get("args", {})
+    plain = lambda value: list(value) if isinstance(value, tuple) else value  # noqa: E731  (a default tuple = a given list)
+    differ = [f"--{name.replace('_', '-')} {saved[name]} (now {value})" for name, value in vars(args).items()
+              if name in saved and name not in MAY_CHANGE_ON_RESUME and plain(saved[name]) != plain(value)]
+    if differ:
+        raise UserError(f"{path} is a run with other flags: {', '.join(differ)}; use another --output-dir, or the "
+                        f"same flags (only --{', --'.join(n.replace('_', '-') for n in MAY_CHANGE_ON_RESUME)} may change)")
+    if args.epochs < checkpoint["epoch"]:
+        raise UserError(f"--epochs {args.epochs}: {path} has already trained {checkpoint['epoch']} epochs")
+
+
+def check_finite(loss, epoch, step, lr, model=None):
+    """Stop a diverged run before it can save: the last good checkpoint stays as it was. loss is the float
+    the loop has already read (loss.item()), so this adds no host sync per step; before a save, model's
+    parameters and buffers are checked too (one sync per epoch)."""
+    weights_finite = model is None or all_finite(model.state_dict())
+    if not (math.isfinite(loss) and weights_finite):
+        what = f"loss {loss}" if weights_finite else "non-finite weights"
+        raise UserError(f"the run diverged ({what}) at epoch {epoch + 1}, step {step}, lr {lr:.3g}; nothing was saved "
+                        "(the last checkpoint is intact): try a lower --base-lr or a longer --warmup-epochs")
+
+
+def all_finite(state_dict):
+    floats = [t.isfinite().all() for t in state_dict.values() if torch.is_tensor(t) and t.is_floating_point()]
+    return bool(torch.stack(floats).all()) if floats else True
+
+
+class Preemption:
+    """SIGTERM (what Slurm, Kubernetes and spot instances send before a kill) only sets a flag; the loop
+    asks at each step boundary, and all ranks get the same answer, since one may be signalled first.
+    A second SIGTERM does what it did before (by default: end the process at once)."""
+
+    def __init__(self):
+        self.signalled, self.previous = False, signal.signal(signal.SIGTERM, self.handler)
+
+    def handler(self, signum, frame):
+        if self.signalled:
+            signal.signal(signal.SIGTERM, self.previous or signal.SIG_DFL)  # None: not installed from Python
+            signal.raise_signal(signal.SIGTERM)
+        self.signalled = True
+
+    def __call__(self, dist_env):
+        if dist_env.world_size == 1:
+            return self.signalled
+        flag = torch.tensor([float(self.signalled)], device=dist_env.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def save_and_stop(state, path, dist_env):
+    """Pre-empted: rank 0 saves the state at this step boundary (with the RNG, for an exact resume
+    mid-epoch), every rank waits for it, then all exit with one line."""
+    if dist_env.is_main:
+        save_checkpoint(state, path)
+    if dist_env.world_size > 1:
+        dist.barrier()
+    raise UserError(f"stopped by SIGTERM at epoch {state['epoch'] + 1}, step {state['step']}: saved {path}; "
+                    "run the same command to resume")
+
+
+def rng_state():
+    """Every rank's RNG state (their seeds differ), gathered so that rank 0 saves all of them."""
+    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if not (dist.is_available() and dist.is_initialized()):
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def resume_batches(batches, done, rng):
+    """Resuming mid-epoch: draw and drop the `done` batches the pre-empted run had trained on (sampler,
+    workers and device augmentations then stand where they stood), then restore this rank's RNG state."""
+    batches = iter(batches)
+    for _ in range(done):
+        next(batches)
+    if done:
+        rng = rng[dist.get_rank() % len(rng) if dist.is_available() and dist.is_initialized() else 0]
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    yield from batches

@@ -1,4 +1,4 @@
-"""DINO: self-distillation with no labels (Caron et al., ICCV 2021, arXiv:2104.14294).
+r"""DINO: self-distillation with no labels (Caron et al., ICCV 2021, arXiv:2104.14294).
 
 A student network g_s learns to predict the output of a teacher g_t, an exponential moving average
 of the student, on other crops of the same image. Both end in a K-way softmax (§3.1):
@@ -10,12 +10,15 @@ The teacher sees the 2 global crops, the student all of them (multi-crop: + N sm
 local-to-global correspondence is learnt. Centering (c) alone would collapse to the uniform
 distribution and sharpening (τ_t < τ_s) alone to one dimension; together they avoid both (§5.3).
 
-    python dino.py --data shapes --arch vit_nano --patch-size 8 --out-dim 1024 --head-hidden 256 \\
+    python dino.py --data shapes --arch vit_nano --patch-size 8 --out-dim 1024 --head-hidden 256 \
         --head-bottleneck 64 --local-crops 6 --epochs 30 --batch-size 128 --attention-maps 10   # CPU
-    torchrun --nproc_per_node=8 dino.py --data /imagenet --attention-maps 10                # paper recipe
+    torchrun --nproc_per_node=8 dino.py --data /imagenet --attention-maps 10                # vanilla recipe
+    torchrun --nproc_per_node=8 dino.py --data /imagenet --batch-size 1024 --epochs 300 --teacher-temp 0.07 \\
+        --warmup-teacher-temp-epochs 30 --no-norm-last-layer                                # boosted recipe
 
-Official code, ViT-S/16, 100 epochs on 8 GPUs (batch 512, τ_t 0.04): 69.3% k-NN, 74.0% linear top-1
-on ImageNet; 300 epochs with τ_t 0.04 -> 0.07 over 30 epochs (this file's default): 73.3% / 76.0%.
+The defaults are the official main_dino.py defaults, its README's "vanilla" run: ViT-S/16, 100 epochs,
+batch 512 (8 GPUs x 64), 2 + 8 crops, τ_t 0.04, last layer normalised -> 69.3% k-NN, 74.0% linear top-1
+on ImageNet. Its "boosted" run (the second command, 16 GPUs x 64) -> 73.3% / 76.0%.
 """
 import argparse
 import itertools
@@ -41,8 +44,8 @@ def get_args_parser():
     g.add_argument("--data", required=True, help="shapes[:SIZE[:N[:V]]], cifar10, cifar100, stl10, or an ImageFolder root")
     g.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
     g.add_argument("--image-size", type=common.positive_int, default=None, help="global crop size (default: 224 for folders, 32 CIFAR, 96 STL-10)")
-    g.add_argument("--local-crops", type=common.non_negative_int, default=10, help="local crops per image, at 96/224 of the global size "
-                   "(paper: 2x224 + 10x96; 0 disables multi-crop, then use --global-crops-scale 0.14 1)")
+    g.add_argument("--local-crops", type=common.non_negative_int, default=8, help="local crops per image, at 96/224 of the global size "
+                   "(official: 2x224 + 8x96; the paper's best uses 10; 0 disables multi-crop, then use --global-crops-scale 0.14 1)")
     g.add_argument("--global-crops-scale", type=float, nargs=2, default=(0.4, 1.0), help="area range of the global crops")
     g.add_argument("--local-crops-scale", type=float, nargs=2, default=(0.05, 0.4), help="area range of the local crops")
     g.add_argument("--workers", type=common.non_negative_int, default=min(8, os.cpu_count()), help="data-loading processes per GPU")
@@ -54,18 +57,25 @@ def get_args_parser():
     g.add_argument("--head-hidden", type=common.positive_int, default=2048, help="hidden width of the 3-layer head MLP")
     g.add_argument("--head-bottleneck", type=common.positive_int, default=256, help="L2-normalised bottleneck before the last layer")
     g.add_argument("--out-dim", type=common.positive_int, default=65536, help="K, the softmax width; large values (65k) work well on ImageNet")
+    g.add_argument("--norm-last-layer", action=argparse.BooleanOptionalAction, default=True,
+                   help="weight-normalise the head's last layer with its norm fixed at 1; the official runs turn it off "
+                        "(a trained norm) for ViT-S, which performs better but can be unstable, and keep it for ViT-B")
     g = p.add_argument_group("objective")
     g.add_argument("--student-temp", type=common.positive_float, default=0.1, help="τ_s")
     g.add_argument("--warmup-teacher-temp", type=common.positive_float, default=0.04, help="τ_t at epoch 0; lower it if the loss does not decrease")
-    g.add_argument("--teacher-temp", type=common.positive_float, default=0.07, help="τ_t after the warm-up; above 0.07 is unstable")
-    g.add_argument("--warmup-teacher-temp-epochs", type=common.non_negative_int, default=30, help="linear τ_t warm-up")
+    g.add_argument("--teacher-temp", type=common.positive_float, default=0.04, help="τ_t after the warm-up; above 0.07 is unstable "
+                   "(the boosted run: 0.07, warmed up over 30 epochs)")
+    g.add_argument("--warmup-teacher-temp-epochs", type=common.non_negative_int, default=0, help="linear τ_t warm-up")
     g.add_argument("--center-momentum", type=float, default=0.9, help="m in c <- m c + (1 - m) mean(teacher output)")
     g.add_argument("--momentum-teacher", type=float, default=0.996, help="teacher EMA at step 0, cosine to 1 (0.9995 at batch 256)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=common.positive_int, default=100, help="training epochs (300-800 for the paper's best)")
+    g.add_argument("--epochs", type=common.positive_int, default=100, help="training epochs (300-800 for the paper's best). "
+                   "On a ResNet the official README uses SGD: --arch resnet50 --optimizer sgd --base-lr 0.03 --weight-decay 1e-4 "
+                   "--weight-decay-end 1e-4 --global-crops-scale 0.14 1 --local-crops-scale 0.05 0.14")
+    g.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="AdamW for ViTs; SGD (momentum 0.9) for ResNets")
     g.add_argument("--warmup-epochs", type=common.non_negative_int, default=10, help="linear lr warm-up")
-    g.add_argument("--batch-size", type=common.positive_int, default=1024, help="global batch (images, not crops), split over the GPUs")
-    g.add_argument("--base-lr", type=float, default=5e-4, help="AdamW lr = base-lr × batch-size / 256 after the warm-up")
+    g.add_argument("--batch-size", type=common.positive_int, default=512, help="global batch (images, not crops), split over the GPUs")
+    g.add_argument("--base-lr", type=float, default=5e-4, help="lr = base-lr × batch-size / 256 after the warm-up")
     g.add_argument("--min-lr", type=float, default=1e-6, help="lr at the end of the cosine")
     g.add_argument("--weight-decay", type=float, default=0.04, help="weight decay at step 0 (not on biases and norms)")
     g.add_argument("--weight-decay-end", type=float, default=0.4, help="weight decay at the end, cosine schedule")
@@ -74,6 +84,8 @@ def get_args_parser():
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default="runs/dino", help="checkpoint.pth and log.jsonl; resumes from it if present")
     g.add_argument("--resume", default="", help="resume from this checkpoint instead of OUTPUT_DIR/checkpoint.pth")
+    g.add_argument("--save-every", type=common.non_negative_int, default=0, help="also keep OUTPUT_DIR/checkpoint_EPOCH.pth every N epochs (0: off)")
+    g.add_argument("--keep", type=common.non_negative_int, default=0, help="with --save-every: keep only the last K numbered snapshots (0: all)")
     g.add_argument("--knn-every", type=common.non_negative_int, default=10, help="k-NN of the teacher on val every N epochs and at the end (0: off)")
     g.add_argument("--attention-maps", type=common.non_negative_int, default=0, help="every N epochs and at the end, save the teacher's "
                    "last-layer CLS attention per head for 4 val images as PNGs (ViT only; 0: off)")
@@ -84,12 +96,12 @@ def get_args_parser():
 
 # ----------------------------------------------------------------------------- model
 class DINOHead(nn.Module):
-    """3-layer MLP (GELU, no BN: the official ViT default), L2-normalised bottleneck, then a
-    weight-normalised linear layer to K with its norm g fixed to 1: each row of the weight is used
-    as a unit vector, so every logit is a cosine. (Same function, gradient and EMA as the official
-    nn.utils.weight_norm with weight_g frozen at 1, and the checkpoint stays one plain weight.)"""
+    """3-layer MLP (GELU, no BN: the official ViT default), L2-normalised bottleneck, then a weight-
+    normalised linear layer to K: row k of the weight is g_k·v_k/‖v_k‖ (official vision_transformer.py
+    DINOHead, torch's weight_norm). With norm_last_layer the gains g stay at 1 and every logit is a
+    cosine; without it g trains, is weight-decayed as a (K, 1) tensor and is averaged into the teacher."""
 
-    def __init__(self, in_dim, out_dim, hidden_dim=2048, bottleneck_dim=256):
+    def __init__(self, in_dim, out_dim, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
                                  nn.Linear(hidden_dim, bottleneck_dim))
@@ -97,11 +109,18 @@ class DINOHead(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)  # torch's default init, as official
+        # v keeps torch's default init, as official; parameters: original0 = g (K, 1), original1 = v (K, bottleneck)
+        self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        gain = self.last_layer.parametrizations.weight.original0
+        gain.data.fill_(1.0)
+        gain.requires_grad_(not norm_last_layer)
 
     def forward(self, x):
         x = F.normalize(self.mlp(x), dim=-1)                                     # (N, bottleneck) on the sphere
-        return F.linear(x, F.normalize(self.last_layer.weight, dim=1))           # (N, K)
+        # fp32 even under bf16 autocast: bf16 rounds cosines near 1 to steps of 2⁻⁸, about 0.1 logit
+        # at τ_t = 0.04, and the softmaxes and the centre are computed from these logits.
+        with torch.autocast(x.device.type, enabled=False):
+            return self.last_layer(x.float())                                   # (N, K)
 
 
 class MultiCropNetwork(nn.Module):
@@ -172,7 +191,10 @@ def teacher_temperature(epoch, args):
 def schedules(step, total_steps, steps_per_epoch, lr, args):
     """Every per-step value of the recipe: lr warm-up + cosine, weight decay 0.04 -> 0.4 and the
     teacher momentum 0.996 -> 1 on cosines (a slower, sharper teacher late in training)."""
-    return dict(lr=common.cosine_schedule(step, total_steps, lr, args.min_lr, args.warmup_epochs * steps_per_epoch),
+    warmup = args.warmup_epochs * steps_per_epoch
+    # Warm-up as the official utils.cosine_scheduler, np.linspace(0, lr, warmup): the peak comes at the
+    # last warm-up step (then the cosine starts from it again).
+    return dict(lr=lr * step / max(1, warmup - 1) if step < warmup else common.cosine_schedule(step, total_steps, lr, args.min_lr, warmup),
                 weight_decay=common.cosine_schedule(step, total_steps, args.weight_decay, args.weight_decay_end),
                 momentum=common.cosine_schedule(step, total_steps, args.momentum_teacher, 1.0))
 
@@ -226,7 +248,8 @@ def augmentations(args):
 def build_model(args):
     def network(drop_path):
         backbone = common.build_encoder(args.arch, args.image_size, args.patch_size, drop_path)
-        return MultiCropNetwork(backbone, DINOHead(backbone.embed_dim, args.out_dim, args.head_hidden, args.head_bottleneck))
+        head = DINOHead(backbone.embed_dim, args.out_dim, args.head_hidden, args.head_bottleneck, args.norm_last_layer)
+        return MultiCropNetwork(backbone, head)
     return DINO(network(args.drop_path), network(0.0), args.out_dim)
 
 
@@ -253,9 +276,10 @@ def main(args):
     dist_env = common.init_distributed()
     device = dist_env.device
     args.image_size = args.image_size or common.default_image_size(args.data)
+    common.start_run(args, dist_env)  # flags argparse cannot check, OUTPUT_DIR writable: fail now, not after an epoch
     is_vit = args.arch.startswith("vit")
     if args.batch_size % dist_env.world_size:
-        raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} GPUs")
+        raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} processes")
     if args.attention_maps and not is_vit:
         raise common.UserError(f"--attention-maps needs a ViT (--arch vit_*), not {args.arch}")
     dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root)
@@ -270,19 +294,23 @@ def main(args):
         model = model.to(memory_format=torch.channels_last)
     lr = args.base_lr * args.batch_size / 256  # linear scaling rule
     groups = common.param_groups(model.student, args.weight_decay)  # [decayed, not decayed]
-    optimizer = torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
     encoder_config = dict(arch=args.arch, image_size=args.image_size, patch_size=args.patch_size)
 
-    start_epoch, step = 0, 0
+    start_epoch, step, rng = 0, 0, None
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
     resume_path = args.resume or (checkpoint_path if os.path.exists(checkpoint_path) else "")
     if resume_path:
         checkpoint = common.load_checkpoint(resume_path, "dino")
         if checkpoint["encoder_config"] != encoder_config:
             raise common.UserError(f"{resume_path} holds {checkpoint['encoder_config']}, not {encoder_config}")
+        common.check_same_run(checkpoint, args, resume_path)  # other data, model, batch or lr: refused
         model.load_state_dict(checkpoint["model"])  # student, teacher and centre
         optimizer.load_state_dict(checkpoint["optimizer"])
-        start_epoch, step = checkpoint["epoch"], checkpoint["step"]
+        start_epoch, step, rng = checkpoint["epoch"], checkpoint["step"], checkpoint.get("rng")
         if dist_env.is_main:
             print(f"resumed from {resume_path} at epoch {start_epoch}")
 
@@ -299,9 +327,7 @@ def main(args):
     teacher_backbone = raw_model.teacher.backbone  # what the paper evaluates, and what the checkpoint exports
     knn = lambda: common.knn_monitor(teacher_backbone, args.data, args.image_size, args.data_root,  # noqa: E731
                                      args.batch_size // dist_env.world_size, args.workers, dist_env)
-    if dist_env.is_main:
-        os.makedirs(args.output_dir, exist_ok=True)
-    if args.knn_every and start_epoch == 0:
+    if args.knn_every and step == 0:  # a fresh run (a resumed one may be mid-epoch 1)
         knn_init = knn()
         if dist_env.is_main and knn_init is not None:
             print(f"k-NN top-1 at random init: {100 * knn_init:.2f}%")
@@ -312,6 +338,9 @@ def main(args):
         attention_images = torch.stack([val[i][0] for i in range(min(4, len(val)))]).to(device)
 
     record = {}
+    state = lambda **position: dict(method="dino", encoder_config=encoder_config, encoder=teacher_backbone.state_dict(),  # noqa: E731
+                                    args=vars(args), model=raw_model.state_dict(), optimizer=optimizer.state_dict(), **position)
+    preempted = common.Preemption()  # SIGTERM sets it; the loop saves at the next step boundary
     total_steps = args.epochs * len(loader)
     for epoch in range(start_epoch, args.epochs):
         model.train()
@@ -319,7 +348,7 @@ def main(args):
         torch.manual_seed(args.seed * 100003 + epoch * 1000 + dist_env.rank)  # resume replays the same augmentations
         start, losses, stds, entropies = time.time(), [], [], []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist_env.is_main)
-        for crops, _ in bar:
+        for crops, _ in common.resume_batches(bar, step - epoch * len(loader), rng):  # skips what a pre-empted run did
             values = schedules(step, total_steps, len(loader), lr, args)
             for group in optimizer.param_groups:
                 group["lr"] = values["lr"]
@@ -333,16 +362,21 @@ def main(args):
             loss.backward()
             if args.clip_grad:
                 clip_gradients(raw_model.student.parameters(), args.clip_grad)
-            if epoch < args.freeze_last_layer:  # no gradient, so AdamW leaves it alone (no decay either)
-                raw_model.student.head.last_layer.weight.grad = None
+            if epoch < args.freeze_last_layer:  # no gradient: the optimizer leaves it alone (no decay either)
+                for p in raw_model.student.head.last_layer.parameters():
+                    p.grad = None
             optimizer.step()
             momentum_update(raw_model, values["momentum"])
             step += 1
             losses.append(loss.item())
+            common.check_finite(losses[-1], epoch, step, optimizer.param_groups[0]["lr"])  # diverged: stop before any save
             stds.append(common.embedding_std(teacher_out))
             entropies.append(entropy.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{values['lr']:.3g}",
                             img_s=f"{len(losses) * args.batch_size / (time.time() - start):.0f}")
+            if preempted(dist_env) and step % len(loader):  # SIGTERM: save here (with the RNG: exact resume
+                # mid-epoch) and exit; at an epoch's last step, the epoch's own save comes first
+                common.save_and_stop(state(epoch=epoch, step=step, rng=common.rng_state()), checkpoint_path, dist_env)
 
         record = dict(epoch=epoch + 1, loss=sum(losses) / len(losses), embedding_std=sum(stds) / len(stds),
                       teacher_entropy=sum(entropies) / len(entropies), teacher_temp=teacher_temperature(epoch, args),
@@ -350,13 +384,13 @@ def main(args):
                       images_per_s=len(losses) * args.batch_size / (time.time() - start))
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
             record["knn_top1"] = knn()
+        common.check_finite(record["loss"], epoch, step, record["lr"], raw_model)  # weights too, once an epoch
         if dist_env.is_main:
             if args.attention_maps and ((epoch + 1) % args.attention_maps == 0 or epoch + 1 == args.epochs):
                 save_attention_maps(teacher_backbone, attention_images,
                                     os.path.join(args.output_dir, "attention", f"epoch{epoch + 1:04d}"))
-            common.save_checkpoint(dict(method="dino", encoder_config=encoder_config, encoder=teacher_backbone.state_dict(),
-                                        args=vars(args), epoch=epoch + 1, step=step, model=raw_model.state_dict(),
-                                        optimizer=optimizer.state_dict()), checkpoint_path)
+            common.save_checkpoint(state(epoch=epoch + 1, step=step), checkpoint_path)
+            common.keep_snapshots(checkpoint_path, epoch + 1, args.save_every, args.keep)
             common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if v is not None))
             if warning := common.collapse_warning(record["embedding_std"], args.out_dim):
@@ -371,4 +405,4 @@ if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
     except common.UserError as error:
-        sys.exit(f"dino.py: error: {error}")
+        sys.exit(common.error_line("dino.py", error))  # exit code 1, printed once under torchrun

@@ -1,4 +1,4 @@
-"""MAE: masked autoencoders are scalable vision learners (He et al., CVPR 2022, arXiv:2111.06377).
+r"""MAE: masked autoencoders are scalable vision learners (He et al., CVPR 2022, arXiv:2111.06377).
 
 Cut the image into L patches, hide a random 75% of them, and paint the hidden pixels back. The ViT
 encoder runs on the L/4 visible patches only (no mask tokens: a quarter of the sequence, a quarter
@@ -64,6 +64,8 @@ def get_args_parser():
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default="runs/mae", help="checkpoint.pth and log.jsonl; resumes from it if present")
     g.add_argument("--resume", default="", help="resume from this checkpoint instead of OUTPUT_DIR/checkpoint.pth")
+    g.add_argument("--save-every", type=common.non_negative_int, default=0, help="also keep OUTPUT_DIR/checkpoint_EPOCH.pth every N epochs (0: off)")
+    g.add_argument("--keep", type=common.non_negative_int, default=0, help="with --save-every: keep only the last K numbered snapshots (0: all)")
     g.add_argument("--knn-every", type=common.non_negative_int, default=10, help="k-NN monitor on the val split every N epochs and at the end (0: off)")
     g.add_argument("--visualize", type=common.non_negative_int, default=20, help="every N epochs and at the end, write OUTPUT_DIR/"
                    "reconstruction_EPOCH.png: original | masked | reconstruction of 8 fixed val images (0: off)")
@@ -209,11 +211,12 @@ def main(args):
     dist_env = common.init_distributed()
     device = dist_env.device
     args.image_size = args.image_size or common.default_image_size(args.data)
+    common.start_run(args, dist_env)  # flags argparse cannot check, OUTPUT_DIR writable: fail now, not after an epoch
     if args.batch_size % dist_env.world_size:
-        raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} GPUs")
+        raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} processes")
     num_patches = (args.image_size // args.patch_size) ** 2
-    if not 0 <= args.mask_ratio < 1 or int(num_patches * (1 - args.mask_ratio)) < 1:
-        raise common.UserError(f"--mask-ratio {args.mask_ratio} must be in [0, 1) and keep at least one of {num_patches} patches")
+    if not 0 < args.mask_ratio < 1 or int(num_patches * (1 - args.mask_ratio)) < 1:
+        raise common.UserError(f"--mask-ratio {args.mask_ratio} must be in (0, 1) and keep at least one of {num_patches} patches")
     dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root)
     loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
                                 on_device=not args.cpu_augment)
@@ -227,16 +230,17 @@ def main(args):
                                   fused=device.type == "cuda")  # β2 = 0.95 as in iGPT (§A.1)
     encoder_config = dict(arch=args.arch, image_size=args.image_size, patch_size=args.patch_size)
 
-    start_epoch, step = 0, 0
+    start_epoch, step, rng = 0, 0, None
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
     resume_path = args.resume or (checkpoint_path if os.path.exists(checkpoint_path) else "")
     if resume_path:
         checkpoint = common.load_checkpoint(resume_path, "mae")
         if checkpoint["encoder_config"] != encoder_config:
             raise common.UserError(f"{resume_path} holds {checkpoint['encoder_config']}, not {encoder_config}")
+        common.check_same_run(checkpoint, args, resume_path)  # other data, model, batch or lr: refused
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        start_epoch, step = checkpoint["epoch"], checkpoint["step"]
+        start_epoch, step, rng = checkpoint["epoch"], checkpoint["step"], checkpoint.get("rng")
         if dist_env.is_main:
             print(f"resumed from {resume_path} at epoch {start_epoch}")
 
@@ -248,20 +252,21 @@ def main(args):
         model = torch.compile(model)  # checkpoints keep saving raw_model: plain names, loadable anywhere
     knn = lambda: common.knn_monitor(raw_model.encoder, args.data, args.image_size, args.data_root,
                                      args.batch_size // dist_env.world_size, args.workers, dist_env)
-    if dist_env.is_main:
-        os.makedirs(args.output_dir, exist_ok=True)
     if args.visualize and dist_env.is_main:  # the same 8 images and the same masks every time
         has_val = not os.path.isdir(args.data) or os.path.isdir(os.path.join(args.data, "val"))
         vis_set = common.build_dataset(args.data, "val" if has_val else "train", common.eval_transform(args.image_size), args.data_root)
         vis_imgs = torch.stack([vis_set[i][0] for i in range(min(8, len(vis_set)))]).to(device)
         vis_noise = torch.rand(len(vis_imgs), num_patches, generator=torch.Generator().manual_seed(0)).to(device)
-    if args.knn_every and start_epoch == 0:
+    if args.knn_every and step == 0:  # a fresh run (a resumed one may be mid-epoch 1)
         knn_init = knn()
         if dist_env.is_main and knn_init is not None:
             print(f"k-NN top-1 at random init: {100 * knn_init:.2f}%")
             common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), {"epoch": 0, "knn_top1": knn_init})
 
     record = {}
+    state = lambda **position: dict(method="mae", encoder_config=encoder_config, encoder=raw_model.encoder.state_dict(),  # noqa: E731
+                                    args=vars(args), model=raw_model.state_dict(), optimizer=optimizer.state_dict(), **position)
+    preempted = common.Preemption()  # SIGTERM sets it; the loop saves at the next step boundary
     total_steps, warmup_steps = args.epochs * len(loader), args.warmup_epochs * len(loader)
     for epoch in range(start_epoch, args.epochs):
         model.train()
@@ -269,7 +274,7 @@ def main(args):
         torch.manual_seed(args.seed * 100003 + epoch * 1000 + dist_env.rank)  # resume replays the same crops and masks
         start, losses, stds = time.time(), [], []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist_env.is_main)
-        for views, _ in bar:
+        for views, _ in common.resume_batches(bar, step - epoch * len(loader), rng):  # skips what a pre-empted run did
             for group in optimizer.param_groups:
                 group["lr"] = common.cosine_schedule(step, total_steps, lr, 0.0, warmup_steps)
             views = [v.to(device, non_blocking=True) for v in views]
@@ -280,20 +285,23 @@ def main(args):
             optimizer.step()
             step += 1
             losses.append(loss.item())
+            common.check_finite(losses[-1], epoch, step, optimizer.param_groups[0]["lr"])  # diverged: stop before any save
             stds.append(common.embedding_std(z))
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}",
                             img_s=f"{len(losses) * args.batch_size / (time.time() - start):.0f}")
+            if preempted(dist_env) and step % len(loader):  # SIGTERM: save here (with the RNG: exact resume
+                # mid-epoch) and exit; at an epoch's last step, the epoch's own save comes first
+                common.save_and_stop(state(epoch=epoch, step=step, rng=common.rng_state()), checkpoint_path, dist_env)
 
         record = dict(epoch=epoch + 1, loss=sum(losses) / len(losses), embedding_std=sum(stds) / len(stds),
                       lr=optimizer.param_groups[0]["lr"], images_per_s=len(losses) * args.batch_size / (time.time() - start))
         last = epoch + 1 == args.epochs
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or last):
             record["knn_top1"] = knn()
+        common.check_finite(record["loss"], epoch, step, record["lr"], raw_model)  # weights too, once an epoch
         if dist_env.is_main:
-            common.save_checkpoint(dict(method="mae", encoder_config=encoder_config,
-                                        encoder=raw_model.encoder.state_dict(), args=vars(args), epoch=epoch + 1,
-                                        step=step, model=raw_model.state_dict(), optimizer=optimizer.state_dict()),
-                                   checkpoint_path)
+            common.save_checkpoint(state(epoch=epoch + 1, step=step), checkpoint_path)
+            common.keep_snapshots(checkpoint_path, epoch + 1, args.save_every, args.keep)
             common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if v is not None))
             if warning := common.collapse_warning(record["embedding_std"], raw_model.encoder.embed_dim):
@@ -311,4 +319,4 @@ if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
     except common.UserError as error:
-        sys.exit(f"mae.py: error: {error}")
+        sys.exit(common.error_line("mae.py", error))  # exit code 1, printed once under torchrun

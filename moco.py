@@ -1,4 +1,4 @@
-"""MoCo v3 (Chen, Xie & He, ICCV 2021, arXiv:2104.02057); --version v2: MoCo v2's queue (arXiv:2003.04297).
+r"""MoCo v3 (Chen, Xie & He, ICCV 2021, arXiv:2104.02057); --version v2: MoCo v2's queue (arXiv:2003.04297).
 
 A query q of one view must pick out the key k⁺ of the other view among negative keys, made by a momentum
 encoder θk ← m·θk + (1 − m)·θq that no gradient reaches (MoCo, He et al. 2020, arXiv:1911.05722):
@@ -13,9 +13,9 @@ lack, a shortcut to a low loss, so keys are computed on a batch shuffled across 
 query and key would still be normalised over the same images, only more of them. On one GPU the shuffle
 stays inside one BN batch and changes nothing: query and key share its statistics, as with SyncBN.
 
-    python moco.py --data shapes:32:1000:2000 --arch vit_nano --patch-size 8 --epochs 4 --batch-size 64 --warmup-epochs 1 \\
+    python moco.py --data shapes:32:1000:2000 --arch vit_nano --patch-size 8 --epochs 4 --batch-size 64 --warmup-epochs 1 \
         --proj-hidden 256 --optimizer lars --weight-decay 1e-6 --base-lr 8 --knn-every 4   # CPU, ~1 min, smoke run: k-NN 27 -> 22%
-    torchrun --nproc_per_node=8 moco.py --data /imagenet                   # v3 ViT-S/16, 300 ep -> 73.2% linear
+    torchrun --nproc_per_node=8 moco.py --data /imagenet                   # v3 ViT-S/16 (12 heads), 300 ep -> 73.2% linear
     torchrun --nproc_per_node=8 moco.py --data /imagenet --arch resnet50   # v3 R-50, LARS, τ 1.0, 100 ep -> 68.9%
     torchrun --nproc_per_node=8 moco.py --data /imagenet --version v2      # v2 R-50, batch 256, 200 ep -> 67.5%
 """
@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from tqdm import tqdm
 
 import common
@@ -80,7 +79,8 @@ def get_args_parser():
     recipe_flag(g, "momentum", "key encoder momentum m (v3: start of the cosine rise to 1; v2: fixed)")
     recipe_flag(g, "queue_size", "v2: number of queued negative keys K, a multiple of --batch-size (v3 has none)")
     g = p.add_argument_group("optimisation")
-    recipe_flag(g, "epochs", "training epochs (v3 ResNet-50: 300 or 1000 for 72.8 / 74.6%%)", type=common.positive_int)
+    recipe_flag(g, "epochs", "training epochs; v3 ResNet-50 (CONFIG.md): 100 -> 68.9%%, 300 with --base-lr 0.3 -> 72.8%%, "
+                "1000 with --base-lr 0.3 --weight-decay 1.5e-6 --momentum 0.996 -> 74.6%%", type=common.positive_int)
     recipe_flag(g, "warmup_epochs", "linear lr warm-up, then cosine decay to 0", type=common.non_negative_int)
     recipe_flag(g, "batch_size", "global batch, split over the GPUs", type=common.positive_int)
     recipe_flag(g, "optimizer", "LARS (trust 0.001) and SGD use momentum 0.9", choices=["adamw", "lars", "sgd"])
@@ -89,6 +89,8 @@ def get_args_parser():
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default="runs/moco", help="checkpoint.pth and log.jsonl; resumes from it if present")
     g.add_argument("--resume", default="", help="resume from this checkpoint instead of OUTPUT_DIR/checkpoint.pth")
+    g.add_argument("--save-every", type=common.non_negative_int, default=0, help="also keep OUTPUT_DIR/checkpoint_EPOCH.pth every N epochs (0: off)")
+    g.add_argument("--keep", type=common.non_negative_int, default=0, help="with --save-every: keep only the last K numbered snapshots (0: all)")
     g.add_argument("--knn-every", type=common.non_negative_int, default=10, help="k-NN monitor on the val split every N epochs and at the end (0: off)")
     g.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of every epoch's augmentations")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps, then faster)")
@@ -185,21 +187,36 @@ def augmentations(args):
                              common.View(size, scale, jitter, blur=0.1 if v3 else 0.5, solarize=0.2 if v3 else 0.0)])
 
 
+def encoder_config_of(args):
+    """What probe.py needs to rebuild the encoder. MoCo v3's ViT-S has 12 heads (official vits.py), not
+    DINO's / timm's 6: the weights have the same shapes either way, so the count must travel with them."""
+    return dict(arch=args.arch, image_size=args.image_size, patch_size=args.patch_size,
+                **({"num_heads": 12} if args.arch == "vit_small" and args.version == "v3" else {}))
+
+
 def build_model(args):
     vit = args.arch.startswith("vit")
-    encoder = common.build_encoder(args.arch, args.image_size, args.patch_size, sincos=True)  # v3's fixed 2-D sin-cos
-    if vit:  # official init of the patch projection, which stays at it: Xavier-uniform, 2x torch's default scale
-        nn.init.xavier_uniform_(encoder.patch_embed.proj.weight.view(encoder.embed_dim, -1))  # (D, 3·p·p)
+    encoder = common.build_encoder(**encoder_config_of(args), sincos=True,  # v3's fixed 2-D sin-cos
+                                   zero_init_residual=args.version == "v3")  # v3 builder: blocks start as the identity
+    if vit:  # official VisionTransformerMoCo init (vits.py)
+        for name, m in encoder.named_modules():
+            if isinstance(m, nn.Linear):  # Xavier-uniform; q, k and v as three separate (D, D) matrices
+                bound = (6 / (m.weight.shape[0] // (3 if name.endswith("qkv") else 1) + m.weight.shape[1])) ** 0.5
+                nn.init.uniform_(m.weight, -bound, bound)
+        nn.init.normal_(encoder.cls_token, std=1e-6)
+        # The official sin-cos embedding puts the row (y) half first, MAE's (and common's) the column (x) half.
+        pos = encoder.pos_embed.data[0, 1:]                                    # (L, D), CLS position stays 0
+        encoder.pos_embed.data[0, 1:] = torch.cat(pos.chunk(2, dim=1)[::-1], dim=1)
+        # The patch projection stays at its random init, Xavier-uniform over (D, 3·p·p): §4.2, stable training.
+        nn.init.xavier_uniform_(encoder.patch_embed.proj.weight.view(encoder.embed_dim, -1))
         nn.init.zeros_(encoder.patch_embed.proj.bias)
-        encoder.patch_embed.requires_grad_(not args.stop_grad_conv1)  # random patch projection: stable training
+        encoder.patch_embed.requires_grad_(not args.stop_grad_conv1)
     d, hidden, out = encoder.embed_dim, args.proj_hidden, args.proj_dim
     if args.version == "v2":  # Linear-ReLU-Linear, no BN (official --mlp); no predictor
         return MoCo(encoder, nn.Sequential(nn.Linear(d, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out)),
                     nn.Identity(), args.queue_size, out)
-    for block in encoder.modules():  # ResNet: official zero_init_residual, each residual block starts as the identity
-        if isinstance(block, (torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck)):
-            nn.init.zeros_(getattr(block, "bn3", block.bn2).weight)  # the block's last BN scale
-    # Official heads: BN after every layer (last one without affine) but the ResNet predictor's output.
+    # Official heads (builder.py _build_mlp): no biases; BN after every layer (the last one without affine),
+    # except at the ResNet predictor's output.
     projector = common.mlp([d] + [hidden] * (2 if vit else 1) + [out])
     return MoCo(encoder, projector, common.mlp([out, hidden, out], last_bn=vit), 0, out)
 
@@ -208,8 +225,9 @@ def main(args):
     dist_env = common.init_distributed()
     device = dist_env.device
     args.image_size = args.image_size or common.default_image_size(args.data)
+    common.start_run(args, dist_env)  # flags argparse cannot check, OUTPUT_DIR writable: fail now, not after an epoch
     if args.batch_size % dist_env.world_size:
-        raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} GPUs")
+        raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} processes")
     v3 = args.version == "v3"
     if (args.queue_size != 0) == v3 or args.queue_size < 0 or args.queue_size % args.batch_size:
         raise common.UserError(f"--queue-size {args.queue_size}: MoCo v2 needs a positive multiple of the global --batch-size "
@@ -232,9 +250,9 @@ def main(args):
         optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     else:
         optimizer = torch.optim.SGD(trainable, lr=lr, momentum=0.9, weight_decay=args.weight_decay)
-    encoder_config = dict(arch=args.arch, image_size=args.image_size, patch_size=args.patch_size)
+    encoder_config = encoder_config_of(args)
 
-    start_epoch, step = 0, 0
+    start_epoch, step, rng = 0, 0, None
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
     resume_path = args.resume or (checkpoint_path if os.path.exists(checkpoint_path) else "")
     if resume_path:
@@ -242,9 +260,10 @@ def main(args):
         held = (checkpoint.get("args", {}).get("version"), checkpoint["encoder_config"])
         if held != (args.version, encoder_config):
             raise common.UserError(f"{resume_path} holds MoCo {held[0]} {held[1]}, not {args.version} {encoder_config}")
+        common.check_same_run(checkpoint, args, resume_path)  # other data, model, batch or lr: refused
         model.load_state_dict(checkpoint["model"])  # the queue and its pointer included
         optimizer.load_state_dict(checkpoint["optimizer"])
-        start_epoch, step = checkpoint["epoch"], checkpoint["step"]
+        start_epoch, step, rng = checkpoint["epoch"], checkpoint["step"], checkpoint.get("rng")
         if dist_env.is_main:
             print(f"resumed from {resume_path} at epoch {start_epoch}")
 
@@ -260,15 +279,16 @@ def main(args):
         model = torch.compile(model)  # checkpoints keep saving raw_model: plain names, loadable anywhere
     knn = lambda: common.knn_monitor(raw_model.encoder, args.data, args.image_size, args.data_root,  # noqa: E731
                                      args.batch_size // dist_env.world_size, args.workers, dist_env)
-    if dist_env.is_main:
-        os.makedirs(args.output_dir, exist_ok=True)
-    if args.knn_every and start_epoch == 0:
+    if args.knn_every and step == 0:  # a fresh run (a resumed one may be mid-epoch 1)
         knn_init = knn()
         if dist_env.is_main and knn_init is not None:
             print(f"k-NN top-1 at random init: {100 * knn_init:.2f}%")
             common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), {"epoch": 0, "knn_top1": knn_init})
 
     record = {}
+    state = lambda **position: dict(method="moco", encoder_config=encoder_config, encoder=raw_model.encoder.state_dict(),  # noqa: E731
+                                    args=vars(args), model=raw_model.state_dict(), optimizer=optimizer.state_dict(), **position)
+    preempted = common.Preemption()  # SIGTERM sets it; the loop saves at the next step boundary
     total_steps, warmup_steps = args.epochs * len(loader), args.warmup_epochs * len(loader)
     for epoch in range(start_epoch, args.epochs):
         model.train()
@@ -276,9 +296,12 @@ def main(args):
         torch.manual_seed(args.seed * 100003 + epoch * 1000 + dist_env.rank)  # resume replays the same augmentations
         start, losses, stds = time.time(), [], []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist_env.is_main)
-        for views, _ in bar:
+        for views, _ in common.resume_batches(bar, step - epoch * len(loader), rng):  # skips what a pre-empted run did
+            # v3 moves the lr every step (official main_moco.py: epoch + i / iters_per_epoch); v2's cosine moves once
+            # per epoch (moco's main_moco.py adjust_learning_rate with --cos); a warm-up, if any, ramps per step.
+            at = step if v3 or step < warmup_steps else epoch * len(loader)
             for group in optimizer.param_groups:
-                group["lr"] = common.cosine_schedule(step, total_steps, lr, 0.0, warmup_steps)
+                group["lr"] = common.cosine_schedule(at, total_steps, lr, 0.0, warmup_steps)
             views = [v.to(device, non_blocking=True) for v in views]
             if args.arch.startswith("resnet") and device.type == "cuda":
                 views = [v.to(memory_format=torch.channels_last) for v in views]
@@ -292,9 +315,13 @@ def main(args):
             momentum = common.cosine_schedule(step, total_steps, args.momentum, 1.0) if v3 else args.momentum
             momentum_update(raw_model, momentum)
             losses.append(loss.item())
+            common.check_finite(losses[-1], epoch, step, optimizer.param_groups[0]["lr"])  # diverged: stop before any save
             stds.append(common.embedding_std(z))
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}",
                             img_s=f"{len(losses) * args.batch_size / (time.time() - start):.0f}")
+            if preempted(dist_env) and step % len(loader):  # SIGTERM: save here (with the RNG: exact resume
+                # mid-epoch) and exit; at an epoch's last step, the epoch's own save comes first
+                common.save_and_stop(state(epoch=epoch, step=step, rng=common.rng_state()), checkpoint_path, dist_env)
 
         record = dict(epoch=epoch + 1, loss=sum(losses) / len(losses), embedding_std=sum(stds) / len(stds), momentum=momentum,
                       lr=optimizer.param_groups[0]["lr"], images_per_s=len(losses) * args.batch_size / (time.time() - start))
@@ -302,11 +329,10 @@ def main(args):
             print(warning)
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
             record["knn_top1"] = knn()
+        common.check_finite(record["loss"], epoch, step, record["lr"], raw_model)  # weights too, once an epoch
         if dist_env.is_main:
-            common.save_checkpoint(dict(method="moco", encoder_config=encoder_config,
-                                        encoder=raw_model.encoder.state_dict(), args=vars(args), epoch=epoch + 1,
-                                        step=step, model=raw_model.state_dict(), optimizer=optimizer.state_dict()),
-                                   checkpoint_path)
+            common.save_checkpoint(state(epoch=epoch + 1, step=step), checkpoint_path)
+            common.keep_snapshots(checkpoint_path, epoch + 1, args.save_every, args.keep)
             common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if v is not None))
     if dist_env.is_main and record.get("knn_top1") is not None:
@@ -319,4 +345,4 @@ if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
     except common.UserError as error:
-        sys.exit(f"moco.py: error: {error}")
+        sys.exit(common.error_line("moco.py", error))  # exit code 1, printed once under torchrun

@@ -130,6 +130,8 @@ def load_encoder(args, drop_path=0.0, random_init=False):
                        if k in state and getattr(state[k], "shape", None) != v.shape])
         detail = f"{problems[0]} ({len(problems)} keys differ)" if problems else str(error).splitlines()[0][:200]
         raise common.UserError(f"{args.checkpoint} does not fit a {config['arch']}: {detail}; is --arch right?") from None
+    if not common.all_finite(state):  # a diverged run's weights would give normal-looking, meaningless numbers
+        raise common.UserError(f"{args.checkpoint}: the encoder has non-finite (NaN or inf) weights; its run diverged")
     return encoder, image_size
 
 

@@ -1,4 +1,4 @@
-"""SimCLR: contrastive learning of visual representations (Chen et al., ICML 2020, arXiv:2002.05709).
+r"""SimCLR: contrastive learning of visual representations (Chen et al., ICML 2020, arXiv:2002.05709).
 
 Two random views of every image go through an encoder f and a projector g, z = g(f(x)). Each view
 must pick out its partner among the 2N views of the batch (NT-Xent, §2.1):
@@ -54,6 +54,8 @@ def get_args_parser():
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default="runs/simclr", help="checkpoint.pth and log.jsonl; resumes from it if present")
     g.add_argument("--resume", default="", help="resume from this checkpoint instead of OUTPUT_DIR/checkpoint.pth")
+    g.add_argument("--save-every", type=common.non_negative_int, default=0, help="also keep OUTPUT_DIR/checkpoint_EPOCH.pth every N epochs (0: off)")
+    g.add_argument("--keep", type=common.non_negative_int, default=0, help="with --save-every: keep only the last K numbered snapshots (0: all)")
     g.add_argument("--knn-every", type=common.non_negative_int, default=10, help="k-NN monitor on the val split every N epochs and at the end (0: off)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps, then faster)")
@@ -62,13 +64,15 @@ def get_args_parser():
 
 # ----------------------------------------------------------------------------- model
 class SimCLR(nn.Module):
-    """Encoder f and projector g: Linear-BN-ReLU-Linear-BN as in the official code (the output BN
-    has no affine: its scale is undone by the L2 normalisation anyway)."""
+    """Encoder f and projector g: Linear-BN-ReLU-Linear-BN as in the official code. The output BN
+    keeps its scale γ but has no shift β (official model_util.py linear_layer: center=use_bias=False),
+    so z is centred over the batch and each dimension's learned γ weighs it in the cosine."""
 
     def __init__(self, encoder, proj_hidden, proj_dim):
         super().__init__()
         self.encoder = encoder
-        self.projector = common.mlp([encoder.embed_dim, proj_hidden, proj_dim])
+        self.projector = common.mlp([encoder.embed_dim, proj_hidden, proj_dim], last_affine=True)
+        self.projector[-1].bias.requires_grad_(False)  # β stays 0: no optimizer ever sees it
 
     def forward(self, x):
         return self.projector(self.encoder(x))
@@ -82,7 +86,10 @@ def info_nce(z1, z2, temperature):
     logits.fill_diagonal_(float("-inf"))                                 # k ≠ i: a view is not its own negative
     n = len(z1)
     positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)  # i <-> i + N
-    return F.cross_entropy(logits, positives)                            # mean over the 2N anchors
+    # The official loss is loss_a + loss_b, each a mean over the N anchors of one view (objective.py,
+    # add_contrastive_loss), i.e. twice the mean over 2N. LARS's trust ratio ignores the scale, but
+    # biases and BN parameters (not adapted) would otherwise move at half the official rate.
+    return 2 * F.cross_entropy(logits, positives)
 
 
 # ----------------------------------------------------------------------------- training step
@@ -101,11 +108,13 @@ def augmentations(args):
     """Two views from one distribution (§3, Appendix A): crop 0.08-1 + flip, colour jitter of strength s
     (p 0.8), grayscale (p 0.2), blur (p 0.5)."""
     s = args.color_jitter
-    return common.MultiView([common.View(args.image_size, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s))] * 2)
+    view = common.View(args.image_size, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), interpolation="bicubic")  # data_util.py
+    return common.MultiView([view] * 2)
 
 
 def build_model(args):
-    encoder = common.build_encoder(args.arch, args.image_size, args.patch_size)
+    # Residual blocks start as the identity: the official resnet.py zero-initialises their last BN scale.
+    encoder = common.build_encoder(args.arch, args.image_size, args.patch_size, zero_init_residual=True)
     return SimCLR(encoder, args.proj_hidden, args.proj_dim)
 
 
@@ -113,8 +122,9 @@ def main(args):
     dist_env = common.init_distributed()
     device = dist_env.device
     args.image_size = args.image_size or common.default_image_size(args.data)
+    common.start_run(args, dist_env)  # flags argparse cannot check, OUTPUT_DIR writable: fail now, not after an epoch
     if args.batch_size % dist_env.world_size:
-        raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} GPUs")
+        raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} processes")
     dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root)
     loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
                                 on_device=not args.cpu_augment)
@@ -129,16 +139,17 @@ def main(args):
     optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=lr, momentum=0.9)
     encoder_config = dict(arch=args.arch, image_size=args.image_size, patch_size=args.patch_size)
 
-    start_epoch, step = 0, 0
+    start_epoch, step, rng = 0, 0, None
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
     resume_path = args.resume or (checkpoint_path if os.path.exists(checkpoint_path) else "")
     if resume_path:
         checkpoint = common.load_checkpoint(resume_path, "simclr")
         if checkpoint["encoder_config"] != encoder_config:
             raise common.UserError(f"{resume_path} holds {checkpoint['encoder_config']}, not {encoder_config}")
+        common.check_same_run(checkpoint, args, resume_path)  # other data, model, batch or lr: refused
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        start_epoch, step = checkpoint["epoch"], checkpoint["step"]
+        start_epoch, step, rng = checkpoint["epoch"], checkpoint["step"], checkpoint.get("rng")
         if dist_env.is_main:
             print(f"resumed from {resume_path} at epoch {start_epoch}")
 
@@ -156,15 +167,16 @@ def main(args):
         model = torch.compile(model)  # checkpoints keep saving raw_model: plain names, loadable anywhere
     knn = lambda: common.knn_monitor(raw_model.encoder, args.data, args.image_size, args.data_root,
                                      args.batch_size // dist_env.world_size, args.workers, dist_env)
-    if dist_env.is_main:
-        os.makedirs(args.output_dir, exist_ok=True)
-    if args.knn_every and start_epoch == 0:
+    if args.knn_every and step == 0:  # a fresh run (a resumed one may be mid-epoch 1)
         knn_init = knn()
         if dist_env.is_main and knn_init is not None:
             print(f"k-NN top-1 at random init: {100 * knn_init:.2f}%")
             common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), {"epoch": 0, "knn_top1": knn_init})
 
     record = {}
+    state = lambda **position: dict(method="simclr", encoder_config=encoder_config, encoder=raw_model.encoder.state_dict(),  # noqa: E731
+                                    args=vars(args), model=raw_model.state_dict(), optimizer=optimizer.state_dict(), **position)
+    preempted = common.Preemption()  # SIGTERM sets it; the loop saves at the next step boundary
     total_steps, warmup_steps = args.epochs * len(loader), args.warmup_epochs * len(loader)
     for epoch in range(start_epoch, args.epochs):
         model.train()
@@ -172,7 +184,7 @@ def main(args):
         torch.manual_seed(args.seed * 100003 + epoch * 1000 + dist_env.rank)  # resume replays the same augmentations
         start, losses, stds = time.time(), [], []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist_env.is_main)
-        for views, _ in bar:
+        for views, _ in common.resume_batches(bar, step - epoch * len(loader), rng):  # skips what a pre-empted run did
             for group in optimizer.param_groups:
                 group["lr"] = common.cosine_schedule(step, total_steps, lr, 0.0, warmup_steps)
             views = [v.to(device, non_blocking=True) for v in views]
@@ -185,9 +197,13 @@ def main(args):
             optimizer.step()
             step += 1
             losses.append(loss.item())
+            common.check_finite(losses[-1], epoch, step, optimizer.param_groups[0]["lr"])  # diverged: stop before any save
             stds.append(common.embedding_std(z))
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}",
                             img_s=f"{len(losses) * args.batch_size / (time.time() - start):.0f}")
+            if preempted(dist_env) and step % len(loader):  # SIGTERM: save here (with the RNG: exact resume
+                # mid-epoch) and exit; at an epoch's last step, the epoch's own save comes first
+                common.save_and_stop(state(epoch=epoch, step=step, rng=common.rng_state()), checkpoint_path, dist_env)
 
         record = dict(epoch=epoch + 1, loss=sum(losses) / len(losses), embedding_std=sum(stds) / len(stds),
                       lr=optimizer.param_groups[0]["lr"], images_per_s=len(losses) * args.batch_size / (time.time() - start))
@@ -195,11 +211,10 @@ def main(args):
             print(warning)
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
             record["knn_top1"] = knn()
+        common.check_finite(record["loss"], epoch, step, record["lr"], raw_model)  # weights too, once an epoch
         if dist_env.is_main:
-            common.save_checkpoint(dict(method="simclr", encoder_config=encoder_config,
-                                        encoder=raw_model.encoder.state_dict(), args=vars(args), epoch=epoch + 1,
-                                        step=step, model=raw_model.state_dict(), optimizer=optimizer.state_dict()),
-                                   checkpoint_path)
+            common.save_checkpoint(state(epoch=epoch + 1, step=step), checkpoint_path)
+            common.keep_snapshots(checkpoint_path, epoch + 1, args.save_every, args.keep)
             common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if v is not None))
     if dist_env.is_main and record.get("knn_top1") is not None:
@@ -212,4 +227,4 @@ if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
     except common.UserError as error:
-        sys.exit(f"simclr.py: error: {error}")
+        sys.exit(common.error_line("simclr.py", error))  # exit code 1, printed once under torchrun

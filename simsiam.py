@@ -1,4 +1,4 @@
-"""SimSiam: exploring simple Siamese representation learning (Chen & He, CVPR 2021, arXiv:2011.10566).
+r"""SimSiam: exploring simple Siamese representation learning (Chen & He, CVPR 2021, arXiv:2011.10566).
 
 No negatives and no momentum encoder. One network f (encoder + projector) embeds both views,
 z = f(x); a predictor h maps one view's z to p = h(z), which must match the other view's z (§3):
@@ -11,7 +11,7 @@ the loss falls to −1 at once while the outputs collapse (Fig. 2 without sg; Ta
 Each epoch logs embedding_std (std of the L2-normalised z, §4.1: ≈ 1/√d healthy, → 0 collapsed)
 and warns when it falls.
 
-    python simsiam.py --data shapes:32:1000:2000 --arch vit_nano --patch-size 8 --epochs 8 --batch-size 64 \\
+    python simsiam.py --data shapes:32:1000:2000 --arch vit_nano --patch-size 8 --epochs 8 --batch-size 64 \
         --proj-hidden 256 --proj-dim 256 --pred-hidden 64 --base-lr 2 --warmup-epochs 1
         # CPU, ~1 min: k-NN 25.8 -> 34.0% (seed 1: 26.6 -> 28.9%; 16 epochs: 25.8 -> 39.0%)
     torchrun --nproc_per_node=8 simsiam.py --data /imagenet                                   # paper recipe
@@ -26,7 +26,6 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.models.resnet import BasicBlock, Bottleneck
 from tqdm import tqdm
 
 import common
@@ -59,6 +58,8 @@ def get_args_parser():
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default="runs/simsiam", help="checkpoint.pth and log.jsonl; resumes from it if present")
     g.add_argument("--resume", default="", help="resume from this checkpoint instead of OUTPUT_DIR/checkpoint.pth")
+    g.add_argument("--save-every", type=common.non_negative_int, default=0, help="also keep OUTPUT_DIR/checkpoint_EPOCH.pth every N epochs (0: off)")
+    g.add_argument("--keep", type=common.non_negative_int, default=0, help="with --save-every: keep only the last K numbered snapshots (0: all)")
     g.add_argument("--knn-every", type=common.non_negative_int, default=10, help="k-NN monitor on the val split every N epochs and at the end (0: off)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps, then faster)")
@@ -74,7 +75,7 @@ class SimSiam(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.projector = common.mlp([encoder.embed_dim, proj_hidden, proj_hidden, proj_dim], last_bn=True)
-        self.predictor = common.mlp([proj_dim, pred_hidden, proj_dim], last_bn=False)
+        self.predictor = common.mlp([proj_dim, pred_hidden, proj_dim], last_bn=False, last_bias=True)  # official: with bias
 
     def forward(self, x1, x2):
         """Predictions p = h(f(x)) and projections z = f(x) of both views.
@@ -108,10 +109,8 @@ def augmentations(args):
 
 
 def build_model(args):
-    encoder = common.build_encoder(args.arch, args.image_size, args.patch_size)
-    for block in encoder.modules():  # official code: each residual block starts as the identity
-        if isinstance(block, (BasicBlock, Bottleneck)):
-            nn.init.zeros_(block.bn3.weight if isinstance(block, Bottleneck) else block.bn2.weight)
+    # Residual blocks start as the identity (official builder.py: base_encoder(zero_init_residual=True)).
+    encoder = common.build_encoder(args.arch, args.image_size, args.patch_size, zero_init_residual=True)
     return SimSiam(encoder, args.proj_hidden, args.proj_dim, args.pred_hidden)
 
 
@@ -119,10 +118,11 @@ def main(args):
     dist_env = common.init_distributed()
     device = dist_env.device
     args.image_size = args.image_size or common.default_image_size(args.data)
+    common.start_run(args, dist_env)  # flags argparse cannot check, OUTPUT_DIR writable: fail now, not after an epoch
     if args.batch_size % dist_env.world_size:
-        raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} GPUs")
+        raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} processes")
     if args.batch_size // dist_env.world_size < 2:  # BN in the heads normalises over the images of each GPU
-        raise common.UserError(f"--batch-size {args.batch_size}: BatchNorm needs at least 2 images per GPU")
+        raise common.UserError(f"--batch-size {args.batch_size}: BatchNorm needs at least 2 images per process")
     dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root)
     loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
                                 on_device=not args.cpu_augment)
@@ -139,16 +139,17 @@ def main(args):
                                 lr=lr, momentum=0.9, weight_decay=args.weight_decay)
     encoder_config = dict(arch=args.arch, image_size=args.image_size, patch_size=args.patch_size)
 
-    start_epoch, step = 0, 0
+    start_epoch, step, rng = 0, 0, None
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
     resume_path = args.resume or (checkpoint_path if os.path.exists(checkpoint_path) else "")
     if resume_path:
         checkpoint = common.load_checkpoint(resume_path, "simsiam")
         if checkpoint["encoder_config"] != encoder_config:
             raise common.UserError(f"{resume_path} holds {checkpoint['encoder_config']}, not {encoder_config}")
+        common.check_same_run(checkpoint, args, resume_path)  # other data, model, batch or lr: refused
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        start_epoch, step = checkpoint["epoch"], checkpoint["step"]
+        start_epoch, step, rng = checkpoint["epoch"], checkpoint["step"], checkpoint.get("rng")
         if dist_env.is_main:
             print(f"resumed from {resume_path} at epoch {start_epoch}")
 
@@ -166,15 +167,16 @@ def main(args):
         model = torch.compile(model)  # checkpoints keep saving raw_model: plain names, loadable anywhere
     knn = lambda: common.knn_monitor(raw_model.encoder, args.data, args.image_size, args.data_root,
                                      args.batch_size // dist_env.world_size, args.workers, dist_env)
-    if dist_env.is_main:
-        os.makedirs(args.output_dir, exist_ok=True)
-    if args.knn_every and start_epoch == 0:
+    if args.knn_every and step == 0:  # a fresh run (a resumed one may be mid-epoch 1)
         knn_init = knn()
         if dist_env.is_main and knn_init is not None:
             print(f"k-NN top-1 at random init: {100 * knn_init:.2f}%")
             common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), {"epoch": 0, "knn_top1": knn_init})
 
     record = {}
+    state = lambda **position: dict(method="simsiam", encoder_config=encoder_config, encoder=raw_model.encoder.state_dict(),  # noqa: E731
+                                    args=vars(args), model=raw_model.state_dict(), optimizer=optimizer.state_dict(), **position)
+    preempted = common.Preemption()  # SIGTERM sets it; the loop saves at the next step boundary
     total_steps, warmup_steps = args.epochs * len(loader), args.warmup_epochs * len(loader)
     for epoch in range(start_epoch, args.epochs):
         model.train()
@@ -182,10 +184,13 @@ def main(args):
         torch.manual_seed(args.seed * 100003 + epoch * 1000 + dist_env.rank)  # resume replays the same augmentations
         start, losses, stds = time.time(), [], []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist_env.is_main)
-        for views, _ in bar:
+        for views, _ in common.resume_batches(bar, step - epoch * len(loader), rng):  # skips what a pre-empted run did
+            # The cosine moves once per epoch, as the official adjust_learning_rate (main_simsiam.py); only
+            # a warm-up (none in the paper) ramps per step.
+            scheduled = common.cosine_schedule(step if step < warmup_steps else epoch * len(loader), total_steps, lr, 0.0, warmup_steps)
             for group in optimizer.param_groups:
                 # --fix-pred-lr (§4.2): the predictor keeps adapting to the latest representations.
-                group["lr"] = lr if group["fix_lr"] else common.cosine_schedule(step, total_steps, lr, 0.0, warmup_steps)
+                group["lr"] = lr if group["fix_lr"] else scheduled
             views = [v.to(device, non_blocking=True) for v in views]
             if args.arch.startswith("resnet") and device.type == "cuda":
                 views = [v.to(memory_format=torch.channels_last) for v in views]
@@ -196,20 +201,23 @@ def main(args):
             optimizer.step()
             step += 1
             losses.append(loss.item())
+            common.check_finite(losses[-1], epoch, step, optimizer.param_groups[0]["lr"])  # diverged: stop before any save
             stds.append(common.embedding_std(z))
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}",
                             img_s=f"{len(losses) * args.batch_size / (time.time() - start):.0f}")
+            if preempted(dist_env) and step % len(loader):  # SIGTERM: save here (with the RNG: exact resume
+                # mid-epoch) and exit; at an epoch's last step, the epoch's own save comes first
+                common.save_and_stop(state(epoch=epoch, step=step, rng=common.rng_state()), checkpoint_path, dist_env)
 
         record = dict(epoch=epoch + 1, loss=sum(losses) / len(losses), embedding_std=sum(stds) / len(stds),
                       lr=optimizer.param_groups[0]["lr"],
                       images_per_s=len(losses) * args.batch_size / (time.time() - start))
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
             record["knn_top1"] = knn()
+        common.check_finite(record["loss"], epoch, step, record["lr"], raw_model)  # weights too, once an epoch
         if dist_env.is_main:
-            common.save_checkpoint(dict(method="simsiam", encoder_config=encoder_config,
-                                        encoder=raw_model.encoder.state_dict(), args=vars(args), epoch=epoch + 1,
-                                        step=step, model=raw_model.state_dict(), optimizer=optimizer.state_dict()),
-                                   checkpoint_path)
+            common.save_checkpoint(state(epoch=epoch + 1, step=step), checkpoint_path)
+            common.keep_snapshots(checkpoint_path, epoch + 1, args.save_every, args.keep)
             common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if v is not None))
             if warning := common.collapse_warning(record["embedding_std"], args.proj_dim):
@@ -224,4 +232,4 @@ if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
     except common.UserError as error:
-        sys.exit(f"simsiam.py: error: {error}")
+        sys.exit(common.error_line("simsiam.py", error))  # exit code 1, printed once under torchrun

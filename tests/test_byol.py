@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 
 import byol
 import common
@@ -32,6 +33,19 @@ def test_regression_loss_equals_formula():
     expected = torch.stack([((p[i] / p[i].norm() - z[i] / z[i].norm()) ** 2).sum() for i in range(6)]).mean()
     torch.testing.assert_close(byol.regression_loss(p, z), expected)
     torch.testing.assert_close(byol.regression_loss(p, z), (2 - 2 * F.cosine_similarity(p, z)).mean())
+
+
+def test_official_heads_and_zero_init_residuals():
+    """Official BYOL (utils/networks.py): the MLPs' last Linear has no bias; haiku's ResNet BlockV1 starts
+    each residual branch at zero (last BN scale_init zeros); crops are resized bicubically (utils/dataset.py)."""
+    args = byol.get_args_parser().parse_args(["--data", "shapes", "--image-size", "32", "--arch", "resnet18",
+                                              "--proj-hidden", "64", "--proj-dim", "16", "--pred-hidden", "64"])
+    model = byol.build_model(args)
+    for head in (model.projector, model.predictor):
+        assert isinstance(head[-1], torch.nn.Linear) and head[-1].bias is None
+    blocks = [m for m in model.encoder.modules() if isinstance(m, torchvision.models.resnet.BasicBlock)]
+    assert blocks and all((block.bn2.weight == 0).all() for block in blocks)
+    assert all(view.interpolation == "bicubic" for view in byol.augmentations(args).transforms)
 
 
 def test_training_step_sums_both_directions():

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from torchvision.transforms import v2
 
 import common
 
@@ -137,3 +138,15 @@ def test_lars_momentum_over_steps_equals_per_tensor_formula():
             reference[n] = w - 0.5 * buffers[n]
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), reference[n], msg=lambda m: f"{n}: {m}")
+
+
+def test_eval_transform_is_bicubic_and_features_are_fp32(monkeypatch):
+    """DINO's eval_knn.py and MAE's eval transform resize bicubically, and DINO extracts k-NN features in
+    fp32: nothing in extract_features may enter autocast (bf16 would round near-equal cosines)."""
+    resize = [t for t in common.eval_transform(224).transforms if isinstance(t, v2.Resize)][0]
+    assert resize.interpolation == v2.InterpolationMode.BICUBIC and resize.size == [256]
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: (_ for _ in ()).throw(AssertionError("autocast entered")))
+    dataset = common.Shapes("val", 16, 8, transform=common.eval_transform(16))
+    loader = common.make_loader(dataset, 4, common.DistEnv(), 0, train=False)
+    features, labels = common.extract_features(common.build_encoder("vit_nano", 16, 8), loader, common.DistEnv())
+    assert features.dtype == torch.float32 and features.shape == (8, 128) and labels.shape == (8,)

@@ -7,8 +7,10 @@ import runpy
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
 import common
@@ -62,9 +64,59 @@ def test_center_is_an_ema_of_the_teacher_mean():
     torch.testing.assert_close(center, expected)  # over all ranks: test_two_ranks_equal_one_process...
 
 
-def test_teacher_temperature_and_momentum_schedules():
+def test_defaults_are_the_official_vanilla_run():
+    """main_dino.py's defaults, the README's vanilla run (69.3% k-NN): one recipe, not a hybrid."""
     args = dino.get_args_parser().parse_args(["--data", "shapes"])
-    # Defaults: τ_t 0.04 -> 0.07 linearly over 30 epochs (reached at epoch 29, as np.linspace), then flat.
+    assert (args.arch, args.patch_size, args.epochs, args.batch_size, args.local_crops, args.out_dim) == ("vit_small", 16, 100, 512, 8, 65536)
+    assert (args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_temp_epochs, args.norm_last_layer) == (0.04, 0.04, 0, True)
+    assert (args.base_lr, args.min_lr, args.warmup_epochs, args.weight_decay, args.weight_decay_end) == (5e-4, 1e-6, 10, 0.04, 0.4)
+    assert (args.momentum_teacher, args.clip_grad, args.freeze_last_layer, args.drop_path) == (0.996, 3.0, 1, 0.1)
+    assert {dino.teacher_temperature(epoch, args) for epoch in range(100)} == {0.04}
+
+
+def test_norm_last_layer_and_fp32_head():
+    """Official DINOHead: weight_norm(Linear) with g filled with 1; g frozen with norm_last_layer, else
+    trained, weight-decayed (a (K, 1) tensor) and averaged into the teacher. The last layer runs in fp32."""
+    flags = ["--data", "shapes", "--image-size", "16", "--arch", "vit_nano", "--patch-size", "8", *SMALL_HEAD]
+    for norm in (True, False):
+        args = dino.get_args_parser().parse_args(flags + ["--norm-last-layer" if norm else "--no-norm-last-layer"])
+        model = dino.build_model(args)
+        head = model.student.head
+        gain, direction = head.last_layer.parametrizations.weight.original0, head.last_layer.parametrizations.weight.original1
+        assert gain.shape == (256, 1) and (gain == 1).all() and gain.requires_grad != norm
+        decayed, not_decayed = common.param_groups(model.student, 0.04)
+        assert any(p is gain for p in decayed["params"]) != norm and not any(p is gain for p in not_decayed["params"])
+        x = torch.randn(3, 32)
+        torch.testing.assert_close(head.last_layer(x), x @ (gain * F.normalize(direction, dim=1)).T)  # rows g·v/‖v‖
+        with torch.no_grad():
+            gain.mul_(2.0)
+        dino.momentum_update(model, 0.75)
+        teacher_gain = model.teacher.head.last_layer.parametrizations.weight.original0
+        torch.testing.assert_close(teacher_gain, torch.full_like(teacher_gain, 0.75 + 0.25 * 2.0))  # EMA of g
+    with torch.autocast("cpu", torch.bfloat16):
+        bottleneck_input = torch.randn(5, 128)
+        assert head.mlp(bottleneck_input).dtype == torch.bfloat16  # the MLP runs in bf16 ...
+        assert head(bottleneck_input).dtype == torch.float32  # ... the last layer does not
+
+
+def test_position_embedding_is_interpolated_as_the_official_code():
+    """vision_transformer.py interpolate_pos_encoding: bicubic with scale_factor (n + 0.1)/g, not size=n."""
+    torch.manual_seed(0)
+    vit = common.build_encoder("vit_nano", 32, 8)  # a 4x4 grid
+    with torch.no_grad():
+        vit.pos_embed.normal_()
+    x = torch.randn(1, 3, 24, 24)  # a 3x3 grid
+    tokens = vit.embed(x)
+    grid = vit.pos_embed[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    official = F.interpolate(grid, scale_factor=(3.1 / 4, 3.1 / 4), mode="bicubic").flatten(2).transpose(1, 2)
+    torch.testing.assert_close(tokens, vit.patch_embed(x).flatten(2).transpose(1, 2) + official)
+    resized = F.interpolate(grid, size=(3, 3), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+    assert (official - resized).abs().max() > 1e-3  # the two calls differ: the test can tell them apart
+
+
+def test_teacher_temperature_and_momentum_schedules():
+    args = dino.get_args_parser().parse_args(["--data", "shapes", "--teacher-temp", "0.07", "--warmup-teacher-temp-epochs", "30"])
+    # The boosted run: τ_t 0.04 -> 0.07 linearly over 30 epochs (reached at epoch 29, as np.linspace), then flat.
     temps = [dino.teacher_temperature(epoch, args) for epoch in range(100)]
     assert temps[0] == pytest.approx(0.04) and temps[29] == pytest.approx(0.07) and temps[99] == pytest.approx(0.07)
     assert temps[15] == pytest.approx(0.04 + 0.03 * 15 / 29)
@@ -74,7 +126,10 @@ def test_teacher_temperature_and_momentum_schedules():
     assert at(0)["momentum"] == pytest.approx(0.996) and at(500)["momentum"] == pytest.approx(0.998)
     assert at(total)["momentum"] == pytest.approx(1.0)
     assert at(0)["weight_decay"] == pytest.approx(0.04) and at(total)["weight_decay"] == pytest.approx(0.4)
-    assert at(0)["lr"] == 0 and at(100)["lr"] == pytest.approx(lr) and at(total)["lr"] == pytest.approx(1e-6)
+    # lr warm-up as np.linspace(0, lr, 100) (utils.cosine_scheduler): the peak at step 99, then the cosine.
+    warmup = list(np.linspace(0, lr, 100))
+    assert [at(step)["lr"] for step in range(100)] == pytest.approx(warmup, abs=1e-12)
+    assert at(100)["lr"] == pytest.approx(lr) and at(total)["lr"] == pytest.approx(1e-6)
     # momentum_update: teacher <- m teacher + (1 - m) student, for every parameter.
     args = dino.get_args_parser().parse_args(["--data", "shapes", "--image-size", "16", "--arch", "vit_nano",
                                               "--patch-size", "8", *SMALL_HEAD])
@@ -98,7 +153,7 @@ def test_teacher_gets_no_gradient_last_layer_is_frozen_in_epoch_one_and_resume_i
     loss = dino.training_step(model, crops, args)[0]
     loss.backward()
     assert all(not p.requires_grad and p.grad is None for p in model.teacher.parameters())
-    assert all(p.grad is not None for p in model.student.parameters())
+    assert all(p.grad is not None for p in model.student.parameters() if p.requires_grad)  # g is frozen (--norm-last-layer)
 
     # A straight 2-epoch run. Its epoch-1 checkpoint is also copied to another folder: exactly what a
     # job killed right after its first checkpoint leaves behind, from which a new run must resume.
@@ -115,7 +170,7 @@ def test_teacher_gets_no_gradient_last_layer_is_frozen_in_epoch_one_and_resume_i
             real_save(state, str(preempted / "checkpoint.pth"))
     monkeypatch.setattr(common, "save_checkpoint", save_and_keep)
     dino.main(dino.get_args_parser().parse_args(flags + ["--output-dir", str(straight)]))
-    last = "student.head.last_layer.weight"
+    last = "student.head.last_layer.parametrizations.weight.original1"  # v; g is frozen at 1 (--norm-last-layer)
     assert torch.equal(saved[0][last], initial[last])  # epoch 1: frozen (no gradient, hence no decay either)
     assert not torch.equal(saved[1][last], initial[last])  # epoch 2: trained
     assert not torch.equal(saved[0]["student.head.mlp.0.weight"], initial["student.head.mlp.0.weight"])
@@ -167,6 +222,16 @@ def test_two_ranks_equal_one_process_and_share_the_centre_of_the_global_batch(tm
     assert expected.abs().sum() > 0  # the step did update it
     for rank in range(2):
         torch.testing.assert_close(torch.load(f"{ddp}.center{rank}"), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_resnet_recipe_trains_with_sgd(tmp_path):
+    """The official README's ResNet-50 run uses SGD (momentum 0.9) with a constant weight decay."""
+    flags = ["--data", "shapes:16:32", "--arch", "resnet18", *SMALL_HEAD, "--local-crops", "2", "--batch-size", "16",
+             "--epochs", "1", "--optimizer", "sgd", "--base-lr", "0.03", "--weight-decay", "1e-4", "--weight-decay-end", "1e-4",
+             "--knn-every", "0", "--workers", "0", "--output-dir", str(tmp_path)]
+    dino.main(dino.get_args_parser().parse_args(flags))
+    groups = torch.load(tmp_path / "checkpoint.pth", weights_only=False)["optimizer"]["param_groups"]
+    assert groups[0]["momentum"] == 0.9 and "betas" not in groups[0] and groups[0]["weight_decay"] == pytest.approx(1e-4)
 
 
 def test_attention_maps_need_a_vit(tmp_path):

@@ -22,8 +22,10 @@ def user_error(script, *argv):
 
 
 def test_missing_data_path(tmp_path):
-    line = error_line(run_script("simclr.py", "--data", str(tmp_path / "nope"), *TINY, "--output-dir", str(tmp_path / "o")))
+    result = run_script("simclr.py", "--data", str(tmp_path / "nope"), *TINY, "--output-dir", str(tmp_path / "o"))
+    line = error_line(result)
     assert line.startswith("simclr.py: error: --data") and "no such folder" in line
+    assert result.returncode == 1  # as UserError's docstring says (argparse's own usage errors exit 2)
 
 
 def test_empty_folder(tmp_path):
@@ -104,7 +106,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
             handle.write(b"PK\x03\x04 half a zip")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", crashing_save)
-    with pytest.raises(OSError):
+    with pytest.raises(common.UserError, match="could not write .*checkpoint.pth .*disk full"):  # one line naming the file
         common.save_checkpoint({"epoch": 2, "weights": torch.zeros(4)}, path)
     monkeypatch.undo()
     previous = torch.load(path)

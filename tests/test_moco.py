@@ -56,6 +56,44 @@ def test_version_and_arch_pick_the_paper_recipe_and_heads():
     assert v2_model.queue.shape == (32, 16) and not any(isinstance(m, nn.BatchNorm1d) for m in v2_model.projector.modules())
 
 
+def test_official_v3_vit_heads_init_and_positions():
+    """Official vits.py VisionTransformerMoCo: ViT-S has 12 heads (DINO's has 6), and the count travels
+    in the checkpoint's encoder_config; Linears Xavier-uniform with q, k, v as separate (D, D) matrices;
+    CLS token N(0, 1e-6); the sin-cos embedding's first half encodes the row (y), the second the column."""
+    args = parse("--image-size", "32", "--proj-hidden", "64", "--proj-dim", "16")  # vit_small/16: a 2x2 grid
+    config = moco.encoder_config_of(args)
+    assert config["num_heads"] == 12
+    model = moco.build_model(args)
+    assert model.encoder.blocks[0].attn.num_heads == 12 and common.build_encoder(**config).blocks[0].attn.num_heads == 12
+    assert "num_heads" not in moco.encoder_config_of(parse("--arch", "vit_nano"))  # other sizes keep their usual count
+    D = 384
+    qkv, fc1 = model.encoder.blocks[0].attn.qkv.weight, model.encoder.blocks[0].mlp.fc1.weight
+    for weight, bound in ((qkv, math.sqrt(6 / (D + D))), (fc1, math.sqrt(6 / (D + 4 * D)))):
+        assert weight.abs().max() <= bound and weight.abs().max() > 0.99 * bound  # U(-bound, bound)
+    assert model.encoder.cls_token.std() < 1e-5
+    pos = model.encoder.pos_embed[0]  # (1 + 4, D): CLS, then (row, col) = (0, 0), (0, 1), (1, 0), (1, 1)
+    omega = 1 / 10000 ** (torch.arange(D // 4) / (D // 4))
+    for token, (row, col) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)], start=1):
+        expected = torch.cat([torch.sin(row * omega), torch.cos(row * omega), torch.sin(col * omega), torch.cos(col * omega)])
+        torch.testing.assert_close(pos[token], expected, atol=1e-5, rtol=0)
+    assert (pos[0] == 0).all()
+
+
+def test_official_resnet_heads_and_v2_lr_per_epoch(tmp_path, monkeypatch):
+    """v3 ResNet (builder.py _build_mlp): no bias anywhere in the heads, the predictor's output has no BN.
+    v2 (moco's main_moco.py --cos): the lr follows the cosine once per epoch."""
+    resnet = moco.build_model(parse("--arch", "resnet18", "--proj-hidden", "32"))
+    assert all(m.bias is None for m in [*resnet.projector.modules(), *resnet.predictor.modules()] if isinstance(m, nn.Linear))
+    assert isinstance(resnet.predictor[-1], nn.Linear)
+    flags = ["--data", "shapes:16:64", *TINY_V2, "--batch-size", "16", "--epochs", "2", "--knn-every", "0", "--workers", "0"]
+    lrs = []
+    real_step = torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: (lrs.append(self.param_groups[0]["lr"]), real_step(self, *a, **k))[1])
+    moco.main(moco.get_args_parser().parse_args(flags + ["--output-dir", str(tmp_path)]))
+    lr = 0.03 * 16 / 256
+    assert lrs == pytest.approx([lr] * 4 + [lr * 0.5 * (1 + math.cos(math.pi / 2))] * 4)  # 4 steps per epoch
+
+
 def test_in_batch_loss_equals_formula_times_two_tau():
     torch.manual_seed(0)
     q, k, tau = torch.randn(6, 16), torch.randn(6, 16), 0.2

@@ -3,6 +3,7 @@ and a short run learns something a random encoder does not know."""
 
 import torch
 import torch.nn.functional as F
+import torchvision
 
 import common
 import simclr
@@ -23,7 +24,25 @@ def test_info_nce_equals_per_anchor_formula():
         j = (i + n) % (2 * n)
         denominator = sum(torch.exp(z[i] @ z[k] / tau) for k in range(2 * n) if k != i)
         losses.append(-torch.log(torch.exp(z[i] @ z[j] / tau) / denominator))
-    torch.testing.assert_close(simclr.info_nce(z1, z2, tau), torch.stack(losses).mean())
+    # The official scale (objective.py): loss_a + loss_b, the means over view 1's and view 2's N anchors.
+    loss_a, loss_b = torch.stack(losses[:n]).mean(), torch.stack(losses[n:]).mean()
+    torch.testing.assert_close(simclr.info_nce(z1, z2, tau), loss_a + loss_b)
+
+
+def test_official_heads_init_and_views():
+    """Official SimCLR: the projector's output BN keeps its scale γ but has no shift β (model_util.py
+    linear_layer, center=False); residual blocks start as the identity (resnet.py init_zero); crops are
+    resized bicubically (data_util.py)."""
+    args = simclr.get_args_parser().parse_args(["--data", "shapes", "--image-size", "32", "--arch", "resnet18",
+                                                "--proj-hidden", "64", "--proj-dim", "16"])
+    model = simclr.build_model(args)
+    out_bn = model.projector[-1]
+    assert isinstance(out_bn, torch.nn.BatchNorm1d) and out_bn.weight.requires_grad and not out_bn.bias.requires_grad
+    trained = {id(p) for group in common.param_groups(model, 1e-6) for p in group["params"]}
+    assert id(out_bn.weight) in trained and id(out_bn.bias) not in trained
+    blocks = [m for m in model.encoder.modules() if isinstance(m, torchvision.models.resnet.BasicBlock)]
+    assert len(blocks) == 8 and all((block.bn2.weight == 0).all() and (block.bn1.weight == 1).all() for block in blocks)
+    assert all(view.interpolation == "bicubic" for view in simclr.augmentations(args).transforms)
 
 
 def test_info_nce_prefers_aligned_views():

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 
 import common
 import simsiam
@@ -64,7 +65,18 @@ def test_predictor_lr_is_fixed(tmp_path):
     groups = torch.load(tmp_path / "checkpoint.pth", weights_only=False)["optimizer"]["param_groups"]
     lr = 0.05 * 32 / 256
     assert groups[1]["fix_lr"] and groups[1]["lr"] == lr  # the predictor: held at the initial lr
-    assert groups[0]["lr"] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * 3 / 4)))  # the rest: cosine, step 3 of 4
+    # The rest: the official per-epoch cosine (main_simsiam.py adjust_learning_rate), epoch 1 of 2 at the last step
+    assert groups[0]["lr"] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * 1 / 2)))
+
+
+def test_official_predictor_and_zero_init_residuals():
+    """Official builder.py: the predictor's last Linear has a bias, the projector ends in BN without
+    affine, and the ResNet is built with zero_init_residual=True."""
+    args = simsiam.get_args_parser().parse_args(["--data", "shapes", "--image-size", "32", "--arch", "resnet18", *TINY[4:]])
+    model = simsiam.build_model(args)
+    assert model.predictor[-1].bias is not None and not model.projector[-1].affine
+    blocks = [m for m in model.encoder.modules() if isinstance(m, torchvision.models.resnet.BasicBlock)]
+    assert blocks and all((block.bn2.weight == 0).all() for block in blocks)
 
 
 def test_removing_the_stop_gradient_is_detected_as_collapse(tmp_path, monkeypatch, capsys):
@@ -107,7 +119,7 @@ def test_two_ranks_equal_one_process(tmp_path):
 def test_one_image_per_gpu_is_a_user_error(tmp_path):
     line = error_line(run_script("simsiam.py", "--data", "shapes:16:64", *TINY, "--batch-size", "1", "--epochs", "1",
                                  "--knn-every", "0", "--workers", "0", "--output-dir", str(tmp_path)))
-    assert "at least 2 images per GPU" in line
+    assert "at least 2 images per process" in line
 
 
 def test_short_run_beats_random_init_knn(tmp_path):
