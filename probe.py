@@ -1,30 +1,44 @@
-"""How good is a saved encoder? k-NN, linear probe and fine-tuning on a labelled dataset.
+"""How good is a saved encoder, and did its pre-training help? k-NN, linear probe and fine-tuning.
 
-    python probe.py runs/simclr/checkpoint.pth --data shapes --protocol all
+    python probe.py runs/simclr/checkpoint.pth --data shapes --protocol all --baselines
     python probe.py resnet50.pth --arch resnet50 --data /imagenet --protocol linear   # plain state_dict
-    python probe.py runs/mae/checkpoint.pth --data /imagenet --protocol finetune --label-fraction 0.01
+    torchrun --nproc_per_node=8 probe.py runs/dino/checkpoint.pth --data /imagenet --protocol linear --n-last-blocks 4 --augment
+    torchrun --nproc_per_node=8 probe.py runs/mae/checkpoint.pth --data /imagenet --protocol finetune --label-fraction 0.01
 
-- knn: weighted k-NN on L2-normalised features (DINO's protocol: vote exp(s/T), T = 0.07).
-- linear: frozen encoder, features computed once (centre crop, no augmentation) and cached; a
-  linear classifier behind a BatchNorm without affine (MAE §A.2; an affine map of the features, so
-  it changes conditioning, not capacity). Its lr is chosen on 10% of the *training* labels held out,
-  never on the val split, then it is retrained on all of them for each seed: mean ± std.
-- finetune: end to end with supervised augmentation, AdamW, and layer-wise lr decay (ViT blocks or
-  ResNet stages: layer i of L trains at lr × decay^(L − i)); --trainable-blocks N freezes all but
-  the last N.
+- knn: weighted k-NN on L2-normalised features (Wu et al. 2018 as in DINO: vote exp(s/T), T = 0.07).
+  Cost: one forward pass over train + val.
+- linear: frozen encoder, a linear classifier behind a BatchNorm without affine (MAE §A.2: an affine
+  map of the features, so it changes conditioning, not capacity). Default: features of centre crops
+  computed once and cached (cost: one forward pass; the head trains in seconds). --augment trains it
+  on RandomResizedCrop + flip views instead, as the official linear evals do (cost: --linear-epochs
+  forward passes per seed). ViT readout: the CLS token; --n-last-blocks 4 and --avgpool-patchtokens
+  are DINO's (eval_linear.py). The lr is chosen on 10% of the *training* labels held out (cached
+  features), never on the val split, then the head is retrained on all of them for each seed.
+- finetune: end to end, AdamW with layer-wise lr decay (layer i of L at lr × decay^(L − i)), label
+  smoothing 0.1. ViTs: MAE's recipe (fine-tuning §A.3: global pool + fc_norm, RandAugment, random
+  erasing, MixUp/CutMix, drop path); ResNets: a plain one (crop + flip). Cost: --finetune-epochs
+  forward + backward passes per seed (about 3 forward passes each). --trainable-blocks N: last N only.
+- --baselines: the same protocols on the same architecture at random init, and fine-tuned from
+  scratch: did pre-training help? (It should beat scratch by more than a couple of points.)
 --label-fraction 0.01 / 0.1 keeps that share of each class's training labels (seeded): the
-semi-supervised protocol. Reported: top-1, top-5 and macro-F1 on the val split, as a table and JSON.
+semi-supervised protocol. Reported: top-1, top-5 and macro-F1 on the val split (mean ± std over
+--seeds), printed as each protocol ends, and written as JSON with the settings. Under torchrun each
+rank embeds its shard of the data and trains on its share of every global batch; rank 0 reports.
 """
 import argparse
 import json
 import math
 import os
 import sys
+import time
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import v2
+from tqdm import tqdm
 
 import common
 from common import knn_classify  # noqa: F401  (the k-NN rule lives in common.py: methods monitor with it)
@@ -36,61 +50,132 @@ def get_args_parser():
     p.add_argument("checkpoint", help="a checkpoint of this project's methods, or a plain state_dict with --arch")
     p.add_argument("--data", required=True, help="shapes[:SIZE[:N[:V]]], cifar10, cifar100, stl10, or an ImageFolder root with train/ and val/")
     p.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
-    p.add_argument("--protocol", default="all", choices=["knn", "linear", "finetune", "all"], help="all = knn + linear + finetune")
+    p.add_argument("--protocol", nargs="+", default=["all"], choices=["knn", "linear", "finetune", "all"],
+                   help="one or more; all = knn + linear + finetune. Cost in passes over the train split: knn and "
+                        "cached linear 1 forward, --augment linear epochs x seeds forwards, finetune epochs x seeds x ~3")
+    p.add_argument("--baselines", action="store_true", help="also run the protocols at random init and fine-tune from scratch (doubles the cost)")
     p.add_argument("--arch", default=None, choices=common.ARCHS, help="only for a plain torchvision/timm-named state_dict")
     p.add_argument("--patch-size", type=common.positive_int, default=16, help="ViT patch size, with --arch")
     p.add_argument("--image-size", type=common.positive_int, default=None, help="default: the checkpoint's training size")
     p.add_argument("--label-fraction", type=float, default=1.0, help="share of training labels per class (0.01, 0.1: semi-supervised)")
-    p.add_argument("--seeds", type=common.positive_int, default=3, help="linear/fine-tune repeats (and label subsets): mean ± std")
-    p.add_argument("--batch-size", type=common.positive_int, default=256, help="feature extraction batch")
-    p.add_argument("--workers", type=common.non_negative_int, default=min(8, os.cpu_count()), help="data-loading processes")
-    p.add_argument("--output", default=None, help="results JSON (default: next to the checkpoint)")
+    p.add_argument("--seeds", type=common.positive_int, default=3, help="linear/fine-tune repeats (and label subsets): mean ± std; the random-init baseline is one draw for k-NN/linear, one per seed for fine-tune")
+    p.add_argument("--batch-size", type=common.positive_int, default=256, help="feature extraction batch per rank")
+    p.add_argument("--workers", type=common.non_negative_int, default=min(8, os.cpu_count()), help="data-loading processes per rank")
+    p.add_argument("--output", default=None, help="results JSON (default: next to the checkpoint, named by data, protocols and label fraction)")
+    p.add_argument("--plot", default=None, choices=["pca", "tsne"], help="a 2-D map of the val features coloured by label, next to the JSON "
+                   "(needs matplotlib; tsne also scikit-learn)")
     g = p.add_argument_group("k-NN")
-    g.add_argument("--k", type=common.positive_int, nargs="+", default=[10, 20, 100, 200], help="neighbour counts reported")
+    g.add_argument("--k", type=common.positive_int, nargs="+", default=[10, 20, 100, 200], help="neighbour counts reported (those above the labelled images per class are skipped)")
     g.add_argument("--knn-temperature", type=common.positive_float, default=0.07, help="T in the exp(s/T) vote")
     g = p.add_argument_group("linear")
-    g.add_argument("--linear-epochs", type=common.positive_int, default=100, help="epochs over the cached features")
+    g.add_argument("--linear-epochs", type=common.positive_int, default=100, help="DINO: 100; MAE: 90")
+    g.add_argument("--linear-batch-size", type=common.positive_int, default=None, help="global; default 1024 (DINO) capped at a tenth of the labelled images")
     g.add_argument("--linear-lr", type=float, default=None, help="SGD lr; default: chosen from 0.01-3 on held-out training labels")
-    g.add_argument("--no-linear-bn", action="store_true", help="drop the BatchNorm (no affine) in front of the classifier")
+    g.add_argument("--no-linear-bn", action="store_true", help="drop the BatchNorm (no affine) in front of the classifier (DINO has none)")
+    g.add_argument("--n-last-blocks", type=common.positive_int, default=1, help="ViT: concatenate the normalised CLS tokens of the last N blocks (DINO: 4 for ViT-S)")
+    g.add_argument("--avgpool-patchtokens", action="store_true", help="ViT: also the mean of the last block's patch tokens (DINO: for ViT-B, with N = 1)")
+    g.add_argument("--augment", action="store_true", help="train the head on RandomResizedCrop + flip views, not cached centre crops "
+                   "(the official evals; costs --linear-epochs forward passes per seed)")
     g = p.add_argument_group("fine-tune")
+    g.add_argument("--recipe", default=None, choices=["mae", "plain"],
+                   help="mae (ViTs, the default for them): global pool + fc_norm, head std 2e-5, RandAugment m9 n2 (torchvision's: "
+                        "no mstd 0.5 noise), random erasing 0.25, MixUp 0.8 / CutMix 1.0; plain (ResNets): crop + flip")
     g.add_argument("--finetune-epochs", type=common.positive_int, default=100, help="MAE: 100 for ViT-B, 50 for ViT-L")
-    g.add_argument("--finetune-batch-size", type=common.positive_int, default=1024)
-    g.add_argument("--finetune-base-lr", type=float, default=5e-4, help="AdamW lr = base × batch / 256 (MAE)")
-    g.add_argument("--finetune-weight-decay", type=float, default=0.05)
-    g.add_argument("--finetune-warmup-epochs", type=common.non_negative_int, default=5)
-    g.add_argument("--layer-decay", type=float, default=0.65, help="layer-wise lr decay (MAE: 0.65 ViT-B, 0.75 ViT-L; 1 = off)")
-    g.add_argument("--drop-path", type=float, default=0.1, help="ViT stochastic depth while fine-tuning")
+    g.add_argument("--finetune-batch-size", type=common.positive_int, default=None, help="global; default 1024 (MAE) capped at a tenth of the labelled images")
+    g.add_argument("--finetune-base-lr", type=float, default=5e-4, help="AdamW lr = base × batch / 256 (MAE). With a few thousand labels or fewer raise it (or the epochs): AdamW moves "
+                   "a weight by about lr per step (1000 shapes images: 30 epochs at 5e-4 stayed at chance, 20 at 5e-3 learned)")
+    g.add_argument("--finetune-weight-decay", type=float, default=0.05, help="AdamW weight decay (MAE)")
+    g.add_argument("--finetune-warmup-epochs", type=common.non_negative_int, default=5, help="linear lr warm-up (MAE)")
+    g.add_argument("--layer-decay", type=float, default=0.65, help="layer-wise lr decay (MAE: 0.65 ViT-B, 0.75 ViT-L; 1 = off; from scratch: off)")
+    g.add_argument("--drop-path", type=float, default=0.1, help="ViT stochastic depth while fine-tuning (MAE: 0.1, 0.2 for ViT-L)")
     g.add_argument("--trainable-blocks", type=int, default=-1, help="fine-tune only the last N blocks/stages (-1: all)")
     return p
 
 
 # ----------------------------------------------------------------------------- encoder
-def load_encoder(args, drop_path=0.0):
-    """(encoder, image_size) from a project checkpoint, or from a plain state_dict and --arch."""
+def load_encoder(args, drop_path=0.0, random_init=False):
+    """(encoder, image_size) from a project checkpoint, or from a plain state_dict and --arch;
+    random_init: the same architecture, not loaded (the baselines)."""
     if args.arch is None:
         checkpoint = common.load_checkpoint(args.checkpoint)
         config, state = dict(checkpoint["encoder_config"]), checkpoint["encoder"]
     else:
         if not os.path.isfile(args.checkpoint):
             raise common.UserError(f"checkpoint {args.checkpoint}: no such file")
-        state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+        except Exception as error:
+            raise common.UserError(f"{args.checkpoint} is not a readable torch file ({type(error).__name__})") from None
         state = state.get("encoder", state) if isinstance(state, dict) else state
         if not isinstance(state, dict):
             raise common.UserError(f"{args.checkpoint} holds no state_dict")
         state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head."))}  # a supervised classifier
         config = dict(arch=args.arch, image_size=args.image_size or common.default_image_size(args.data),
                       patch_size=args.patch_size)
+    image_size = args.image_size or config["image_size"]
+    if config["arch"].startswith("resnet") and hasattr(state.get("conv1.weight"), "shape"):
+        # The stem follows the weights, not the data: a 224-px ResNet (7x7/2 conv + max-pool) probed
+        # on 32 px CIFAR keeps its stem, and a CIFAR one (3x3/1) keeps its own at any size.
+        config["image_size"] = 224 if state["conv1.weight"].shape[-1] == 7 else 32
     if config["arch"].startswith("vit"):
         config["drop_path"] = drop_path
     encoder = common.build_encoder(**config)
     try:
-        encoder.load_state_dict(state)
-    except RuntimeError as error:
-        detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
-        raise common.UserError(f"{args.checkpoint} does not fit a {config['arch']}: {detail}") from None
+        if not random_init:
+            encoder.load_state_dict(state)
+    except RuntimeError as error:  # name the first mismatch only: the full message lists every key
+        expected = encoder.state_dict()
+        problems = ([f"{k} missing" for k in expected if k not in state] + [f"unexpected {k}" for k in state if k not in expected]
+                    + [f"{k} is {list(state[k].shape)}, not {list(v.shape)}" for k, v in expected.items()
+                       if k in state and getattr(state[k], "shape", None) != v.shape])
+        detail = f"{problems[0]} ({len(problems)} keys differ)" if problems else str(error).splitlines()[0][:200]
+        raise common.UserError(f"{args.checkpoint} does not fit a {config['arch']}: {detail}; is --arch right?") from None
     if not common.all_finite(state):  # a diverged run's weights would give normal-looking, meaningless numbers
         raise common.UserError(f"{args.checkpoint}: the encoder has non-finite (NaN or inf) weights; its run diverged")
-    return encoder, args.image_size or config["image_size"]
+    return encoder, image_size
+
+
+class Readout(nn.Module):
+    """The features a linear probe sees. ResNets: the pooled features. ViTs: the CLS token through
+    the final norm; DINO's eval_linear.py concatenates it over the last n blocks (each through the
+    final norm) and, with avgpool, the mean of the last block's normalised patch tokens."""
+
+    def __init__(self, encoder, n_last_blocks=1, avgpool=False):
+        super().__init__()
+        self.encoder, self.n, self.avgpool = encoder, n_last_blocks, avgpool
+        self.dim = encoder.embed_dim * (n_last_blocks + avgpool)
+
+    def forward(self, images):
+        if self.n == 1 and not self.avgpool:
+            return self.encoder(images)
+        outputs = []  # a block returns (tokens, attention): keep the tokens of the last n blocks
+        hooks = [block.register_forward_hook(lambda module, inputs, out: outputs.append(out[0])) for block in self.encoder.blocks[-self.n:]]
+        self.encoder(images)
+        for hook in hooks:
+            hook.remove()
+        tokens = [self.encoder.norm(x) for x in outputs]  # n x (B, 1 + L, D)
+        return torch.cat([x[:, 0] for x in tokens] + [tokens[-1][:, 1:].mean(1)] * self.avgpool, dim=1)  # (B, D(n + avgpool))
+
+
+class Classifier(nn.Module):
+    """Encoder + linear head for fine-tuning. global_pool (MAE's models_vit.py): the mean of the patch
+    tokens through a new fc_norm replaces the CLS token through the final norm, which is dropped."""
+
+    def __init__(self, encoder, num_classes, global_pool=False):
+        super().__init__()
+        self.encoder, self.global_pool = encoder, global_pool
+        linear = nn.Linear(encoder.embed_dim, num_classes)
+        if global_pool:
+            encoder.norm = nn.Identity()  # unused, it would leave DDP waiting for its gradients
+            nn.init.trunc_normal_(linear.weight, std=2e-5)  # MAE: a near-zero head, so early steps keep the features
+            nn.init.zeros_(linear.bias)
+        self.head = nn.Sequential(nn.LayerNorm(encoder.embed_dim, eps=1e-6), linear) if global_pool else nn.Sequential(linear)
+
+    def forward(self, images):
+        if not self.global_pool:
+            return self.head(self.encoder(images))
+        tokens = self.encoder.forward_tokens(self.encoder.embed(images))  # (B, 1 + L, D), no final norm
+        return self.head(tokens[:, 1:].mean(1))
 
 
 def layer_ids(encoder):
@@ -120,7 +205,7 @@ def finetune_param_groups(encoder, classifier, layer_decay, weight_decay, traina
     return list(groups.values())
 
 
-# ----------------------------------------------------------------------------- metrics
+# ----------------------------------------------------------------------------- data and metrics
 def metrics(scores, labels):
     """top-1, top-5 and macro-F1 (over the classes present in labels or predictions), in %."""
     num_classes = scores.shape[1]
@@ -154,85 +239,34 @@ def mean_std(runs):
     return out
 
 
-# ----------------------------------------------------------------------------- protocols
-def run_knn(train_x, train_y, val_x, val_y, args, num_classes):
-    return {f"k={k}": metrics(knn_classify(train_x, train_y, val_x, k, args.knn_temperature, num_classes), val_y)
-            for k in args.k}
+def global_batch(requested, num_images, world_size):
+    """The global batch: as asked (at most the labelled set), or 1024 (DINO, MAE) capped at a tenth of
+    it, since an epoch of one step learns nothing; a multiple of the ranks, which share it equally."""
+    batch = min(requested, num_images) if requested else max(8, min(1024, num_images // 10))
+    return max(world_size, batch - batch % world_size)
 
 
-def train_linear(x, y, num_classes, lr, epochs, seed, batch_normalize=True, batch_size=1024):
-    """A linear classifier on cached features: SGD, momentum 0.9, cosine lr, no weight decay."""
-    torch.manual_seed(seed)
-    head = nn.Linear(x.shape[1], num_classes)
-    if batch_normalize:
-        head = nn.Sequential(nn.BatchNorm1d(x.shape[1], affine=False), head)
-    head = head.to(x.device)
-    optimizer = torch.optim.SGD(head.parameters(), lr, momentum=0.9)
-    steps_per_epoch = math.ceil(len(x) / batch_size)
-    for step in range(epochs * steps_per_epoch):
-        if step % steps_per_epoch == 0:
-            order = torch.randperm(len(x), device=x.device)
-        batch = order[(step % steps_per_epoch) * batch_size:][:batch_size]
-        optimizer.param_groups[0]["lr"] = common.cosine_schedule(step, epochs * steps_per_epoch, lr, 0.0)
-        loss = F.cross_entropy(head(x[batch]), y[batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return head.eval()
+def train_augmentation(image_size):
+    # CIFAR-style pad-and-crop for small images: RandomResizedCrop's 8% crops leave 16-32 px images nothing to see
+    if image_size <= 64:
+        return [v2.ToImage(), v2.RandomCrop(image_size, padding=image_size // 8), v2.RandomHorizontalFlip()]
+    return [v2.ToImage(), v2.RandomResizedCrop(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.RandomHorizontalFlip()]
 
 
-def run_linear(train_x, train_y, val_x, val_y, args, num_classes):
-    runs, chosen = [], []
-    for seed in range(args.seeds):
-        subset = balanced_subset(train_y, args.label_fraction, seed)
-        x, y = train_x[subset], train_y[subset]
-        lr = args.linear_lr
-        if lr is None:  # select on held-out training labels: the val split stays unseen
-            held_out = torch.zeros(len(y), dtype=torch.bool)
-            held_out[balanced_subset(y.cpu(), 0.1, seed + 1000)] = True
-            held_out = held_out.to(y.device)
-            def held_out_top1(candidate):
-                head = train_linear(x[~held_out], y[~held_out], num_classes, candidate, args.linear_epochs, seed, not args.no_linear_bn)
-                return (head(x[held_out]).argmax(1) == y[held_out]).float().mean().item()
-            lr = max([0.01, 0.03, 0.1, 0.3, 1.0, 3.0], key=held_out_top1)
-        head = train_linear(x, y, num_classes, lr, args.linear_epochs, seed, not args.no_linear_bn)
-        with torch.no_grad():
-            runs.append(metrics(head(val_x), val_y))
-        chosen.append(lr)
-    return {**mean_std(runs), "lr": chosen}
+def train_loader(dataset, indices, batch_size, dist_env, workers, seed):
+    """Each rank loads batch_size / world_size images of every global batch, from its own shard."""
+    subset = torch.utils.data.Subset(dataset, indices.tolist())
+    sampler = torch.utils.data.DistributedSampler(subset, dist_env.world_size, dist_env.rank, shuffle=True, seed=seed, drop_last=True)
+    return torch.utils.data.DataLoader(subset, batch_size // dist_env.world_size, sampler=sampler, num_workers=workers,
+                                       drop_last=True, pin_memory=dist_env.device.type == "cuda")
 
 
-def run_finetune(args, train_set, val_set, num_classes, device):
-    runs = []
-    for seed in range(args.seeds):
-        torch.manual_seed(seed)
-        encoder, _ = load_encoder(args, drop_path=args.drop_path)
-        model = nn.Sequential(encoder, nn.Linear(encoder.embed_dim, num_classes)).to(device)
-        lr = args.finetune_base_lr * args.finetune_batch_size / 256
-        optimizer = torch.optim.AdamW(finetune_param_groups(encoder, model[1], args.layer_decay, args.finetune_weight_decay,
-                                                            args.trainable_blocks), lr=lr)
-        subset = torch.utils.data.Subset(train_set, balanced_subset(torch.tensor(labels_of(train_set)), args.label_fraction, seed).tolist())
-        loader = torch.utils.data.DataLoader(subset, min(args.finetune_batch_size, len(subset)), shuffle=True,
-                                             num_workers=args.workers, drop_last=True)
-        total, step = args.finetune_epochs * len(loader), 0
-        for epoch in range(args.finetune_epochs):
-            model.train()
-            for name, module in encoder.named_modules():  # frozen BN layers keep their statistics
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in module.parameters()):
-                    module.eval()
-            for images, labels in loader:
-                for group in optimizer.param_groups:
-                    group["lr"] = group["scale"] * common.cosine_schedule(step, total, lr, 1e-6, args.finetune_warmup_epochs * len(loader))
-                with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                    loss = F.cross_entropy(model(images.to(device)), labels.to(device), label_smoothing=0.1)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-        val_x, val_y = common.extract_features(model, common.make_loader(val_set, args.batch_size, common.DistEnv(device=device),
-                                                                           args.workers, train=False), common.DistEnv(device=device))
-        runs.append(metrics(val_x, val_y))
-    return mean_std(runs)
+def embed_split(model, dataset, args, dist_env, desc):
+    """Features (or logits) and labels of a whole split, each rank embedding its shard."""
+    loader = common.make_loader(dataset, args.batch_size, dist_env, args.workers, train=False)
+    bar = tqdm(loader, desc=desc, disable=not dist_env.is_main, leave=False)
+    bar.sampler, bar.dataset = loader.sampler, loader.dataset  # what extract_features reads to gather in order
+    return common.extract_features(model, bar, dist_env)
 
 
 def labels_of(dataset):
@@ -243,45 +277,256 @@ def labels_of(dataset):
     return [dataset[i][1] for i in range(len(dataset))]  # shapes: labels are cheap to render
 
 
+# ----------------------------------------------------------------------------- protocols
+def run_knn(train_x, train_y, val_x, val_y, args, num_classes):
+    # k above the images per class would let other classes outvote every class (k = 200 of 256 images): skipped
+    ks = [k for k in args.k if k <= len(train_x) // num_classes] or [min(min(args.k), len(train_x))]
+    return {f"k={k}": metrics(knn_classify(train_x, train_y, val_x, k, args.knn_temperature, num_classes), val_y) for k in ks}
+
+
+def train_linear(batches, steps_per_epoch, dim, num_classes, lr, epochs, seed, batch_normalize, device, distributed=False):
+    """A linear classifier: SGD, momentum 0.9, cosine lr, no weight decay. batches(epoch) yields the
+    epoch's (features, labels): cached (every rank the whole batch) or this rank's share (DDP)."""
+    torch.manual_seed(seed)
+    head = nn.Linear(dim, num_classes)
+    if batch_normalize:
+        head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), head)
+    head = head.to(device)
+    model = DistributedDataParallel(head) if distributed else head
+    optimizer = torch.optim.SGD(head.parameters(), lr, momentum=0.9)
+    step = 0
+    for epoch in tqdm(range(epochs), desc=f"linear head, lr {lr:g}, seed {seed}", disable=dist.is_initialized() and dist.get_rank() > 0, leave=False):
+        for x, y in batches(epoch):
+            optimizer.param_groups[0]["lr"] = common.cosine_schedule(step, epochs * steps_per_epoch, lr, 0.0)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+    return head.eval()
+
+
+def run_linear(train_x, train_y, val_x, val_y, args, num_classes, on_the_fly=None):
+    """Cached features; with on_the_fly(indices, lr, seed) -> head, the head trains on augmented views."""
+    def fit(x, y, lr, seed):
+        batch = global_batch(args.linear_batch_size, len(x), 1)
+        def batches(epoch):  # a last batch of one is dropped: BatchNorm needs more than one sample
+            return [(x[b], y[b]) for b in torch.randperm(len(x), device=x.device).split(batch) if len(b) > 1]
+        return train_linear(batches, math.ceil(len(x) / batch), x.shape[1], num_classes, lr, args.linear_epochs, seed, not args.no_linear_bn, x.device)
+
+    runs, chosen = [], []
+    for seed in range(args.seeds):
+        subset = balanced_subset(train_y.cpu(), args.label_fraction, seed)
+        x, y = train_x[subset], train_y[subset]
+        lr = args.linear_lr
+        if lr is None:  # select on held-out training labels (cached features, also for --augment): the val split stays unseen
+            held_out = torch.zeros(len(y), dtype=torch.bool)
+            held_out[balanced_subset(y.cpu(), 0.1, seed + 1000)] = True
+            held_out = held_out.to(y.device)
+            def held_out_top1(candidate):
+                head = fit(x[~held_out], y[~held_out], candidate, seed)
+                return (head(x[held_out]).argmax(1) == y[held_out]).float().mean().item()
+            lr = max([0.01, 0.03, 0.1, 0.3, 1.0, 3.0], key=held_out_top1)
+        head = fit(x, y, lr, seed) if on_the_fly is None else on_the_fly(subset, lr, seed)
+        with torch.no_grad():
+            runs.append(metrics(head(val_x), val_y))
+        chosen.append(lr)
+    return {**mean_std(runs), "lr": chosen}
+
+
+def linear_on_the_fly(readout, train_set, args, num_classes, dist_env):
+    """--augment: each step embeds fresh views through the frozen encoder; each rank embeds its share
+    of the global batch and DDP averages the head's gradients."""
+    def train(indices, lr, seed):
+        loader = train_loader(train_set, indices, global_batch(args.linear_batch_size, len(indices), dist_env.world_size),
+                              dist_env, args.workers, seed)
+        def batches(epoch):
+            loader.sampler.set_epoch(epoch)
+            for images, labels in tqdm(loader, desc=f"linear --augment seed {seed} epoch {epoch + 1}", disable=not dist_env.is_main, leave=False):
+                with torch.no_grad():
+                    features = readout(images.to(dist_env.device, non_blocking=True))
+                yield features, labels.to(dist_env.device)
+        return train_linear(batches, len(loader), readout.dim, num_classes, lr, args.linear_epochs, seed, not args.no_linear_bn,
+                            dist_env.device, distributed=dist_env.world_size > 1)
+    return train
+
+
+def finetune_step(model, optimizer, images, targets):
+    """targets: labels, or MixUp/CutMix's soft (B, C) targets. A rank's loss is the mean over its own
+    images and DDP averages the gradients: the same step as one process on the global batch."""
+    with torch.autocast(images.device.type, torch.bfloat16, enabled=images.device.type == "cuda"):
+        loss = F.cross_entropy(model(images), targets, label_smoothing=0.1)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def run_finetune(args, train_set, labels, val_set, dist_env, recipe, scratch=False):
+    runs, device, num_classes = [], dist_env.device, int(labels.max()) + 1
+    for seed in range(args.seeds):
+        torch.manual_seed(seed)
+        encoder, _ = load_encoder(args, drop_path=args.drop_path, random_init=scratch)
+        model = Classifier(encoder, num_classes, global_pool=recipe == "mae").to(device)
+        if dist_env.world_size > 1 and device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # ResNets: BN statistics over the global batch
+        # From scratch: no layer decay, which assumes lower layers that are already good.
+        optimizer_groups = finetune_param_groups(model.encoder, model.head, 1.0 if scratch else args.layer_decay,
+                                                 args.finetune_weight_decay, args.trainable_blocks)
+        subset = balanced_subset(labels, args.label_fraction, seed)
+        batch = global_batch(args.finetune_batch_size, len(subset), dist_env.world_size)
+        loader = train_loader(train_set, subset, batch, dist_env, args.workers, seed)
+        lr = args.finetune_base_lr * batch / 256
+        optimizer = torch.optim.AdamW(optimizer_groups, lr=lr)
+        trained = DistributedDataParallel(model) if dist_env.world_size > 1 else model
+        # MAE (timm's Mixup): MixUp α 0.8 or CutMix α 1.0, one of them per batch (switch prob 0.5)
+        mix = v2.RandomChoice([v2.MixUp(alpha=0.8, num_classes=num_classes), v2.CutMix(alpha=1.0, num_classes=num_classes)])
+        total, step = args.finetune_epochs * len(loader), 0
+        bar = tqdm(total=total, desc=f"fine-tune{' from scratch' if scratch else ''} seed {seed}", disable=not dist_env.is_main, leave=False)
+        for epoch in range(args.finetune_epochs):
+            loader.sampler.set_epoch(epoch)
+            model.train()
+            for module in model.modules():  # frozen BN layers keep their statistics
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in module.parameters()):
+                    module.eval()
+            for images, targets in loader:
+                for group in optimizer.param_groups:
+                    group["lr"] = group["scale"] * common.cosine_schedule(step, total, lr, 1e-6, args.finetune_warmup_epochs * len(loader))
+                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                if recipe == "mae":
+                    images, targets = mix(images, targets)
+                bar.set_postfix(loss=f"{finetune_step(trained, optimizer, images, targets).item():.3f}", refresh=False)
+                bar.update()
+                step += 1
+        bar.close()
+        runs.append(metrics(*embed_split(model, val_set, args, dist_env, "fine-tune: val")))
+    return mean_std(runs)
+
+
+def finetune_transform(image_size, recipe):
+    if recipe == "plain":
+        return v2.Compose(train_augmentation(image_size) + common.to_normalized_tensor())
+    # MAE's timm pipeline: rand-m9-mstd0.5-inc1 (torchvision's RandAugment has no magnitude noise),
+    # then random erasing of 25% of the images with per-pixel noise (re_mode 'pixel')
+    return v2.Compose(train_augmentation(image_size) + [v2.RandAugment(num_ops=2, magnitude=9), *common.to_normalized_tensor(),
+                                                        v2.RandomErasing(0.25, value="random")])
+
+
+# ----------------------------------------------------------------------------- report
+def difference(a, b):
+    """a − b: means subtract, the seeds' spreads combine (std = sqrt(std_a² + std_b²)); k-NN's dict of k likewise."""
+    return {k: difference(a[k], b[k]) if isinstance(a[k], dict) else math.hypot(a[k], b[k]) if k.endswith("_std") else a[k] - b[k]
+            for k in a if k != "lr"}
+
+
+def row(name, result, seconds=None, signed=False):
+    cell = lambda key: f"{result[key]:{'+' if signed else ''}.2f}" + (f" ± {result[key + '_std']:.2f}" if key + "_std" in result else "")
+    return f"{name:<56}{cell('top1'):>16}{cell('top5'):>16}{cell('macro_f1'):>16}" + (f"{seconds:>9.0f} s" if seconds is not None else "")
+
+
+def plot_features(x, y, method, path):
+    """A 2-D map of the features coloured by label: PCA (torch) or t-SNE (scikit-learn)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+        xy = TSNE(2, init="pca", random_state=0).fit_transform(x.cpu().numpy())
+    else:
+        _, _, components = torch.pca_lowrank(x, q=2)  # centres x itself
+        xy = ((x - x.mean(0)) @ components).cpu().numpy()  # (N, 2)
+    fig, ax = plt.subplots(figsize=(6, 6))
+    points = ax.scatter(xy[:, 0], xy[:, 1], c=y.cpu().numpy(), cmap="tab10" if int(y.max()) < 10 else "nipy_spectral", s=4)
+    fig.colorbar(points, ax=ax, label="class")
+    ax.set(title=f"{dict(pca='PCA', tsne='t-SNE')[method]} of the val features, coloured by label", xticks=[], yticks=[])
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------- main
 def main(args):
     if not 0 < args.label_fraction <= 1:
         raise common.UserError(f"--label-fraction must be in (0, 1], got {args.label_fraction}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dist_env = common.DistEnv(device=device)
+    try:  # optional extras: fail now, not after an hour of fine-tuning
+        __import__("matplotlib") if args.plot else None
+        __import__("sklearn") if args.plot == "tsne" else None
+    except ImportError as error:
+        raise common.UserError(f"--plot {args.plot} needs {error.name}: pip install matplotlib scikit-learn (or --plot pca)") from None
+    protocols = ["knn", "linear", "finetune"] if "all" in args.protocol else list(dict.fromkeys(args.protocol))
+    dist_env = common.init_distributed()
+    device, say = dist_env.device, print if dist_env.is_main else (lambda *_, **__: None)
     encoder, image_size = load_encoder(args)
-    encoder = encoder.to(device)
-    train_set = common.build_dataset(args.data, "train", common.eval_transform(image_size), args.data_root)
-    val_set = common.build_dataset(args.data, "val", common.eval_transform(image_size), args.data_root)
-    labels = labels_of(train_set)
-    num_classes = max(labels) + 1
-    results = {"checkpoint": args.checkpoint, "data": args.data, "label_fraction": args.label_fraction}
+    vit = isinstance(encoder, common.VisionTransformer)
+    recipe = args.recipe or ("mae" if vit else "plain")
+    if not vit and (recipe == "mae" or args.n_last_blocks > 1 or args.avgpool_patchtokens):
+        raise common.UserError("--recipe mae, --n-last-blocks and --avgpool-patchtokens are ViT protocols (MAE, DINO)")
+    if vit and args.n_last_blocks > len(encoder.blocks):
+        raise common.UserError(f"--n-last-blocks {args.n_last_blocks}: the ViT has {len(encoder.blocks)} blocks")
+    train_set, val_set = (common.build_dataset(args.data, split, common.eval_transform(image_size), args.data_root) for split in ("train", "val"))
+    labels = torch.tensor(labels_of(train_set))
+    num_classes = int(labels.max()) + 1
+    readout = ("CLS" if args.n_last_blocks == 1 else f"CLS of {args.n_last_blocks} blocks") + " + avg patch" * args.avgpool_patchtokens if vit else "avg pool"
+    names = {"knn": f"k-NN {{}} (DINO, T {args.knn_temperature:g})",
+             "linear": f"linear, {readout}, {'augmented' if args.augment else 'cached'} ({'DINO' if vit and readout != 'CLS' else 'MAE §A.2'})",
+             "finetune": f"fine-tune, {'MAE §A.3' if recipe == 'mae' else 'plain'} recipe"}
+    settings = {**vars(args), "protocol": protocols, "recipe": recipe, "readout": readout, "image_size": image_size, "world_size": dist_env.world_size}
+    results = {"checkpoint": args.checkpoint, "data": args.data, "label_fraction": args.label_fraction, "settings": settings}
+    baselines, differences = {}, {}
+    say(f"{'protocol (paper)':<56}{'top-1':>16}{'top-5':>16}{'macro-F1':>16}{'time':>11}")
 
-    if args.protocol in ("knn", "linear", "all"):
-        train_x, train_y = common.extract_features(encoder, common.make_loader(train_set, args.batch_size, dist_env, args.workers, False), dist_env)
-        val_x, val_y = common.extract_features(encoder, common.make_loader(val_set, args.batch_size, dist_env, args.workers, False), dist_env)
-        if args.protocol in ("knn", "all"):
+    features = {}  # "checkpoint" / "random init" -> (readout, train_x, train_y, val_x, val_y), extracted once
+    def features_of(which):
+        if which not in features:
+            torch.manual_seed(0)
+            model = Readout(encoder if which == "checkpoint" else load_encoder(args, random_init=True)[0], args.n_last_blocks,
+                            args.avgpool_patchtokens).to(device).eval()
+            features[which] = (model, *embed_split(model, train_set, args, dist_env, f"{which}: train features"),
+                               *embed_split(model, val_set, args, dist_env, f"{which}: val features"))
+        return features[which]
+
+    def run(protocol, which):
+        if protocol == "finetune":
+            train_aug = common.build_dataset(args.data, "train", finetune_transform(image_size, recipe), args.data_root)
+            return run_finetune(args, train_aug, labels, val_set, dist_env, recipe, scratch=which != "checkpoint")
+        model, train_x, train_y, val_x, val_y = features_of(which)
+        if protocol == "knn":
             subset = balanced_subset(train_y.cpu(), args.label_fraction, 0).to(device)
-            results["knn"] = run_knn(train_x[subset], train_y[subset], val_x, val_y, args, num_classes)
-        if args.protocol in ("linear", "all"):
-            results["linear"] = run_linear(train_x, train_y, val_x, val_y, args, num_classes)
-    if args.protocol in ("finetune", "all"):
-        augment = (v2.Compose([v2.ToImage(), v2.RandomCrop(image_size, padding=image_size // 8), v2.RandomHorizontalFlip()])
-                   if image_size <= 64 else  # CIFAR-style pad-and-crop for small images
-                   v2.Compose([v2.ToImage(), v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]))
-        train_aug = common.build_dataset(args.data, "train", v2.Compose([augment, *common.to_normalized_tensor()]), args.data_root)
-        results["finetune"] = run_finetune(args, train_aug, val_set, num_classes, device)
+            if max(args.k) > len(subset) // num_classes:
+                say(f"(k-NN: k above the {len(subset) // num_classes} labelled training images per class skipped)")
+            return run_knn(train_x[subset], train_y[subset], val_x, val_y, args, num_classes)
+        train_aug = common.build_dataset(args.data, "train", v2.Compose(train_augmentation(image_size) + common.to_normalized_tensor()), args.data_root)
+        on_the_fly = linear_on_the_fly(model, train_aug, args, num_classes, dist_env) if args.augment else None
+        return run_linear(train_x, train_y, val_x, val_y, args, num_classes, on_the_fly)
 
-    print(f"\n{'protocol':<22}{'top-1':>16}{'top-5':>16}{'macro-F1':>16}")
-    for name, row in [(f"knn {k}", r) for k, r in results.get("knn", {}).items()] + \
-                     [(p, results[p]) for p in ("linear", "finetune") if p in results]:
-        cell = lambda key: f"{row[key]:.2f}" + (f" ± {row[key + '_std']:.2f}" if key + "_std" in row else "")
-        print(f"{name:<22}{cell('top1'):>16}{cell('top5'):>16}{cell('macro_f1'):>16}")
-    output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                         f"probe_{os.path.basename(args.data.rstrip('/'))}.json".replace(":", "_"))
-    with open(output, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"results written to {output}")
+    for protocol in protocols:  # each result is printed as soon as it is known, with its wall-clock time
+        rows = lambda result: result.items() if protocol == "knn" else [("", result)]  # noqa: E731  (k-NN: a row per k)
+        start = time.time()
+        results[protocol] = run(protocol, "checkpoint")
+        for k, result in rows(results[protocol]):
+            say(row(names[protocol].format(k), result, time.time() - start))
+        if args.baselines:
+            start = time.time()
+            baselines[protocol] = run(protocol, "random init")
+            differences[protocol] = difference(results[protocol], baselines[protocol])
+            for (k, baseline), (_, delta) in zip(rows(baselines[protocol]), rows(differences[protocol])):
+                say(row(f"  {'from scratch' if protocol == 'finetune' else 'random init'} {k}", baseline, time.time() - start))
+                say(row(f"  difference {k}", delta, signed=True))
+    if args.baselines:
+        results.update(baselines=baselines, difference=differences)
+
+    output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"probe_{os.path.basename(args.data.rstrip('/'))}"
+                                         f"_{'+'.join(protocols)}_labels{args.label_fraction:g}.json".replace(":", "_"))
+    if dist_env.is_main:
+        with open(output, "w") as f:
+            json.dump(results, f, indent=2)
+        say(f"results written to {output}")
+    if args.plot:
+        _, _, _, val_x, val_y = features_of("checkpoint")  # every rank takes part in the extraction
+        if dist_env.is_main:
+            plot_features(val_x, val_y, args.plot, os.path.splitext(output)[0] + f"_{args.plot}.png")
+            say(f"{args.plot} plot written to {os.path.splitext(output)[0]}_{args.plot}.png")
+    if dist_env.world_size > 1:
+        dist.barrier()  # rank 0 has written; shut down together (a rank exiting with gloo alive can abort)
     return results
 
 
@@ -290,3 +535,6 @@ if __name__ == "__main__":
         main(get_args_parser().parse_args())
     except common.UserError as error:
         sys.exit(f"probe.py: error: {error}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

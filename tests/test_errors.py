@@ -1,5 +1,6 @@
 """Bad input ends in one clear error line and a nonzero exit, and never harms a checkpoint."""
 import importlib
+import importlib.util
 
 import pytest
 import torch
@@ -81,7 +82,19 @@ def test_probe_rejects_foreign_files(tmp_path):
 def test_probe_plain_state_dict_of_wrong_arch(tmp_path):
     torch.save(common.build_encoder("resnet18", 32).state_dict(), tmp_path / "r18.pth")
     line = user_error("probe", str(tmp_path / "r18.pth"), "--arch", "resnet50", "--data", "shapes:32:64")
-    assert "does not fit a resnet50" in line
+    assert "does not fit a resnet50" in line and "keys differ" in line and "--arch" in line and len(line) < 300  # was 2.7 KB
+    (tmp_path / "random.pth").write_bytes(b"\x00" + bytes(range(256)) * 4)
+    line = error_line(run_script("probe.py", str(tmp_path / "random.pth"), "--arch", "resnet18", "--data", "shapes:32:64"))
+    assert line.startswith("probe.py: error:") and "not a readable torch file" in line
+
+
+def test_probe_vit_protocols_on_a_resnet_and_missing_plot_extras(tmp_path):
+    torch.save(common.build_encoder("resnet18", 32).state_dict(), tmp_path / "r18.pth")
+    flags = [str(tmp_path / "r18.pth"), "--arch", "resnet18", "--data", "shapes:32:64", "--workers", "0"]
+    assert "ViT protocols" in user_error("probe", *flags, "--recipe", "mae")
+    assert "ViT protocols" in user_error("probe", *flags, "--n-last-blocks", "4")
+    if importlib.util.find_spec("matplotlib") is None:  # optional: one line that says how to get it
+        assert "--plot pca needs matplotlib: pip install" in user_error("probe", *flags, "--plot", "pca")
 
 
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):

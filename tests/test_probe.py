@@ -1,11 +1,15 @@
 """probe.py gives the known answer on features with a known structure, and runs end to end."""
 import json
+import os
+import runpy
+import sys
 
+import pytest
 import torch
 
 import common
 import probe
-from helpers import run_script
+from helpers import ROOT, assert_same_step, run_script
 
 
 def blobs(n_per_class, num_classes, dim, noise, seed):
@@ -61,7 +65,7 @@ def test_probe_all_protocols_on_a_checkpoint(tmp_path):
                         "--linear-epochs", "5", "--finetune-epochs", "1", "--finetune-batch-size", "32", "--workers", "0",
                         "--trainable-blocks", "1", "--k", "5", "20")
     assert result.returncode == 0, result.stderr
-    results = json.load(open(tmp_path / "probe_shapes_16_200.json"))
+    results = json.load(open(tmp_path / "probe_shapes_16_200_knn+linear+finetune_labels1.json"))
     assert set(results["knn"]) == {"k=5", "k=20"}
     for protocol in (results["knn"]["k=20"], results["linear"], results["finetune"]):
         assert 0 <= protocol["top1"] <= protocol["top5"] <= 100
@@ -75,7 +79,7 @@ def test_probe_plain_torchvision_state_dict(tmp_path):
     result = run_script("probe.py", str(tmp_path / "r18.pth"), "--arch", "resnet18", "--data", "shapes:16:100",
                         "--protocol", "knn", "--workers", "0", "--output", str(tmp_path / "out.json"))
     assert result.returncode == 0, result.stderr
-    assert "k=20" in json.load(open(tmp_path / "out.json"))["knn"]
+    assert set(json.load(open(tmp_path / "out.json"))["knn"]) == {"k=10"}  # 10 images per class: k = 20, 100, 200 skipped
 
 
 def test_finetune_groups_follow_mae_layer_decay():
@@ -96,3 +100,133 @@ def test_finetune_groups_follow_mae_layer_decay():
     trainable = {id(p) for g in groups for p in g["params"]}
     assert trainable == {id(p) for p in [*encoder.blocks[3].parameters(), *encoder.norm.parameters(), *head.parameters()]}
     assert not encoder.blocks[2].attn.qkv.weight.requires_grad
+
+
+def save_checkpoint(path, arch="vit_nano", seed=0):
+    torch.manual_seed(seed)
+    config = dict(arch=arch, image_size=16, patch_size=8)
+    common.save_checkpoint(dict(method="simclr", encoder_config=config, encoder=common.build_encoder(**config).state_dict(), args={}), str(path))
+    return str(path)
+
+
+def test_finetune_step_under_ddp_equals_one_process(tmp_path):
+    saved_argv, sys.argv = sys.argv, ["tests/probe_ddp_step.py", str(tmp_path / "single.pt")]
+    try:  # the one-process side in this interpreter
+        runpy.run_path(os.path.join(ROOT, "tests", "probe_ddp_step.py"), run_name="__main__")
+    finally:
+        sys.argv = saved_argv
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/probe_ddp_step.py",
+                        str(tmp_path / "ddp.pt"), threads=1)
+    assert result.returncode == 0, result.stderr
+    single, ddp = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
+    assert_same_step(single, ddp)
+    assert single["grads"]["head.0.weight"].abs().sum() > 0  # fc_norm trains; the dropped final norm is gone
+    assert "encoder.norm.weight" not in single["grads"]
+    for name, param in single["params"].items():
+        torch.testing.assert_close(ddp["params"][name], param, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_knn_and_linear_under_torchrun_equal_one_process(tmp_path):
+    checkpoint = save_checkpoint(tmp_path / "c.pth")
+    flags = ["--data", "shapes:16:120:30", "--protocol", "knn", "linear", "--seeds", "1", "--linear-epochs", "3",
+             "--k", "5", "20", "--batch-size", "16", "--workers", "0"]
+    single = probe.main(probe.get_args_parser().parse_args([checkpoint, *flags, "--output", str(tmp_path / "single.json")]))
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "probe.py", checkpoint, *flags,
+                        "--output", str(tmp_path / "ddp.json"), threads=1)
+    assert result.returncode == 0, result.stderr
+    ddp = json.load(open(tmp_path / "ddp.json"))
+    assert ddp["settings"]["world_size"] == 2 and result.stdout.count("k-NN k=5") == 1  # rank 0 alone reports
+    assert ddp["knn"] == single["knn"] and ddp["linear"]["lr"] == single["linear"]["lr"]
+    assert all(abs(ddp["linear"][key] - value) < 1e-5 for key, value in single["linear"].items() if key != "lr")
+
+
+def test_baselines_show_that_pretraining_helped(tmp_path, capsys):
+    # A "pre-trained" encoder with known-good features: 150 supervised steps on 400 shapes images.
+    torch.manual_seed(0)
+    data = common.build_dataset("shapes:16:400", "train", common.eval_transform(16))
+    x, y = torch.stack([data[i][0] for i in range(len(data))]), torch.tensor(probe.labels_of(data))
+    encoder = common.build_encoder("vit_nano", 16, 8)
+    model = torch.nn.Sequential(encoder, torch.nn.Linear(128, 10))
+    optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
+    for step in range(150):
+        batch = torch.randint(0, len(x), (64,))
+        loss = torch.nn.functional.cross_entropy(model(x[batch].flip(3) if step % 2 else x[batch]), y[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    config = dict(arch="vit_nano", image_size=16, patch_size=8)
+    common.save_checkpoint(dict(method="supervised", encoder_config=config, encoder=encoder.state_dict(), args={}), str(tmp_path / "c.pth"))
+    results = probe.main(probe.get_args_parser().parse_args([
+        str(tmp_path / "c.pth"), "--data", "shapes:16:400:400", "--protocol", "knn", "linear", "--baselines", "--seeds", "2",
+        "--linear-epochs", "10", "--k", "20", "--workers", "0"]))
+    out = capsys.readouterr().out
+    print(out)
+    assert "random init k=20" in out and "difference" in out and "linear, CLS, cached (MAE §A.2)" in out
+    # random init: 32.5% k-NN, 26% linear; the supervised encoder: 41% and 39% (400 val images: ±2.5%)
+    assert results["difference"]["knn"]["k=20"]["top1"] > 4 and results["difference"]["linear"]["top1"] > 6
+    assert results["difference"]["linear"]["top1"] == results["linear"]["top1"] - results["baselines"]["linear"]["top1"]
+    saved = json.load(open(tmp_path / "probe_shapes_16_400_400_knn+linear_labels1.json"))
+    assert saved["settings"]["baselines"] and saved["settings"]["protocol"] == ["knn", "linear"] and saved["settings"]["k"] == [20]
+
+
+def test_dino_readouts_concatenate_normalised_tokens():
+    torch.manual_seed(0)
+    encoder = common.build_encoder("vit_nano", 16, 8).eval()
+    images = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        x = torch.cat([(encoder.cls_token + encoder.pos_embed[:, :1]).expand(3, -1, -1), encoder.embed(images)], 1)  # (B, 1 + L, D)
+        outputs = []
+        for block in encoder.blocks:
+            x = block(x)[0]
+            outputs.append(encoder.norm(x))  # DINO's get_intermediate_layers: each through the final norm
+        last4 = probe.Readout(encoder, n_last_blocks=4)(images)
+        avgpool = probe.Readout(encoder, avgpool=True)(images)
+        torch.testing.assert_close(probe.Readout(encoder)(images), encoder(images))
+    torch.testing.assert_close(last4, torch.cat([t[:, 0] for t in outputs], 1))
+    torch.testing.assert_close(avgpool, torch.cat([outputs[-1][:, 0], outputs[-1][:, 1:].mean(1)], 1))
+    assert probe.Readout(encoder, 4).dim == last4.shape[1] == 4 * 128 and probe.Readout(encoder, avgpool=True).dim == 256
+
+
+def test_mae_classifier_pools_patch_tokens_through_fc_norm():
+    torch.manual_seed(0)
+    model = probe.Classifier(common.build_encoder("vit_nano", 16, 8), 10, global_pool=True)
+    assert isinstance(model.encoder.norm, torch.nn.Identity) and isinstance(model.head[0], torch.nn.LayerNorm)
+    assert model.head[1].weight.std() < 1e-4 and not model.head[1].bias.any()  # MAE: trunc_normal std 2e-5
+    images = torch.randn(2, 3, 16, 16)
+    tokens = model.encoder.forward_tokens(model.encoder.embed(images))
+    torch.testing.assert_close(model(images), model.head(tokens[:, 1:].mean(1)))
+    groups = probe.finetune_param_groups(model.encoder, model.head, 0.75, 0.05)
+    head_group = {id(p): g for g in groups for p in g["params"]}
+    assert head_group[id(model.head[0].weight)]["scale"] == 1 and head_group[id(model.head[0].weight)]["weight_decay"] == 0
+    transform = probe.finetune_transform(16, "mae")
+    names = [type(t).__name__ for t in transform.transforms]
+    assert "RandAugment" in names and names[-1] == "RandomErasing" and transform.transforms[-1].p == 0.25
+    rand_augment = transform.transforms[names.index("RandAugment")]
+    assert (rand_augment.num_ops, rand_augment.magnitude) == (2, 9)
+    assert transform(common.Shapes("train", 16, 1)[0][0]).shape == (3, 16, 16)
+
+
+def test_batches_are_capped_at_the_labelled_set():
+    assert probe.global_batch(None, 1_281_167, 8) == 1024  # ImageNet: DINO's / MAE's batch
+    assert probe.global_batch(None, 256, 1) == 25  # an epoch of 10 steps, not one
+    assert probe.global_batch(1024, 256, 1) == 256 and probe.global_batch(None, 256, 2) == 24  # a multiple of the ranks
+    assert probe.global_batch(None, 20, 1) == 8
+
+
+def test_224px_resnet_state_dict_on_32px_data_keeps_its_stem(tmp_path, capsys):
+    import torchvision
+    model = torchvision.models.resnet18()  # the 7x7/2 stem and max-pool of an ImageNet checkpoint
+    torch.save(model.state_dict(), tmp_path / "r18.pth")
+    results = probe.main(probe.get_args_parser().parse_args([str(tmp_path / "r18.pth"), "--arch", "resnet18", "--data", "shapes:32:60",
+                                                             "--protocol", "knn", "--k", "10", "100", "--workers", "0"]))
+    assert set(results["knn"]) == {"k=10"}  # k = 100 > 60 training images: skipped, with a note (k = 10 > 6 per class: kept, the smallest)
+    assert "skipped" in capsys.readouterr().out
+    assert os.path.exists(tmp_path / "probe_shapes_32_60_knn_labels1.json")
+
+
+def test_plot_of_the_features(tmp_path):
+    pytest.importorskip("matplotlib")
+    checkpoint = save_checkpoint(tmp_path / "c.pth")
+    probe.main(probe.get_args_parser().parse_args([checkpoint, "--data", "shapes:16:40", "--protocol", "knn", "--plot", "pca",
+                                                   "--workers", "0", "--output", str(tmp_path / "r.json")]))
+    assert os.path.getsize(tmp_path / "r_pca.png") > 1000
