@@ -37,8 +37,11 @@ import common  # noqa: E402
 # ----------------------------------------------------------------------------- recipes
 # Every method: vit_nano (width 128, 4 blocks, 4 heads), patch 8 at 32 px (16 patches + CLS), batch
 # 64 on one CPU process. Heads keep their papers' shapes, widths scaled to a 128-wide encoder. The
-# budget is in optimizer STEPS (epochs = steps / (N_train / 64)), chosen from the measured throughput
-# (benchmarks/results/) so that all seven methods of one seed take about an hour on 2 cores.
+# budget is in optimizer STEPS (epochs = round(steps / (N_train // 64))), set from the throughput
+# measured on 1 thread of an idle core (images/s at these flags: SimCLR 220, MoCo v3 156, MoCo v2 252,
+# BYOL 168, SimSiam 211, DINO 78 with its 8 crops, MAE 329): about 64 min of training on one thread,
+# plus readouts, so roughly an hour for one seed on 2 cores (an estimate: the full budget has not
+# been run yet; benchmarks/results/ has what was measured, at --steps-scale 0.3).
 # "warmup" is a share of the budget (turned into --warmup-epochs), as papers give it in epochs of a
 # fixed schedule. Each change from the paper's recipe is justified on its line.
 BACKBONE = {"arch": "vit_nano", "patch_size": 8, "batch_size": 64}  # batch 64: the CPU's size (papers 256-4096)
@@ -173,7 +176,8 @@ def probe(checkpoint_path, data, protocol, output, args):
     if protocol == "linear" and args.linear_epochs:
         argv += ["--linear-epochs", str(args.linear_epochs)]
     if protocol == "finetune":
-        argv += ["--finetune-epochs", str(max(1, round(FINETUNE_EPOCHS * args.steps_scale))), "--finetune-batch-size", "64"]
+        epochs = args.finetune_epochs or max(1, round(FINETUNE_EPOCHS * args.steps_scale))
+        argv += ["--finetune-epochs", str(epochs), "--finetune-batch-size", "64"]
     # In this process (probe.py's own main, as its command line would run it): no second torch
     # import per readout, and the rendered shapes are cached.
     print("  $ python " + " ".join(argv), flush=True)
@@ -327,6 +331,8 @@ def get_args_parser():
                         "held-out dataset the issue measured on, and 2000 val images put the k-NN's sampling error at ±1 point")
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiplies every method's step budget (0.05: smoke run)")
     p.add_argument("--linear-epochs", type=common.positive_int, default=None, help="probe.py --linear-epochs (default: probe.py's)")
+    p.add_argument("--finetune-epochs", type=common.positive_int, default=None,
+                   help=f"MAE's fine-tuning readout (default: {FINETUNE_EPOCHS} x --steps-scale; 3 epochs were too few to mean anything)")
     p.add_argument("--output-dir", default="runs/learning")
     p.add_argument("--threads", type=common.positive_int, default=2, help="OMP threads of every training and probe process")
     p.add_argument("--reuse", action="store_true", help="keep a method/seed whose OUTPUT_DIR row.json came from the same command")
@@ -358,7 +364,9 @@ def main(args):
                   summary=summary, runs=rows)
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(report, f, indent=1)
-    table = markdown(summary, rows, args) + f"\nWall time: {report['wall_minutes']} min (training and readouts).\n"
+    report["run_minutes"] = round(sum(r["train_seconds"] + r["readout_seconds"] for r in rows) / 60, 1)
+    table = markdown(summary, rows, args) + (f"\nTime: {report['run_minutes']} min of training and readouts "
+                                             f"(this invocation {report['wall_minutes']} min; --reuse keeps earlier runs).\n")
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(table)
     print("\n" + table)
