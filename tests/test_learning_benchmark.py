@@ -29,6 +29,7 @@ def test_learning_benchmark_smoke_run(tmp_path):
         assert run["knn_curve"][0] == [0, run["knn"]["logged_epoch0"]] and len(run["knn_curve"]) >= 2
     table = (tmp_path / "results.md").read_text()
     assert "| method | steps | train min | readout | random init | trained | gain | gain / std |" in table
-    assert sum(line.startswith("| mae |") for line in table.splitlines()) == 3  # k-NN, linear, fine-tune
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| mae |")]
+    assert [row[3] for row in rows[:3]] == ["knn", "linear", "finetune"] and len(rows) == 4  # + the per-run row
     assert table in result.stdout  # printed as written
     assert (tmp_path / "knn_vs_step.png").exists() or "matplotlib is not installed" in result.stdout
