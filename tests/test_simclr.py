@@ -11,7 +11,7 @@ from helpers import assert_same_state, assert_same_step, ddp_vs_single_process, 
 
 # README's quick start: CPU scale (vit_nano, 32 px), 8 epochs of 1500 images, about 2 minutes on 2 cores.
 QUICK = ["--data", "shapes:32:1500:2000", "--arch", "vit_nano", "--patch-size", "8", "--epochs", "8", "--batch-size", "64",
-         "--base-lr", "8", "--temperature", "0.2", "--warmup-epochs", "1", "--workers", "2"]
+         "--base-lr", "4", "--temperature", "0.2", "--warmup-epochs", "1", "--workers", "2"]
 
 
 def test_info_nce_equals_per_anchor_formula():
@@ -71,7 +71,9 @@ def test_short_run_beats_random_init_knn_with_either_augmentation_path(tmp_path)
     random_init, trained, trained_cpu = log[0]["knn_top1"], log[-1]["knn_top1"], cpu_log[-1]["knn_top1"]
     # Measured on 2 CPU cores (2000 val images, so ±0.01 from the val sample; chance 0.10), device / torchvision:
     #   seed 0: 0.286 -> 0.409 / 0.337    seed 1: 0.287 -> 0.383 / 0.367    seed 2: 0.307 -> 0.324 / 0.361
-    # With the official loss scale and output BN (issue 13), seed 0 on the device path: 0.286 -> 0.395.
+    # (those at base-lr 8). With the official loss scale (loss_a + loss_b, issue 13) the biases and norms, which LARS
+    # does not adapt, move twice as fast: at base-lr 8 the torchvision path's loss rose in epoch 2 and it ended at
+    # 0.282 (device 0.395); at base-lr 4, seed 0: device 0.286 -> 0.406, torchvision 0.383.
     # Neither path is ahead (device - torchvision: +0.07, +0.02, -0.04): a run this short varies by about ±0.04
     # from seed to seed, so "as well as" is asserted to within 0.08; the sharp check of the distributions
     # is test_augment.py's.
