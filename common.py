@@ -691,12 +691,7 @@ def load_encoder_weights(encoder, args):
     path = args.init
     if not path or args.resume or os.path.exists(os.path.join(args.output_dir, "checkpoint.pth")):
         return
-    if not os.path.isfile(path):
-        raise UserError(f"--init {path}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise UserError(f"--init {path}: not a readable torch file ({type(error).__name__}: {str(error)[:100]})") from None
+    state = read_torch_file(path, "--init")
     state = state["encoder"] if isinstance(state, dict) and "encoder_config" in state else state  # a project checkpoint
     while isinstance(state, dict) and (wrapper := next((k for k in WRAPPERS if isinstance(state.get(k), dict)), None)):
         state = state[wrapper]
@@ -912,14 +907,19 @@ def keep_snapshots(path, epoch, every, keep):
         os.remove(os.path.join(folder, name))
 
 
+def read_torch_file(path, name="checkpoint"):
+    """torch.load to the CPU; a missing or unreadable file is one line."""
+    if not os.path.isfile(path):
+        raise UserError(f"{name} {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise UserError(f"{name} {path} is not a readable torch file ({type(error).__name__}: {str(error)[:200]})") from None
+
+
 def load_checkpoint(path, method=None):
     """A checkpoint of this project: {'method', 'encoder_config', 'encoder', 'args', 'epoch', ...}."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise UserError(f"checkpoint {path} is not a readable torch file ({error})") from None
+    checkpoint = read_torch_file(path)
     if not isinstance(checkpoint, dict) or "encoder_config" not in checkpoint:
         raise UserError(f"checkpoint {path} was not written by this project's training scripts")
     if method and checkpoint.get("method") != method:
@@ -977,7 +977,7 @@ def start_run(args, dist_env):
 # Flags that may differ when a run resumes: where it runs and what it reports, not what it computes.
 # --epochs may grow (or shrink to no less than the epochs done): the lr schedule then follows the new length.
 MAY_CHANGE_ON_RESUME = ("epochs", "output_dir", "resume", "workers", "cpu_augment", "compile", "knn_every",
-                        "save_every", "keep", "data_root", "attention_maps", "visualize")
+                        "save_every", "keep", "data_root", "attention_maps", "visualize", "val", "skip_bad_images")
 
 
 def check_same_run(checkpoint, args, path):

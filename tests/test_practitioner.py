@@ -204,6 +204,21 @@ def test_bad_mean_or_crop_scale_is_one_line(tmp_path):
             module.main(args)
 
 
+def test_probe_normalises_as_the_run_did(tmp_path):
+    import probe
+    state = {"method": "simclr", "encoder_config": dict(arch="vit_nano", image_size=16, patch_size=8),
+             "encoder": common.build_encoder("vit_nano", 16, 8).state_dict(), "args": {"mean": [0.5] * 3, "std": [0.2] * 3, "grayscale_input": True}}
+    torch.save(state, tmp_path / "c.pth")
+    args = probe.get_args_parser().parse_args([str(tmp_path / "c.pth"), "--data", "shapes"])
+    probe.load_encoder(args)
+    assert (args.mean, args.std, args.grayscale_input) == ([0.5] * 3, [0.2] * 3, True)
+    del state["args"]  # a run from before these flags, or a plain state_dict: ImageNet's
+    torch.save(state, tmp_path / "c.pth")
+    args = probe.get_args_parser().parse_args([str(tmp_path / "c.pth"), "--data", "shapes", "--std", "1", "1", "1"])
+    probe.load_encoder(args)
+    assert (args.mean, args.std, args.grayscale_input) == (common.IMAGENET_MEAN, [1.0] * 3, False)
+
+
 # ----------------------------------------------------------------------------- unlabelled folders
 def write_images(folder, count, start=0, ext="png"):
     folder.mkdir(parents=True, exist_ok=True)
