@@ -163,11 +163,12 @@ def is_unlabelled(folder):
     """A folder of images without class folders: images directly in it, or sub-folders none of which holds
     an image directly (a nested dump such as DIR/2024/05/*.jpg)."""
     image = lambda entry: entry.is_file() and entry.name.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS)  # noqa: E731
-    with os.scandir(folder) as entries:
-        entries = list(entries)
-    if any(image(entry) for entry in entries):
-        return True
-    subfolders = [entry.path for entry in entries if entry.is_dir()]
+    subfolders = []
+    with os.scandir(folder) as entries:  # lazily: a flat dump of 10M files answers at its first image
+        for entry in entries:
+            if image(entry):
+                return True
+            subfolders += [entry.path] if entry.is_dir() else []
     return bool(subfolders) and not any(any(image(entry) for entry in os.scandir(path)) for path in subfolders)
 
 

@@ -54,7 +54,8 @@ def get_args_parser():
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="vit_small", choices=common.ARCHS, help="encoder, the same for student and teacher")
     g.add_argument("--patch-size", type=common.positive_int, default=16, help="ViT patch size (8 gives sharper attention maps, 4x the cost)")
-    g.add_argument("--init", default="", help="start the encoder from these weights: a torchvision ResNet or timm-named ViT state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; heads start fresh, the target equal to it")
+    g.add_argument("--init", default="", help="continued pre-training: the encoder starts from a torchvision ResNet or timm-named ViT "
+                   "state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; student and teacher start from it, the heads fresh")
     g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the student ViT (the teacher has none)")
     g.add_argument("--head-hidden", type=common.positive_int, default=2048, help="hidden width of the 3-layer head MLP")
     g.add_argument("--head-bottleneck", type=common.positive_int, default=256, help="L2-normalised bottleneck before the last layer")

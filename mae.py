@@ -47,7 +47,8 @@ def get_args_parser():
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="vit_base", choices=list(common.VIT_SIZES), help="ViT encoder")
     g.add_argument("--patch-size", type=common.positive_int, default=16, help="ViT patch size (the unit that is masked and predicted)")
-    g.add_argument("--init", default="", help="start the encoder from these weights: a torchvision ResNet or timm-named ViT state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; heads start fresh, the target equal to it")
+    g.add_argument("--init", default="", help="continued pre-training: the encoder starts from a torchvision ResNet or timm-named ViT "
+                   "state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; the decoder starts fresh")
     g.add_argument("--mask-ratio", type=float, default=0.75, help="share of patches removed; 0.75 is best for both "
                    "fine-tuning and linear probing (Fig. 5), BERT's 0.15 is far too easy for images")
     g.add_argument("--decoder-dim", type=common.positive_int, default=512, help="decoder width (Table 1b: 512)")

@@ -72,7 +72,8 @@ def get_args_parser():
     g.add_argument("--version", default="v3", choices=["v3", "v2"], help="the method; it sets the recipe defaults")
     g.add_argument("--arch", default=argparse.SUPPRESS, choices=common.ARCHS, help="encoder (v3: vit_small, v2: resnet50)")
     g.add_argument("--patch-size", type=common.positive_int, default=16, help="ViT patch size")
-    g.add_argument("--init", default="", help="start the encoder from these weights: a torchvision ResNet or timm-named ViT state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; heads start fresh, the target equal to it")
+    g.add_argument("--init", default="", help="continued pre-training: the encoder starts from a torchvision ResNet or timm-named ViT "
+                   "state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; the momentum encoder starts equal to it, the heads fresh")
     g.add_argument("--stop-grad-conv1", action=argparse.BooleanOptionalAction, default=True,
                    help="ViT: freeze the patch projection at its random init (v3 §4.2: stable training)")
     recipe_flag(g, "proj_hidden", "hidden width of the projector and predictor MLPs", type=common.positive_int)

@@ -43,7 +43,8 @@ def get_args_parser():
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet50", choices=common.ARCHS, help="encoder")
     g.add_argument("--patch-size", type=common.positive_int, default=16, help="ViT patch size")
-    g.add_argument("--init", default="", help="start the encoder from these weights: a torchvision ResNet or timm-named ViT state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; heads start fresh, the target equal to it")
+    g.add_argument("--init", default="", help="continued pre-training: the encoder starts from a torchvision ResNet or timm-named ViT "
+                   "state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; the projector starts fresh")
     g.add_argument("--proj-hidden", type=common.positive_int, default=2048, help="projector hidden width")
     g.add_argument("--proj-dim", type=common.positive_int, default=128, help="projector output width (z)")
     g.add_argument("--temperature", type=common.positive_float, default=0.1, help="τ in NT-Xent; 0.1 is best for batch 4096 with LARS (Table 5)")

@@ -45,7 +45,8 @@ def get_args_parser():
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet50", choices=common.ARCHS, help="encoder")
     g.add_argument("--patch-size", type=common.positive_int, default=16, help="ViT patch size")
-    g.add_argument("--init", default="", help="start the encoder from these weights: a torchvision ResNet or timm-named ViT state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; heads start fresh, the target equal to it")
+    g.add_argument("--init", default="", help="continued pre-training: the encoder starts from a torchvision ResNet or timm-named ViT "
+                   "state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; projector and predictor start fresh")
     g.add_argument("--proj-hidden", type=common.positive_int, default=2048, help="projector hidden width (3 layers, BN after each)")
     g.add_argument("--proj-dim", type=common.positive_int, default=2048, help="projector output width (z)")
     g.add_argument("--pred-hidden", type=common.positive_int, default=512, help="predictor bottleneck width (the predictor maps z to z's width)")
