@@ -954,6 +954,8 @@ def start_run(args, dist_env):
     if len(args.mean) not in (1, 3) or len(args.std) not in (1, 3) or min(args.std) <= 0:
         raise UserError(f"--mean {args.mean} --std {args.std}: expected 1 or 3 values each (one is repeated), std > 0")
     args.mean, args.std = [list(v) * (3 if len(v) == 1 else 1) for v in (args.mean, args.std)]
+    if args.val and not os.path.isdir(args.val) and args.val.split(":")[0] not in ("shapes", "cifar10", "cifar100", "stl10"):
+        raise UserError(f"--val {args.val!r}: no such folder (and not shapes, cifar10, cifar100 or stl10)")
     knn_data = args.val or args.data
     if args.knn_every and os.path.isdir(knn_data) and not os.path.isdir(os.path.join(knn_data, "val")):
         if dist_env.is_main:  # decided once here, not silently at every k-NN epoch

@@ -198,7 +198,8 @@ def test_grayscale_input_gives_three_equal_channels():
 
 def test_bad_mean_or_crop_scale_is_one_line(tmp_path):
     for flags, expected in ((["--grayscale-input", "--mean", "0.5", "0.5"], "expected 1 or 3 values"),
-                            (["--std", "0", "1", "1"], "std > 0"), (["--crop-scale", "0.5", "2"], "--crop-scale 0.5 2.0")):
+                            (["--std", "0", "1", "1"], "std > 0"), (["--crop-scale", "0.5", "2"], "--crop-scale 0.5 2.0"),
+                            (["--val", str(tmp_path / "nope")], "--val .*: no such folder")):
         module, args = parse("simclr", "--data", "shapes:16", *TINY_VIT, "--output-dir", str(tmp_path), *flags)
         with pytest.raises(common.UserError, match=expected):
             module.main(args)
