@@ -22,6 +22,7 @@ import torchvision
 from PIL import Image, UnidentifiedImageError
 from torchvision.ops import StochasticDepth
 from torchvision.transforms import v2
+from tqdm import tqdm
 
 
 class UserError(Exception):
@@ -173,11 +174,15 @@ def is_unlabelled(folder):
 
 
 def report_bad_images(dataset, dist_env):
-    """--skip-bad-images: one line naming how many files were replaced so far (this rank's share) and the first."""
+    """--skip-bad-images: one line naming how many files were replaced so far, and the first. Every rank calls
+    it at the same point (each reads its own shard): their flags are combined."""
     bad = getattr(dataset, "bad", None)
+    if bad is not None and dist_env.world_size > 1:
+        bad = bad.to(dist_env.device, torch.uint8)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if dist_env.is_main and bad is not None and bad.any():
         first = dataset.samples[int(bad.nonzero()[0])][0]
-        print(f"skipped {int(bad.sum())} unreadable images so far (replaced by the next readable one; first: {first})")
+        tqdm.write(f"skipped {int(bad.sum())} unreadable images so far (replaced by the next readable one; first: {first})")  # below the bar
 
 
 @contextmanager
