@@ -270,6 +270,18 @@ def test_skip_bad_images_replaces_and_counts(tmp_path, cpu_augment):
     assert dataset[broken][0].size == (16, 16) and dataset.bad.sum() == 1  # the next image instead
 
 
+def test_skip_bad_images_counts_every_rank(tmp_path):
+    write_images(tmp_path / "dump", 16)
+    for name in "abcd":  # 4 of 20, sorted after the PNGs
+        (tmp_path / "dump" / f"{name}.jpg").write_bytes(b"no image")
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "simclr.py", "--data", str(tmp_path / "dump"),
+                        "--image-size", "16", *TINY_VIT[:-5], "2", "--knn-every", "0", "--workers", "0", "--skip-bad-images",
+                        "--output-dir", str(tmp_path / "o"), threads=1)
+    assert result.returncode == 0, result.stderr[-2000:]
+    # a.jpg is drawn (seed 0), and its replacement walks b, c, d to the next readable file: all 4 are marked
+    assert "skipped 4 unreadable images so far" in result.stdout
+
+
 # ----------------------------------------------------------------------------- plots
 def test_plot_logs_without_matplotlib_is_one_line(tmp_path, monkeypatch, capsys):
     (tmp_path / "log.jsonl").write_text('{"epoch": 0, "knn_top1": 0.3}\n{"epoch": 1, "loss": 2.0, "lr": 0.1, "knn_top1": 0.4}\n')
