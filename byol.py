@@ -42,9 +42,12 @@ def get_args_parser():
     g.add_argument("--image-size", type=common.positive_int, default=None, help="crop size (default: 224 for folders, 32 CIFAR, 96 STL-10)")
     g.add_argument("--workers", type=common.non_negative_int, default=min(8, os.cpu_count()), help="data-loading processes per GPU")
     g.add_argument("--cpu-augment", action="store_true", help="augment in DataLoader workers even when the dataset fits on the device")
+    common.add_data_args(g, crop_scale=(0.08, 1.0))  # --no-flip, --no-color, --grayscale-input, --mean, --std, --val, ...
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet50", choices=common.ARCHS, help="encoder")
     g.add_argument("--patch-size", type=common.positive_int, default=16, help="ViT patch size")
+    g.add_argument("--init", default="", help="continued pre-training: the encoder starts from a torchvision ResNet or timm-named ViT "
+                   "state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; the target starts equal to it, the heads fresh")
     g.add_argument("--proj-hidden", type=common.positive_int, default=4096, help="projector hidden width")
     g.add_argument("--proj-dim", type=common.positive_int, default=256, help="projector output width (z)")
     g.add_argument("--pred-hidden", type=common.positive_int, default=4096, help="predictor hidden width (the predictor maps z to z's width)")
@@ -119,14 +122,15 @@ def training_step(model, views, args):
 # ----------------------------------------------------------------------------- loop
 def augmentations(args):
     """Asymmetric views (Table 6): view 1 always blurred, never solarised; view 2 rarely blurred, sometimes solarised."""
-    views = [common.View(args.image_size, jitter=(0.4, 0.4, 0.2, 0.1), blur=blur, solarize=solarize, interpolation="bicubic")
+    views = [common.View(args.image_size, tuple(args.crop_scale), (0.4, 0.4, 0.2, 0.1), blur, solarize, interpolation="bicubic")
              for blur, solarize in ((1.0, 0.0), (0.1, 0.2))]  # bicubic resize, as the official utils/dataset.py
-    return common.MultiView(views)
+    return common.domain_views(common.MultiView(views), args)  # --no-flip, --no-color, ... (default: the paper's)
 
 
 def build_model(args):
     # Residual blocks start as the identity (haiku's ResNet BlockV1, which BYOL uses: last BN scale_init zeros).
     encoder = common.build_encoder(args.arch, args.image_size, args.patch_size, zero_init_residual=True)
+    common.load_encoder_weights(encoder, args)  # --init: before BYOL() copies the target, so both start equal
     return BYOL(encoder, args.proj_hidden, args.proj_dim, args.pred_hidden)
 
 
@@ -141,7 +145,7 @@ def main(args):
         raise common.UserError(f"--batch-size {args.batch_size}: BatchNorm needs at least 2 images per process")
     if not 0 <= args.tau_base <= 1:
         raise common.UserError(f"--tau-base {args.tau_base} is not in [0, 1] (1: the target never moves)")
-    dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root)
+    dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root, args.skip_bad_images)
     loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
                                 on_device=not args.cpu_augment)
     if len(loader) == 0:
@@ -181,8 +185,7 @@ def main(args):
         raw_model = model.module
     if args.compile:
         model = torch.compile(model)  # checkpoints keep saving raw_model: plain names, loadable anywhere
-    knn = lambda: common.knn_monitor(raw_model.encoder, args.data, args.image_size, args.data_root,
-                                     args.batch_size // dist_env.world_size, args.workers, dist_env)
+    knn = lambda: common.knn_monitor(raw_model.encoder, args, args.batch_size // dist_env.world_size, dist_env)
     if args.knn_every and step == 0:  # a fresh run (a resumed one may be mid-epoch 1)
         knn_init = knn()
         if dist_env.is_main and knn_init is not None:

@@ -11,7 +11,7 @@ import shutil
 import signal
 import socket
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ import torchvision
 from PIL import Image, UnidentifiedImageError
 from torchvision.ops import StochasticDepth
 from torchvision.transforms import v2
+from tqdm import tqdm
 
 
 class UserError(Exception):
@@ -135,6 +136,55 @@ def read_image(path):
         raise UserError(f"cannot read image {path}: {error}") from None
 
 
+class ImageFiles(torchvision.datasets.ImageFolder):
+    """ImageFolder (class folders) or, unlabelled, every image below root at any depth with label 0 (a dump
+    of images). skip_bad: an unreadable file is replaced by the next readable one, so batches keep their
+    size (DDP ranks stay in step); `bad` (shared with the workers) marks the files replaced."""
+
+    def __init__(self, root, transform=None, unlabelled=False, skip_bad=False):
+        self.unlabelled, self.skip_bad = unlabelled, skip_bad  # before super(): find_classes reads them
+        super().__init__(root, transform, loader=read_image)
+        self.bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
+
+    def find_classes(self, directory):
+        return ([""], {"": 0}) if self.unlabelled else super().find_classes(directory)  # "": root itself
+
+    def __getitem__(self, index):
+        for tries in range(100):
+            try:
+                return super().__getitem__((index + tries) % len(self.samples))
+            except UserError:
+                if not self.skip_bad:
+                    raise
+                self.bad[(index + tries) % len(self.samples)] = True
+        raise UserError(f"{self.root}: 100 unreadable images in a row")
+
+
+def is_unlabelled(folder):
+    """A folder of images without class folders: images directly in it, or sub-folders none of which holds
+    an image directly (a nested dump such as DIR/2024/05/*.jpg)."""
+    image = lambda entry: entry.is_file() and entry.name.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS)  # noqa: E731
+    subfolders = []
+    with os.scandir(folder) as entries:  # lazily: a flat dump of 10M files answers at its first image
+        for entry in entries:
+            if image(entry):
+                return True
+            subfolders += [entry.path] if entry.is_dir() else []
+    return bool(subfolders) and not any(any(image(entry) for entry in os.scandir(path)) for path in subfolders)
+
+
+def report_bad_images(dataset, dist_env):
+    """--skip-bad-images: one line naming how many files were replaced so far, and the first. Every rank calls
+    it at the same point (each reads its own shard): their flags are combined."""
+    bad = getattr(dataset, "bad", None)
+    if bad is not None and dist_env.world_size > 1:
+        bad = bad.to(dist_env.device, torch.uint8)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if dist_env.is_main and bad is not None and bad.any():
+        first = dataset.samples[int(bad.nonzero()[0])][0]
+        tqdm.write(f"skipped {int(bad.sum())} unreadable images so far (replaced by the next readable one; first: {first})")  # below the bar
+
+
 @contextmanager
 def socket_timeout(seconds):
     # torchvision downloads use urllib without a timeout: offline, they must fail, not hang.
@@ -146,11 +196,12 @@ def socket_timeout(seconds):
         socket.setdefaulttimeout(previous)
 
 
-def build_dataset(spec, split, transform=None, root="data"):
+def build_dataset(spec, split, transform=None, root="data", skip_bad=False):
     """spec: 'shapes[:SIZE[:N[:V]]]' (built-in, SIZE px, N train and V val images, V = N/5 unless
     given), 'cifar10', 'cifar100', 'stl10', or a folder DIR/{train,val}/<class>/* (class folders
-    alone = train only). split: 'pretrain' (what SSL trains on: STL-10 adds its 100k unlabeled
-    images), 'train', 'val'."""
+    alone = train only; images without class folders = unlabelled, see is_unlabelled). split:
+    'pretrain' (what SSL trains on: STL-10 adds its 100k unlabeled images), 'train', 'val'.
+    skip_bad: unreadable images are replaced, not an error (ImageFiles)."""
     train = split in ("pretrain", "train")
     if spec.split(":")[0] == "shapes":
         size, num_train, num_val = shapes_spec(spec)
@@ -173,8 +224,9 @@ def build_dataset(spec, split, transform=None, root="data"):
     if not train and not has_splits:
         raise UserError(f"--data {spec}: no val/ split (expected {spec}/train/<class>/ and {spec}/val/<class>/)")
     try:
-        dataset = torchvision.datasets.ImageFolder(folder, transform=transform, loader=read_image)
-        train_classes = torchvision.datasets.folder.find_classes(os.path.join(spec, "train"))[1] if has_splits else {}
+        dataset = ImageFiles(folder, transform, is_unlabelled(folder), skip_bad)
+        labelled_train = has_splits and not is_unlabelled(os.path.join(spec, "train"))
+        train_classes = torchvision.datasets.folder.find_classes(os.path.join(spec, "train"))[1] if labelled_train else {}
     except (FileNotFoundError, OSError) as error:
         raise UserError(f"--data {folder}: {error}") from None
     if not train and len(train_classes) > 1:  # labels by class NAME, as train/ numbers them (not by val/'s own order)
@@ -210,8 +262,8 @@ def blur_kernel(image_size):
     return max(3, int(0.1 * image_size) // 2 * 2 + 1)  # 10% of the side (SimCLR), odd
 
 
-def to_normalized_tensor():
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+def to_normalized_tensor(mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
 
 
 @dataclass
@@ -228,18 +280,23 @@ class View:
     jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
     interpolation: str = "bilinear"
+    flip: float = 0.5  # the domain switches (add_data_args): flip probability, one channel repeated, normalisation
+    grayscale_input: bool = False
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
 
     def __call__(self, image):
         if not hasattr(self, "_compose"):
             self._compose = v2.Compose([
                 v2.ToImage(),
+                *([v2.Grayscale(3)] if self.grayscale_input else []),
                 v2.RandomResizedCrop(self.size, self.scale, antialias=True, interpolation=getattr(v2.InterpolationMode, self.interpolation.upper())),
-                v2.RandomHorizontalFlip(),
+                v2.RandomHorizontalFlip(self.flip),
                 v2.RandomApply([v2.ColorJitter(*self.jitter)], p=self.jitter_prob),
                 v2.RandomGrayscale(self.grayscale_prob),
                 v2.RandomApply([v2.GaussianBlur(blur_kernel(self.size), sigma=(0.1, 2.0))], p=self.blur),
                 v2.RandomSolarize(threshold=128, p=self.solarize),  # uint8 image: 128 is the midpoint
-                *to_normalized_tensor()])
+                *to_normalized_tensor(self.mean, self.std)])
         return self._compose(image)
 
 
@@ -253,11 +310,38 @@ class MultiView:
         return [t(image) for t in self.transforms]
 
 
-def eval_transform(size):
+def eval_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, grayscale_input=False):
     """Resize (bicubic, as DINO's eval_knn.py / eval_linear.py and MAE's util/datasets.py) + centre crop."""
     resize = size if size <= 64 else int(size * 256 / 224)  # ImageNet's 256 -> 224 centre crop
-    return v2.Compose([v2.ToImage(), v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-                       v2.CenterCrop(size), *to_normalized_tensor()])
+    return v2.Compose([v2.ToImage(), *([v2.Grayscale(3)] if grayscale_input else []),
+                       v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                       v2.CenterCrop(size), *to_normalized_tensor(mean, std)])
+
+
+def add_data_args(group, crop_scale=None):
+    """The flags for data as it comes, the same in every method: domain switches for the views (the method's
+    recipe stays the default), --val for the k-NN monitor, --skip-bad-images. crop_scale: the method's crop
+    area range, if it has no crop flag of its own (MoCo's --crop-min, DINO's --*-crops-scale)."""
+    if crop_scale:
+        group.add_argument("--crop-scale", type=float, nargs=2, default=crop_scale, metavar=("MIN", "MAX"),
+                           help="area range of the random crops; raise MIN where a small crop loses the signal (a lesion, a cell)")
+    group.add_argument("--no-flip", action="store_true", help="no horizontal flip (where left and right differ: text, chest X-rays)")
+    group.add_argument("--no-color", action="store_true", help="no colour jitter, grayscale or solarize (where colour is the signal: stains, spectra)")
+    group.add_argument("--grayscale-input", action="store_true", help="read every image as one channel repeated 3 times (X-rays, CT)")
+    group.add_argument("--mean", type=float, nargs="+", default=IMAGENET_MEAN, help="per-channel normalisation mean (1 or 3 values) "
+                       "of the views and the k-NN monitor, for non-ImageNet data; keep ImageNet's with --init ImageNet weights")
+    group.add_argument("--std", type=float, nargs="+", default=IMAGENET_STD, help="per-channel normalisation std (1 or 3 values)")
+    group.add_argument("--val", default="", help="labelled data for the k-NN monitor when --data has no labels (any --data form "
+                       "with a val split: DIR/train/<class>/ + DIR/val/<class>/, shapes, cifar10, ...; default: --data)")
+    group.add_argument("--skip-bad-images", action="store_true", help="replace unreadable images by the next readable one and "
+                       "count them each epoch (default: stop with one line naming the file)")
+
+
+def domain_views(views, args):
+    """A method's MultiView with the add_data_args switches applied to each of its Views."""
+    colour_off = dict(jitter_prob=0.0, grayscale_prob=0.0, solarize=0.0) if args.no_color else {}
+    return MultiView([replace(view, flip=0.0 if args.no_flip else view.flip, grayscale_input=args.grayscale_input,
+                              mean=tuple(args.mean), std=tuple(args.std), **colour_off) for view in views.transforms])
 
 
 def make_loader(dataset, batch_size, dist_env, workers, train=True, on_device=True):
@@ -271,6 +355,7 @@ def make_loader(dataset, batch_size, dist_env, workers, train=True, on_device=Tr
         if data is not None:
             if dist_env.is_main:
                 print(f"data: {len(dataset)} images ({data[0].nbytes / 2**20:.1f} MiB) held and augmented on {dist_env.device}")
+            report_bad_images(dataset, dist_env)  # all decoded now: the count is final
             return DeviceLoader(*data, dataset.transform, batch_size, dist_env)
     if train and dist_env.is_main:  # --cpu-augment, another transform, or too large for half the free memory
         print(f"data: {len(dataset)} images decoded and augmented per batch by {workers} DataLoader workers per process")
@@ -278,9 +363,23 @@ def make_loader(dataset, batch_size, dist_env, workers, train=True, on_device=Tr
     # Workers are not persistent: each epoch starts new ones, seeded from the main RNG the loop seeds per
     # epoch, so augmentations are a function of (seed, epoch, rank) and a resumed run replays them exactly
     # (persistent workers keep the RNG of their first epoch: a resumed run drew other crops).
-    return torch.utils.data.DataLoader(
-        dataset, batch_size, sampler=sampler, num_workers=workers, drop_last=train,
-        pin_memory=dist_env.device.type == "cuda")
+    loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, drop_last=train,
+                                         pin_memory=dist_env.device.type == "cuda")
+    return BadImageCount(loader, dist_env) if train and getattr(dataset, "skip_bad", False) else loader
+
+
+class BadImageCount:
+    """The training DataLoader, which after each pass (an epoch) prints how many images --skip-bad-images replaced."""
+
+    def __init__(self, loader, dist_env):
+        self.loader, self.dist_env, self.sampler, self.dataset = loader, dist_env, loader.sampler, loader.dataset
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        yield from self.loader
+        report_bad_images(self.dataset, self.dist_env)
 
 
 # ----------------------------------------------------------------------------- augmentation on the GPU
@@ -342,12 +441,14 @@ def augment_batch(images, view):
     chance = lambda p: torch.rand(B, device=device) < p  # noqa: E731
     # Random resized crop + flip as one affine resampling: output [-1, 1] -> the box in the input.
     x0, y0, w, h = crop_boxes(B, H, W, view.scale, device=device)
-    flip = torch.where(chance(0.5), -1.0, 1.0)
+    flip = torch.where(chance(view.flip), -1.0, 1.0)
     theta = torch.zeros(B, 2, 3, device=device)
     theta[:, 0, 0], theta[:, 0, 2] = flip * w / W, (2 * x0 + w) / W - 1
     theta[:, 1, 1], theta[:, 1, 2] = h / H, (2 * y0 + h) / H - 1
     grid = F.affine_grid(theta, (B, 3, S, S), align_corners=False)
     x = F.grid_sample(images.float() / 255, grid, mode=view.interpolation, padding_mode="border", align_corners=False).clamp(0, 1)
+    if view.grayscale_input:
+        x = grayscale(x).expand(-1, 3, -1, -1)  # (B, 3, S, S), three equal channels
     # Colour jitter: each image its own factors and its own order of the four adjustments.
     brightness, contrast, saturation, hue = view.jitter
     factors = [torch.empty(B, device=device).uniform_(max(0, 1 - j), 1 + j) for j in (brightness, contrast, saturation)]
@@ -369,7 +470,7 @@ def augment_batch(images, view):
     x = torch.where(per_image(chance(view.blur)), gaussian_blur(x, sigma, blur_kernel(S)), x)
     solarized = per_image(chance(view.solarize)) & (x >= 128 / 255)
     x = torch.where(solarized, 1 - x, x)
-    mean, std = (torch.tensor(v, device=device)[:, None, None] for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = (torch.tensor(v, device=device)[:, None, None] for v in (view.mean, view.std))
     return (x - mean) / std
 
 
@@ -493,6 +594,19 @@ def sincos_pos_embed(dim, grid_size):
     return torch.cat([encode(xs), encode(ys)], dim=1).float()  # (grid², D)
 
 
+def resize_pos_embed(pos, h, w):
+    """(1, g*g, D) patch position embeddings -> (1, h*w, D) for another grid (DINO's local crops, --init weights
+    trained at another resolution). As DINO's vision_transformer.py interpolate_pos_encoding (l. 186-191): a
+    scale factor of (n + 0.1)/g, not size=(h, w). The sampling positions differ, and so do the values (for a
+    ViT-S/16's 96 px crops by a third of the largest entry): official weights expect these."""
+    grid = math.isqrt(pos.shape[1])
+    if (h, w) == (grid, grid):
+        return pos
+    pos = pos.reshape(1, grid, grid, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+    pos = F.interpolate(pos, scale_factor=((h + 0.1) / grid, (w + 0.1) / grid), mode="bicubic")  # (1, D, h, w)
+    return pos.flatten(2).transpose(1, 2)  # (1, h*w, D)
+
+
 VIT_SIZES = {"vit_nano": (128, 4, 4),  # CPU scale: the quick start and the tests
              "vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
 
@@ -526,16 +640,7 @@ class VisionTransformer(nn.Module):
         """(B, 3, H, W) -> (B, L, D) patch tokens plus their position embedding."""
         x = self.patch_embed(x)  # (B, D, h, w)
         h, w = x.shape[-2:]
-        pos = self.pos_embed[:, 1:]
-        grid = math.isqrt(pos.shape[1])
-        if (h, w) != (grid, grid):  # other resolutions (DINO's local crops): resize the grid
-            pos = pos.reshape(1, grid, grid, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
-            # As DINO's vision_transformer.py interpolate_pos_encoding (l. 186-191): a scale factor of
-            # (n + 0.1)/g, not size=(h, w). The sampling positions differ, and so do the values (for a
-            # ViT-S/16's 96 px crops by a third of the largest entry): official weights expect these.
-            pos = F.interpolate(pos, scale_factor=((h + 0.1) / grid, (w + 0.1) / grid), mode="bicubic")  # (1, D, h, w)
-            pos = pos.flatten(2).transpose(1, 2)
-        return x.flatten(2).transpose(1, 2) + pos  # (B, L, D)
+        return x.flatten(2).transpose(1, 2) + resize_pos_embed(self.pos_embed[:, 1:], h, w)  # (B, L, D)
 
     def forward_tokens(self, x, return_attention=False):
         """Patch tokens (B, L', D), any subset of them -> normalised (B, 1 + L', D), CLS first."""
@@ -578,6 +683,43 @@ def build_encoder(arch, image_size=224, patch_size=16, drop_path=0.0, sincos=Fal
 
 
 ARCHS = ("resnet18", "resnet34", "resnet50", *VIT_SIZES)
+WRAPPERS, PREFIXES = ("teacher", "student", "state_dict", "model"), ("module.", "backbone.", "base_encoder.", "encoder.")
+
+
+def load_encoder_weights(encoder, args):
+    """--init PATH: the encoder starts from PATH: a checkpoint of this project (its encoder), a
+    torchvision ResNet state_dict, or a timm-named ViT state_dict, which this ViT's names are. Official files
+    are unwrapped: DINO's {'teacher': {'backbone.*'}}, MoCo v3's {'state_dict': {'module.base_encoder.*'}},
+    MAE's {'model': ...}. Classifier heads (fc, head, MAE fine-tuning's fc_norm) are dropped, position
+    embeddings resized to this image size; every other tensor must match, else one line names the first.
+    (MAE's decoder and mask token are dropped too: --init starts the encoder only.) Nothing is loaded when the
+    run resumes (--resume, or OUTPUT_DIR/checkpoint.pth exists): the checkpoint's weights replace these."""
+    path = args.init
+    if not path or args.resume or os.path.exists(os.path.join(args.output_dir, "checkpoint.pth")):
+        return
+    state = read_torch_file(path, "--init")
+    state = state["encoder"] if isinstance(state, dict) and "encoder_config" in state else state  # a project checkpoint
+    while isinstance(state, dict) and (wrapper := next((k for k in WRAPPERS if isinstance(state.get(k), dict)), None)):
+        state = state[wrapper]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"--init {path}: holds no state_dict of tensors")
+    for prefix in PREFIXES:  # DDP's module.*, then the method's wrapper around the encoder
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head.", "fc_norm.", "decoder", "mask_token"))}
+    expected = encoder.state_dict()
+    if "pos_embed" in state and "pos_embed" in expected and state["pos_embed"].shape[1] != expected["pos_embed"].shape[1]:
+        grid = math.isqrt(expected["pos_embed"].shape[1] - 1)  # trained at another image size: resize the grid
+        state["pos_embed"] = torch.cat([state["pos_embed"][:, :1], resize_pos_embed(state["pos_embed"][:, 1:], grid, grid)], 1)
+    problems = ([f"{k} is {list(state[k].shape)} in the file, {list(v.shape)} here" for k, v in expected.items()
+                 if k in state and state[k].shape != v.shape]
+                + [f"{k} is missing" for k in expected if k not in state] + [f"{k} is unexpected" for k in state if k not in expected])
+    if problems:
+        raise UserError(f"--init {path} does not fit this encoder: {problems[0]} ({len(problems)} keys differ); "
+                        "check --arch, --patch-size and, for a 224-px ResNet, an --image-size above 64 (the 7x7 stem)")
+    if not all_finite(state):
+        raise UserError(f"--init {path}: non-finite (NaN or inf) weights")
+    encoder.load_state_dict(state)
 
 
 def mlp(dims, last_bn=True, last_affine=False, last_bias=False):
@@ -720,19 +862,21 @@ def knn_classify(train_features, train_labels, test_features, k=20, temperature=
     return torch.cat(scores)
 
 
-def knn_monitor(encoder, data, image_size, root, batch_size, workers, dist_env, k=20):
-    """Top-1 k-NN accuracy of encoder on the val split, features from the train split; None for a
-    folder without a val/ split (training on unlabelled images is fine, it just cannot be monitored)."""
+def knn_monitor(encoder, args, batch_size, dist_env, k=20):
+    """Top-1 k-NN accuracy of encoder on the val split of --val (default: --data), features from its train
+    split, with the run's normalisation; None for a folder without a val/ split (start_run says so once)."""
+    data = args.val or args.data
     if os.path.isdir(data) and not os.path.isdir(os.path.join(data, "val")):
         return None
-    datasets = [build_dataset(data, split, eval_transform(image_size), root) for split in ("train", "val")]
+    transform = eval_transform(args.image_size, args.mean, args.std, args.grayscale_input)
+    datasets = [build_dataset(data, split, transform, args.data_root, args.skip_bad_images) for split in ("train", "val")]
     classes = [len(getattr(dataset, "classes", ())) for dataset in datasets]
     if classes[0] == 1 < classes[1]:
         if dist_env.is_main:  # every train image would vote for one class: the accuracy would mean nothing
-            print(f"warning: k-NN monitor off: {data}/train has one class folder (unlabelled), val/ has "
-                  f"{classes[1]}; k-NN needs train/ labelled by the same class folders")
+            print(f"warning: k-NN monitor off: {data}/train has one class folder or none (unlabelled), val/ has "
+                  f"{classes[1]}; k-NN needs train/ labelled by the same class folders (or pass --val)")
         return None
-    loaders = [make_loader(dataset, batch_size, dist_env, workers, train=False) for dataset in datasets]
+    loaders = [make_loader(dataset, batch_size, dist_env, args.workers, train=False) for dataset in datasets]
     (train_x, train_y), (val_x, val_y) = (extract_features(encoder, loader, dist_env) for loader in loaders)
     return (knn_classify(train_x, train_y, val_x, k).argmax(1) == val_y).float().mean().item()
 
@@ -769,14 +913,19 @@ def keep_snapshots(path, epoch, every, keep):
         os.remove(os.path.join(folder, name))
 
 
+def read_torch_file(path, name="checkpoint"):
+    """torch.load to the CPU; a missing or unreadable file is one line."""
+    if not os.path.isfile(path):
+        raise UserError(f"{name} {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise UserError(f"{name} {path} is not a readable torch file ({type(error).__name__}: {str(error)[:200]})") from None
+
+
 def load_checkpoint(path, method=None):
     """A checkpoint of this project: {'method', 'encoder_config', 'encoder', 'args', 'epoch', ...}."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise UserError(f"checkpoint {path} is not a readable torch file ({error})") from None
+    checkpoint = read_torch_file(path)
     if not isinstance(checkpoint, dict) or "encoder_config" not in checkpoint:
         raise UserError(f"checkpoint {path} was not written by this project's training scripts")
     if method and checkpoint.get("method") != method:
@@ -803,10 +952,21 @@ def start_run(args, dist_env):
     fails now in one line, not after an epoch in a traceback."""
     if args.base_lr < 0:
         raise UserError(f"--base-lr {args.base_lr} is negative")
-    for name in ("global_crops_scale", "local_crops_scale"):  # DINO's multi-crop area ranges
+    for name in ("global_crops_scale", "local_crops_scale", "crop_scale"):  # DINO's multi-crop area ranges, --crop-scale
         low, high = getattr(args, name, (1, 1))
         if not 0 < low <= high <= 1:
             raise UserError(f"--{name.replace('_', '-')} {low} {high}: expected MIN MAX with 0 < MIN <= MAX <= 1")
+    if len(args.mean) not in (1, 3) or len(args.std) not in (1, 3) or min(args.std) <= 0:
+        raise UserError(f"--mean {args.mean} --std {args.std}: expected 1 or 3 values each (one is repeated), std > 0")
+    args.mean, args.std = [list(v) * (3 if len(v) == 1 else 1) for v in (args.mean, args.std)]
+    if args.val and not os.path.isdir(args.val) and args.val.split(":")[0] not in ("shapes", "cifar10", "cifar100", "stl10"):
+        raise UserError(f"--val {args.val!r}: no such folder (and not shapes, cifar10, cifar100 or stl10)")
+    knn_data = args.val or args.data
+    if args.knn_every and os.path.isdir(knn_data) and not os.path.isdir(os.path.join(knn_data, "val")):
+        if dist_env.is_main:  # decided once here, not silently at every k-NN epoch
+            print(f"k-NN monitor off: {knn_data} has no labelled val/ split (pass --val DIR with DIR/train/<class>/ "
+                  "and DIR/val/<class>/)")
+        args.knn_every = 0
     if not 0 < getattr(args, "crop_min", 1) <= 1:  # MoCo's smallest crop area
         raise UserError(f"--crop-min {args.crop_min} is not an area fraction in (0, 1]")
     if args.warmup_epochs > args.epochs and dist_env.is_main:  # legal (a short test run), but rarely meant
@@ -825,7 +985,7 @@ def start_run(args, dist_env):
 # Flags that may differ when a run resumes: where it runs and what it reports, not what it computes.
 # --epochs may grow (or shrink to no less than the epochs done): the lr schedule then follows the new length.
 MAY_CHANGE_ON_RESUME = ("epochs", "output_dir", "resume", "workers", "cpu_augment", "compile", "knn_every",
-                        "save_every", "keep", "data_root", "attention_maps", "visualize")
+                        "save_every", "keep", "data_root", "attention_maps", "visualize", "val", "skip_bad_images")
 
 
 def check_same_run(checkpoint, args, path):

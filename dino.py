@@ -50,9 +50,12 @@ def get_args_parser():
     g.add_argument("--local-crops-scale", type=float, nargs=2, default=(0.05, 0.4), help="area range of the local crops")
     g.add_argument("--workers", type=common.non_negative_int, default=min(8, os.cpu_count()), help="data-loading processes per GPU")
     g.add_argument("--cpu-augment", action="store_true", help="augment in DataLoader workers even when the dataset fits on the device")
+    common.add_data_args(g)  # --no-flip, --no-color, --grayscale-input, --mean, --std, --val, ...
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="vit_small", choices=common.ARCHS, help="encoder, the same for student and teacher")
     g.add_argument("--patch-size", type=common.positive_int, default=16, help="ViT patch size (8 gives sharper attention maps, 4x the cost)")
+    g.add_argument("--init", default="", help="continued pre-training: the encoder starts from a torchvision ResNet or timm-named ViT "
+                   "state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; student and teacher start from it, the heads fresh")
     g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the student ViT (the teacher has none)")
     g.add_argument("--head-hidden", type=common.positive_int, default=2048, help="hidden width of the 3-layer head MLP")
     g.add_argument("--head-bottleneck", type=common.positive_int, default=256, help="L2-normalised bottleneck before the last layer")
@@ -88,7 +91,8 @@ def get_args_parser():
     g.add_argument("--keep", type=common.non_negative_int, default=0, help="with --save-every: keep only the last K numbered snapshots (0: all)")
     g.add_argument("--knn-every", type=common.non_negative_int, default=10, help="k-NN of the teacher on val every N epochs and at the end (0: off)")
     g.add_argument("--attention-maps", type=common.non_negative_int, default=0, help="every N epochs and at the end, save the teacher's "
-                   "last-layer CLS attention per head for 4 val images as PNGs (ViT only; 0: off)")
+                   "last-layer CLS attention per head for 4 val images as one grid, OUTPUT_DIR/attention/epochN.png: a row per "
+                   "image, the image then each head's map overlaid (ViT only; 0: off)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps, then faster)")
     return p
@@ -242,34 +246,36 @@ def augmentations(args):
     global1 = common.View(size, global_scale, blur=1.0, interpolation="bicubic")  # bicubic, as the official code
     global2 = common.View(size, global_scale, blur=0.1, solarize=0.2, interpolation="bicubic")
     local = common.View(local_size, local_scale, blur=0.5, interpolation="bicubic")
-    return common.MultiView([global1, global2] + [local] * args.local_crops)
+    return common.domain_views(common.MultiView([global1, global2] + [local] * args.local_crops), args)  # --no-flip, ...
 
 
 def build_model(args):
     def network(drop_path):
         backbone = common.build_encoder(args.arch, args.image_size, args.patch_size, drop_path)
+        common.load_encoder_weights(backbone, args)  # --init: student and teacher both start from it
         head = DINOHead(backbone.embed_dim, args.out_dim, args.head_hidden, args.head_bottleneck, args.norm_last_layer)
         return MultiCropNetwork(backbone, head)
     return DINO(network(args.drop_path), network(0.0), args.out_dim)
 
 
 @torch.no_grad()
-def save_attention_maps(backbone, images, folder):
-    """The last block's CLS -> patch attention of every head, upsampled (nearest) to the image size:
-    img{i}.png and img{i}_head{h}.png."""
+def save_attention_maps(backbone, images, path, mean, std):
+    """One PNG grid: a row per image, the image then the last block's CLS -> patch attention of each head,
+    upsampled (nearest) and overlaid in red on the image."""
     backbone.eval()
-    os.makedirs(folder, exist_ok=True)
     attention = backbone.last_attention(images)[:, :, 0, 1:]                    # (B, heads, L) CLS row
     grid = images.shape[-1] // backbone.patch_size
     maps = attention.reshape(*attention.shape[:2], grid, grid)                  # (B, heads, g, g)
     maps = F.interpolate(maps, scale_factor=backbone.patch_size, mode="nearest")  # (B, heads, H, W)
     low, high = maps.amin((2, 3), keepdim=True), maps.amax((2, 3), keepdim=True)
     maps = (maps - low) / (high - low).clamp(min=1e-12)  # min-max per map, as plt.imsave in the official code
-    mean, std = (torch.tensor(v, device=images.device)[:, None, None] for v in (common.IMAGENET_MEAN, common.IMAGENET_STD))
-    for i, (image, heads) in enumerate(zip(images, maps)):
-        torchvision.utils.save_image(image * std + mean, os.path.join(folder, f"img{i}.png"))
-        for h, attention_map in enumerate(heads):
-            torchvision.utils.save_image(attention_map, os.path.join(folder, f"img{i}_head{h}.png"))
+    mean, std = (torch.tensor(v, device=images.device)[:, None, None] for v in (mean, std))
+    images = (images * std + mean).clamp(0, 1)                                  # (B, 3, H, W)
+    red = torch.tensor([1.0, 0.0, 0.0], device=images.device)[:, None, None]
+    overlays = 0.5 * images[:, None] + 0.5 * maps[:, :, None] * red             # (B, heads, 3, H, W)
+    tiles = torch.cat([images[:, None], overlays], dim=1)                       # (B, 1 + heads, 3, H, W)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torchvision.utils.save_image(tiles.flatten(0, 1), path, nrow=tiles.shape[1], padding=1)
 
 
 def main(args):
@@ -282,7 +288,7 @@ def main(args):
         raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} processes")
     if args.attention_maps and not is_vit:
         raise common.UserError(f"--attention-maps needs a ViT (--arch vit_*), not {args.arch}")
-    dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root)
+    dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root, args.skip_bad_images)
     loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
                                 on_device=not args.cpu_augment)
     if len(loader) == 0:
@@ -325,8 +331,7 @@ def main(args):
     if args.compile:
         model = torch.compile(model)  # checkpoints keep saving raw_model: plain names, loadable anywhere
     teacher_backbone = raw_model.teacher.backbone  # what the paper evaluates, and what the checkpoint exports
-    knn = lambda: common.knn_monitor(teacher_backbone, args.data, args.image_size, args.data_root,  # noqa: E731
-                                     args.batch_size // dist_env.world_size, args.workers, dist_env)
+    knn = lambda: common.knn_monitor(teacher_backbone, args, args.batch_size // dist_env.world_size, dist_env)  # noqa: E731
     if args.knn_every and step == 0:  # a fresh run (a resumed one may be mid-epoch 1)
         knn_init = knn()
         if dist_env.is_main and knn_init is not None:
@@ -334,7 +339,8 @@ def main(args):
             common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), {"epoch": 0, "knn_top1": knn_init})
     if args.attention_maps and dist_env.is_main:  # a few fixed images (val if there is one)
         split = "train" if os.path.isdir(args.data) and not os.path.isdir(os.path.join(args.data, "val")) else "val"
-        val = common.build_dataset(args.data, split, common.eval_transform(args.image_size), args.data_root)
+        transform = common.eval_transform(args.image_size, args.mean, args.std, args.grayscale_input)
+        val = common.build_dataset(args.data, split, transform, args.data_root, args.skip_bad_images)
         attention_images = torch.stack([val[i][0] for i in range(min(4, len(val)))]).to(device)
 
     record = {}
@@ -388,7 +394,7 @@ def main(args):
         if dist_env.is_main:
             if args.attention_maps and ((epoch + 1) % args.attention_maps == 0 or epoch + 1 == args.epochs):
                 save_attention_maps(teacher_backbone, attention_images,
-                                    os.path.join(args.output_dir, "attention", f"epoch{epoch + 1:04d}"))
+                                    os.path.join(args.output_dir, "attention", f"epoch{epoch + 1:04d}.png"), args.mean, args.std)
             common.save_checkpoint(state(epoch=epoch + 1, step=step), checkpoint_path)
             common.keep_snapshots(checkpoint_path, epoch + 1, args.save_every, args.keep)
             common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)

@@ -43,9 +43,12 @@ def get_args_parser():
     g.add_argument("--image-size", type=common.positive_int, default=None, help="crop size (default: 224 for folders, 32 CIFAR, 96 STL-10)")
     g.add_argument("--workers", type=common.non_negative_int, default=min(8, os.cpu_count()), help="data-loading processes per GPU")
     g.add_argument("--cpu-augment", action="store_true", help="augment in DataLoader workers even when the dataset fits on the device")
+    common.add_data_args(g, crop_scale=(0.2, 1.0))  # --no-flip, --no-color, --grayscale-input, --mean, --std, --val, ...
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="vit_base", choices=list(common.VIT_SIZES), help="ViT encoder")
     g.add_argument("--patch-size", type=common.positive_int, default=16, help="ViT patch size (the unit that is masked and predicted)")
+    g.add_argument("--init", default="", help="continued pre-training: the encoder starts from a torchvision ResNet or timm-named ViT "
+                   "state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; the decoder starts fresh")
     g.add_argument("--mask-ratio", type=float, default=0.75, help="share of patches removed; 0.75 is best for both "
                    "fine-tuning and linear probing (Fig. 5), BERT's 0.15 is far too easy for images")
     g.add_argument("--decoder-dim", type=common.positive_int, default=512, help="decoder width (Table 1b: 512)")
@@ -188,7 +191,7 @@ def visualize(model, imgs, noise, args, path):
     masked = unpatchify(target * (1 - mask), args.patch_size)                  # 0 = the mean colour after de-normalising
     reconstruction = unpatchify(target * (1 - mask) + pred * mask, args.patch_size)
     rows = torch.stack([imgs, masked, reconstruction], dim=1).flatten(0, 1)    # (3n, 3, H, W): row-major triplets
-    mean, std = (torch.tensor(s, device=imgs.device).view(1, 3, 1, 1) for s in (common.IMAGENET_MEAN, common.IMAGENET_STD))
+    mean, std = (torch.tensor(s, device=imgs.device).view(1, 3, 1, 1) for s in (args.mean, args.std))
     torchvision.utils.save_image((rows * std + mean).clamp(0, 1), path, nrow=3)
     model.train(was_training)
 
@@ -196,15 +199,18 @@ def visualize(model, imgs, noise, args, path):
 # ----------------------------------------------------------------------------- loop
 def augmentations(args):
     """Masking is the augmentation, so only crop (0.2-1, bicubic) and flip: no colour, no blur."""
-    return common.MultiView([common.View(args.image_size, (0.2, 1.0), blur=0.0, jitter_prob=0.0, grayscale_prob=0.0,
-                                         interpolation="bicubic")])
+    views = common.MultiView([common.View(args.image_size, tuple(args.crop_scale), blur=0.0, jitter_prob=0.0, grayscale_prob=0.0,
+                                          interpolation="bicubic")])
+    return common.domain_views(views, args)  # --no-flip, --grayscale-input, --mean/--std
 
 
 def build_model(args):
     encoder = common.build_encoder(args.arch, args.image_size, args.patch_size, sincos=True)
     if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:
         raise common.UserError(f"--decoder-dim {args.decoder_dim} must be a multiple of 4 and of --decoder-heads {args.decoder_heads}")
-    return MAE(encoder, args.decoder_dim, args.decoder_depth, args.decoder_heads)
+    model = MAE(encoder, args.decoder_dim, args.decoder_depth, args.decoder_heads)
+    common.load_encoder_weights(model.encoder, args)  # --init: after MAE's own init, which would overwrite it; decoder fresh
+    return model
 
 
 def main(args):
@@ -217,7 +223,7 @@ def main(args):
     num_patches = (args.image_size // args.patch_size) ** 2
     if not 0 < args.mask_ratio < 1 or int(num_patches * (1 - args.mask_ratio)) < 1:
         raise common.UserError(f"--mask-ratio {args.mask_ratio} must be in (0, 1) and keep at least one of {num_patches} patches")
-    dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root)
+    dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root, args.skip_bad_images)
     loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
                                 on_device=not args.cpu_augment)
     if len(loader) == 0:
@@ -250,11 +256,11 @@ def main(args):
         raw_model = model.module
     if args.compile:
         model = torch.compile(model)  # checkpoints keep saving raw_model: plain names, loadable anywhere
-    knn = lambda: common.knn_monitor(raw_model.encoder, args.data, args.image_size, args.data_root,
-                                     args.batch_size // dist_env.world_size, args.workers, dist_env)
+    knn = lambda: common.knn_monitor(raw_model.encoder, args, args.batch_size // dist_env.world_size, dist_env)
     if args.visualize and dist_env.is_main:  # the same 8 images and the same masks every time
         has_val = not os.path.isdir(args.data) or os.path.isdir(os.path.join(args.data, "val"))
-        vis_set = common.build_dataset(args.data, "val" if has_val else "train", common.eval_transform(args.image_size), args.data_root)
+        transform = common.eval_transform(args.image_size, args.mean, args.std, args.grayscale_input)
+        vis_set = common.build_dataset(args.data, "val" if has_val else "train", transform, args.data_root, args.skip_bad_images)
         vis_imgs = torch.stack([vis_set[i][0] for i in range(min(8, len(vis_set)))]).to(device)
         vis_noise = torch.rand(len(vis_imgs), num_patches, generator=torch.Generator().manual_seed(0)).to(device)
     if args.knn_every and step == 0:  # a fresh run (a resumed one may be mid-epoch 1)

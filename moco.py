@@ -67,10 +67,13 @@ def get_args_parser():
     recipe_flag(g, "crop_min", "smallest crop area of RandomResizedCrop")
     g.add_argument("--workers", type=common.non_negative_int, default=min(8, os.cpu_count()), help="data-loading processes per GPU")
     g.add_argument("--cpu-augment", action="store_true", help="augment in DataLoader workers even when the dataset fits on the device")
+    common.add_data_args(g)  # --no-flip, --no-color, --grayscale-input, --mean, --std, --val, ...
     g = p.add_argument_group("method")
     g.add_argument("--version", default="v3", choices=["v3", "v2"], help="the method; it sets the recipe defaults")
     g.add_argument("--arch", default=argparse.SUPPRESS, choices=common.ARCHS, help="encoder (v3: vit_small, v2: resnet50)")
     g.add_argument("--patch-size", type=common.positive_int, default=16, help="ViT patch size")
+    g.add_argument("--init", default="", help="continued pre-training: the encoder starts from a torchvision ResNet or timm-named ViT "
+                   "state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; the momentum encoder starts equal to it, the heads fresh")
     g.add_argument("--stop-grad-conv1", action=argparse.BooleanOptionalAction, default=True,
                    help="ViT: freeze the patch projection at its random init (v3 §4.2: stable training)")
     recipe_flag(g, "proj_hidden", "hidden width of the projector and predictor MLPs", type=common.positive_int)
@@ -183,8 +186,9 @@ def augmentations(args):
     """v3: BYOL's asymmetric pair (blur always / rarely, solarize the second); v2: "aug-plus" for both views."""
     v3 = args.version == "v3"
     size, scale, jitter = args.image_size, (args.crop_min, 1.0), (0.4, 0.4, 0.2 if v3 else 0.4, 0.1)  # not strengthened
-    return common.MultiView([common.View(size, scale, jitter, blur=1.0 if v3 else 0.5),
-                             common.View(size, scale, jitter, blur=0.1 if v3 else 0.5, solarize=0.2 if v3 else 0.0)])
+    views = common.MultiView([common.View(size, scale, jitter, blur=1.0 if v3 else 0.5),
+                              common.View(size, scale, jitter, blur=0.1 if v3 else 0.5, solarize=0.2 if v3 else 0.0)])
+    return common.domain_views(views, args)  # --no-flip, --no-color, ... (default: the paper's)
 
 
 def encoder_config_of(args):
@@ -211,6 +215,7 @@ def build_model(args):
         nn.init.xavier_uniform_(encoder.patch_embed.proj.weight.view(encoder.embed_dim, -1))
         nn.init.zeros_(encoder.patch_embed.proj.bias)
         encoder.patch_embed.requires_grad_(not args.stop_grad_conv1)
+    common.load_encoder_weights(encoder, args)  # --init: before MoCo() copies the momentum encoder, so both start equal
     d, hidden, out = encoder.embed_dim, args.proj_hidden, args.proj_dim
     if args.version == "v2":  # Linear-ReLU-Linear, no BN (official --mlp); no predictor
         return MoCo(encoder, nn.Sequential(nn.Linear(d, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out)),
@@ -232,7 +237,7 @@ def main(args):
     if (args.queue_size != 0) == v3 or args.queue_size < 0 or args.queue_size % args.batch_size:
         raise common.UserError(f"--queue-size {args.queue_size}: MoCo v2 needs a positive multiple of the global --batch-size "
                                f"{args.batch_size}; MoCo v3 has no queue (0)")
-    dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root)
+    dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root, args.skip_bad_images)
     loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
                                 on_device=not args.cpu_augment)
     if len(loader) == 0:
@@ -277,8 +282,7 @@ def main(args):
         raw_model = model.module
     if args.compile:
         model = torch.compile(model)  # checkpoints keep saving raw_model: plain names, loadable anywhere
-    knn = lambda: common.knn_monitor(raw_model.encoder, args.data, args.image_size, args.data_root,  # noqa: E731
-                                     args.batch_size // dist_env.world_size, args.workers, dist_env)
+    knn = lambda: common.knn_monitor(raw_model.encoder, args, args.batch_size // dist_env.world_size, dist_env)  # noqa: E731
     if args.knn_every and step == 0:  # a fresh run (a resumed one may be mid-epoch 1)
         knn_init = knn()
         if dist_env.is_main and knn_init is not None:

@@ -57,6 +57,9 @@ def get_args_parser():
     p.add_argument("--arch", default=None, choices=common.ARCHS, help="only for a plain torchvision/timm-named state_dict")
     p.add_argument("--patch-size", type=common.positive_int, default=16, help="ViT patch size, with --arch")
     p.add_argument("--image-size", type=common.positive_int, default=None, help="default: the checkpoint's training size")
+    p.add_argument("--mean", type=float, nargs=3, default=None, help="normalisation mean (default: the checkpoint run's --mean; ImageNet's for a state_dict)")
+    p.add_argument("--std", type=float, nargs=3, default=None, help="normalisation std (default: the checkpoint run's --std; ImageNet's for a state_dict)")
+    p.add_argument("--grayscale-input", action="store_true", help="one channel repeated 3 times (default: on if the checkpoint's run had it)")
     p.add_argument("--label-fraction", type=float, default=1.0, help="share of training labels per class (0.01, 0.1: semi-supervised)")
     p.add_argument("--seeds", type=common.positive_int, default=3, help="linear/fine-tune repeats (and label subsets): mean ± std; the random-init baseline is one draw for k-NN/linear, one per seed for fine-tune")
     p.add_argument("--batch-size", type=common.positive_int, default=256, help="feature extraction batch per rank")
@@ -99,19 +102,18 @@ def load_encoder(args, drop_path=0.0, random_init=False):
     if args.arch is None:
         checkpoint = common.load_checkpoint(args.checkpoint)
         config, state = dict(checkpoint["encoder_config"]), checkpoint["encoder"]
+        saved = checkpoint.get("args", {})  # the run's pixels (--mean, --std, --grayscale-input): probe as it trained
+        args.mean, args.std = args.mean or saved.get("mean"), args.std or saved.get("std")
+        args.grayscale_input = args.grayscale_input or saved.get("grayscale_input", False)
     else:
-        if not os.path.isfile(args.checkpoint):
-            raise common.UserError(f"checkpoint {args.checkpoint}: no such file")
-        try:
-            state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-        except Exception as error:
-            raise common.UserError(f"{args.checkpoint} is not a readable torch file ({type(error).__name__})") from None
+        state = common.read_torch_file(args.checkpoint)
         state = state.get("encoder", state) if isinstance(state, dict) else state
         if not isinstance(state, dict):
             raise common.UserError(f"{args.checkpoint} holds no state_dict")
         state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head."))}  # a supervised classifier
         config = dict(arch=args.arch, image_size=args.image_size or common.default_image_size(args.data),
                       patch_size=args.patch_size)
+    args.mean, args.std = args.mean or common.IMAGENET_MEAN, args.std or common.IMAGENET_STD  # older runs, state_dicts
     image_size = args.image_size or config["image_size"]
     if config["arch"].startswith("resnet") and hasattr(state.get("conv1.weight"), "shape"):
         # The stem follows the weights, not the data: a 224-px ResNet (7x7/2 conv + max-pool) probed
@@ -246,11 +248,12 @@ def global_batch(requested, num_images, world_size):
     return max(world_size, batch - batch % world_size)
 
 
-def train_augmentation(image_size):
+def train_augmentation(image_size, args):
+    pixels = [v2.ToImage(), *([v2.Grayscale(3)] if args.grayscale_input else [])]
     # CIFAR-style pad-and-crop for small images: RandomResizedCrop's 8% crops leave 16-32 px images nothing to see
     if image_size <= 64:
-        return [v2.ToImage(), v2.RandomCrop(image_size, padding=image_size // 8), v2.RandomHorizontalFlip()]
-    return [v2.ToImage(), v2.RandomResizedCrop(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.RandomHorizontalFlip()]
+        return pixels + [v2.RandomCrop(image_size, padding=image_size // 8), v2.RandomHorizontalFlip()]
+    return pixels + [v2.RandomResizedCrop(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.RandomHorizontalFlip()]
 
 
 def train_loader(dataset, indices, batch_size, dist_env, workers, seed):
@@ -403,12 +406,12 @@ def run_finetune(args, train_set, labels, val_set, dist_env, recipe, scratch=Fal
     return mean_std(runs)
 
 
-def finetune_transform(image_size, recipe):
+def finetune_transform(image_size, recipe, args):
     if recipe == "plain":
-        return v2.Compose(train_augmentation(image_size) + common.to_normalized_tensor())
+        return v2.Compose(train_augmentation(image_size, args) + common.to_normalized_tensor(args.mean, args.std))
     # MAE's timm pipeline: rand-m9-mstd0.5-inc1 (torchvision's RandAugment has no magnitude noise),
     # then random erasing of 25% of the images with per-pixel noise (re_mode 'pixel')
-    return v2.Compose(train_augmentation(image_size) + [v2.RandAugment(num_ops=2, magnitude=9), *common.to_normalized_tensor(),
+    return v2.Compose(train_augmentation(image_size, args) + [v2.RandAugment(num_ops=2, magnitude=9), *common.to_normalized_tensor(args.mean, args.std),
                                                         v2.RandomErasing(0.25, value="random")])
 
 
@@ -462,7 +465,8 @@ def main(args):
         raise common.UserError("--recipe mae, --n-last-blocks and --avgpool-patchtokens are ViT protocols (MAE, DINO)")
     if vit and args.n_last_blocks > len(encoder.blocks):
         raise common.UserError(f"--n-last-blocks {args.n_last_blocks}: the ViT has {len(encoder.blocks)} blocks")
-    train_set, val_set = (common.build_dataset(args.data, split, common.eval_transform(image_size), args.data_root) for split in ("train", "val"))
+    transform = common.eval_transform(image_size, args.mean, args.std, args.grayscale_input)
+    train_set, val_set = (common.build_dataset(args.data, split, transform, args.data_root) for split in ("train", "val"))
     labels = torch.tensor(labels_of(train_set))
     num_classes = int(labels.max()) + 1
     readout = ("CLS" if args.n_last_blocks == 1 else f"CLS of {args.n_last_blocks} blocks") + " + avg patch" * args.avgpool_patchtokens if vit else "avg pool"
@@ -486,7 +490,7 @@ def main(args):
 
     def run(protocol, which):
         if protocol == "finetune":
-            train_aug = common.build_dataset(args.data, "train", finetune_transform(image_size, recipe), args.data_root)
+            train_aug = common.build_dataset(args.data, "train", finetune_transform(image_size, recipe, args), args.data_root)
             return run_finetune(args, train_aug, labels, val_set, dist_env, recipe, scratch=which != "checkpoint")
         model, train_x, train_y, val_x, val_y = features_of(which)
         if protocol == "knn":
@@ -494,7 +498,8 @@ def main(args):
             if max(args.k) > len(subset) // num_classes:
                 say(f"(k-NN: k above the {len(subset) // num_classes} labelled training images per class skipped)")
             return run_knn(train_x[subset], train_y[subset], val_x, val_y, args, num_classes)
-        train_aug = common.build_dataset(args.data, "train", v2.Compose(train_augmentation(image_size) + common.to_normalized_tensor()), args.data_root)
+        augment = v2.Compose(train_augmentation(image_size, args) + common.to_normalized_tensor(args.mean, args.std))
+        train_aug = common.build_dataset(args.data, "train", augment, args.data_root)
         on_the_fly = linear_on_the_fly(model, train_aug, args, num_classes, dist_env) if args.augment else None
         return run_linear(train_x, train_y, val_x, val_y, args, num_classes, on_the_fly)
 

@@ -39,9 +39,12 @@ def get_args_parser():
     g.add_argument("--color-jitter", type=float, default=1.0, help="jitter strength s (§B.5); the paper uses 0.5 on CIFAR")
     g.add_argument("--workers", type=common.non_negative_int, default=min(8, os.cpu_count()), help="data-loading processes per GPU")
     g.add_argument("--cpu-augment", action="store_true", help="augment in DataLoader workers even when the dataset fits on the device")
+    common.add_data_args(g, crop_scale=(0.08, 1.0))  # --no-flip, --no-color, --grayscale-input, --mean, --std, --val, ...
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet50", choices=common.ARCHS, help="encoder")
     g.add_argument("--patch-size", type=common.positive_int, default=16, help="ViT patch size")
+    g.add_argument("--init", default="", help="continued pre-training: the encoder starts from a torchvision ResNet or timm-named ViT "
+                   "state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; the projector starts fresh")
     g.add_argument("--proj-hidden", type=common.positive_int, default=2048, help="projector hidden width")
     g.add_argument("--proj-dim", type=common.positive_int, default=128, help="projector output width (z)")
     g.add_argument("--temperature", type=common.positive_float, default=0.1, help="τ in NT-Xent; 0.1 is best for batch 4096 with LARS (Table 5)")
@@ -108,13 +111,14 @@ def augmentations(args):
     """Two views from one distribution (§3, Appendix A): crop 0.08-1 + flip, colour jitter of strength s
     (p 0.8), grayscale (p 0.2), blur (p 0.5)."""
     s = args.color_jitter
-    view = common.View(args.image_size, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), interpolation="bicubic")  # data_util.py
-    return common.MultiView([view] * 2)
+    view = common.View(args.image_size, tuple(args.crop_scale), jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), interpolation="bicubic")  # data_util.py
+    return common.domain_views(common.MultiView([view] * 2), args)  # --no-flip, --no-color, ... (default: the paper's)
 
 
 def build_model(args):
     # Residual blocks start as the identity: the official resnet.py zero-initialises their last BN scale.
     encoder = common.build_encoder(args.arch, args.image_size, args.patch_size, zero_init_residual=True)
+    common.load_encoder_weights(encoder, args)  # --init: continued pre-training from public weights
     return SimCLR(encoder, args.proj_hidden, args.proj_dim)
 
 
@@ -125,7 +129,7 @@ def main(args):
     common.start_run(args, dist_env)  # flags argparse cannot check, OUTPUT_DIR writable: fail now, not after an epoch
     if args.batch_size % dist_env.world_size:
         raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} processes")
-    dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root)
+    dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root, args.skip_bad_images)
     loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
                                 on_device=not args.cpu_augment)
     if len(loader) == 0:
@@ -165,8 +169,7 @@ def main(args):
         raw_model = model.module
     if args.compile:
         model = torch.compile(model)  # checkpoints keep saving raw_model: plain names, loadable anywhere
-    knn = lambda: common.knn_monitor(raw_model.encoder, args.data, args.image_size, args.data_root,
-                                     args.batch_size // dist_env.world_size, args.workers, dist_env)
+    knn = lambda: common.knn_monitor(raw_model.encoder, args, args.batch_size // dist_env.world_size, dist_env)
     if args.knn_every and step == 0:  # a fresh run (a resumed one may be mid-epoch 1)
         knn_init = knn()
         if dist_env.is_main and knn_init is not None:

@@ -41,9 +41,12 @@ def get_args_parser():
     g.add_argument("--image-size", type=common.positive_int, default=None, help="crop size (default: 224 for folders, 32 CIFAR, 96 STL-10)")
     g.add_argument("--workers", type=common.non_negative_int, default=min(8, os.cpu_count()), help="data-loading processes per GPU")
     g.add_argument("--cpu-augment", action="store_true", help="augment in DataLoader workers even when the dataset fits on the device")
+    common.add_data_args(g, crop_scale=(0.2, 1.0))  # --no-flip, --no-color, --grayscale-input, --mean, --std, --val, ...
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet50", choices=common.ARCHS, help="encoder")
     g.add_argument("--patch-size", type=common.positive_int, default=16, help="ViT patch size")
+    g.add_argument("--init", default="", help="continued pre-training: the encoder starts from a torchvision ResNet or timm-named ViT "
+                   "state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; projector and predictor start fresh")
     g.add_argument("--proj-hidden", type=common.positive_int, default=2048, help="projector hidden width (3 layers, BN after each)")
     g.add_argument("--proj-dim", type=common.positive_int, default=2048, help="projector output width (z)")
     g.add_argument("--pred-hidden", type=common.positive_int, default=512, help="predictor bottleneck width (the predictor maps z to z's width)")
@@ -105,12 +108,14 @@ def training_step(model, views, args):
 # ----------------------------------------------------------------------------- loop
 def augmentations(args):
     """MoCo v2's views, the same recipe for both (official code): crop 0.2-1, jitter not strengthened."""
-    return common.MultiView([common.View(args.image_size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur=0.5)] * 2)
+    views = common.MultiView([common.View(args.image_size, tuple(args.crop_scale), jitter=(0.4, 0.4, 0.4, 0.1), blur=0.5)] * 2)
+    return common.domain_views(views, args)  # --no-flip, --no-color, ... (default: the paper's)
 
 
 def build_model(args):
     # Residual blocks start as the identity (official builder.py: base_encoder(zero_init_residual=True)).
     encoder = common.build_encoder(args.arch, args.image_size, args.patch_size, zero_init_residual=True)
+    common.load_encoder_weights(encoder, args)  # --init: continued pre-training from public weights
     return SimSiam(encoder, args.proj_hidden, args.proj_dim, args.pred_hidden)
 
 
@@ -123,7 +128,7 @@ def main(args):
         raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} processes")
     if args.batch_size // dist_env.world_size < 2:  # BN in the heads normalises over the images of each GPU
         raise common.UserError(f"--batch-size {args.batch_size}: BatchNorm needs at least 2 images per process")
-    dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root)
+    dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root, args.skip_bad_images)
     loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
                                 on_device=not args.cpu_augment)
     if len(loader) == 0:
@@ -165,8 +170,7 @@ def main(args):
         raw_model = model.module
     if args.compile:
         model = torch.compile(model)  # checkpoints keep saving raw_model: plain names, loadable anywhere
-    knn = lambda: common.knn_monitor(raw_model.encoder, args.data, args.image_size, args.data_root,
-                                     args.batch_size // dist_env.world_size, args.workers, dist_env)
+    knn = lambda: common.knn_monitor(raw_model.encoder, args, args.batch_size // dist_env.world_size, dist_env)
     if args.knn_every and step == 0:  # a fresh run (a resumed one may be mid-epoch 1)
         knn_init = knn()
         if dist_env.is_main and knn_init is not None:

@@ -162,7 +162,11 @@ def knn_top1(checkpoint_path, data):
     checkpoint = common.load_checkpoint(checkpoint_path)
     encoder = common.build_encoder(**checkpoint["encoder_config"])
     encoder.load_state_dict(checkpoint["encoder"])
-    return 100 * common.knn_monitor(encoder, data, checkpoint["encoder_config"]["image_size"], "data", 64, 0, common.DistEnv())
+    run = checkpoint.get("args", {})  # the run's normalisation, as its own monitor used
+    args = argparse.Namespace(data=data, val="", image_size=checkpoint["encoder_config"]["image_size"], data_root="data", workers=0,
+                              mean=run.get("mean", common.IMAGENET_MEAN), std=run.get("std", common.IMAGENET_STD),
+                              grayscale_input=run.get("grayscale_input", False), skip_bad_images=False)
+    return 100 * common.knn_monitor(encoder, args, 64, common.DistEnv())
 
 
 def top1(results, protocol):

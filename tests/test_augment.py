@@ -1,6 +1,5 @@
 """Augmentation on the device (common.augment_batch) draws from the same distribution as the
 torchvision pipeline it replaces, with its own parameters per image, deterministically under a seed."""
-import argparse
 
 import numpy as np
 import pytest
@@ -50,7 +49,7 @@ def views_statistics(views):
 
 
 @pytest.mark.parametrize("view", [common.View(24), common.View(24, blur=0.1, solarize=0.2),
-                                  mae.augmentations(argparse.Namespace(image_size=24)).transforms[0], common.View(12, scale=(0.05, 0.4), blur=1.0)],
+                                  mae.augmentations(mae.get_args_parser().parse_args(["--data", "shapes", "--image-size", "24"])).transforms[0], common.View(12, scale=(0.05, 0.4), blur=1.0)],
                          ids=["simclr", "byol-view2", "mae", "dino-local"])
 def test_same_distribution_as_torchvision_pipeline(view):
     image = common.Shapes("train", 32, 1)[0][0]

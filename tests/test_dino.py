@@ -253,8 +253,8 @@ def test_short_run_trains_and_writes_attention_maps(tmp_path):
     assert all(0 < r["embedding_std"] and 0 < r["teacher_entropy"] < math.log(1024) for r in log[1:])
     # the checkpoint's encoder (which short_run loaded strictly, as probe.py does) is the teacher backbone
     assert all(torch.equal(v, checkpoint["model"][f"teacher.backbone.{k}"]) for k, v in checkpoint["encoder"].items())
-    # 4 fixed val images, one map per head (vit_nano: 4), each upsampled to the 32 px image.
-    folder = tmp_path / "attention" / "epoch0003"
-    files = sorted(p.name for p in folder.iterdir())
-    assert files == sorted([f"img{i}.png" for i in range(4)] + [f"img{i}_head{h}.png" for i in range(4) for h in range(4)])
-    assert all(torchvision.io.read_image(str(folder / name)).shape[-2:] == (32, 32) for name in files)
+    # 4 fixed val images, one grid: a row per image, the image + one overlay per head (vit_nano: 4), 32 px tiles
+    # with 1 px padding: 4 x 5 tiles of 33 px plus the outer pad
+    files = sorted(p.name for p in (tmp_path / "attention").iterdir())
+    assert files == ["epoch0003.png"]
+    assert torchvision.io.read_image(str(tmp_path / "attention" / files[0])).shape[-2:] == (4 * 33 + 1, 5 * 33 + 1)

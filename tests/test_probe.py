@@ -198,7 +198,9 @@ def test_mae_classifier_pools_patch_tokens_through_fc_norm():
     groups = probe.finetune_param_groups(model.encoder, model.head, 0.75, 0.05)
     head_group = {id(p): g for g in groups for p in g["params"]}
     assert head_group[id(model.head[0].weight)]["scale"] == 1 and head_group[id(model.head[0].weight)]["weight_decay"] == 0
-    transform = probe.finetune_transform(16, "mae")
+    pixels = probe.get_args_parser().parse_args(["c.pth", "--data", "shapes"])
+    pixels.mean, pixels.std = common.IMAGENET_MEAN, common.IMAGENET_STD  # what load_encoder sets
+    transform = probe.finetune_transform(16, "mae", pixels)
     names = [type(t).__name__ for t in transform.transforms]
     assert "RandAugment" in names and names[-1] == "RandomErasing" and transform.transforms[-1].p == 0.25
     rand_augment = transform.transforms[names.index("RandAugment")]

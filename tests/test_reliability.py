@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import common
+import simclr
 from helpers import assert_same_state, run_script
 from test_errors import user_error
 
@@ -223,7 +224,8 @@ def test_val_classes_are_mapped_by_name(tmp_path):
 def test_knn_monitor_warns_for_unlabelled_train_folder(tmp_path, capsys):
     image_folder(tmp_path / "d", {"train": ["unlabeled"], "val": ["ant", "bee"]})
     encoder = common.build_encoder("resnet18", 16)
-    assert common.knn_monitor(encoder, str(tmp_path / "d"), 16, "data", 4, 0, common.DistEnv()) is None
+    args = simclr.get_args_parser().parse_args(["--data", str(tmp_path / "d"), "--image-size", "16", "--workers", "0"])
+    assert common.knn_monitor(encoder, args, 4, common.DistEnv()) is None
     assert "k-NN monitor off" in capsys.readouterr().out
 
 
