@@ -10,8 +10,12 @@ The teacher sees the 2 global crops, the student all of them (multi-crop: + N sm
 local-to-global correspondence is learnt. Centering (c) alone would collapse to the uniform
 distribution and sharpening (τ_t < τ_s) alone to one dimension; together they avoid both (§5.3).
 
-    python dino.py --data shapes --arch vit_nano --patch-size 8 --out-dim 1024 --head-hidden 256 \
-        --head-bottleneck 64 --local-crops 6 --epochs 30 --batch-size 128 --attention-maps 10   # CPU
+    python dino.py --data shapes:32:5000:2000 --arch vit_nano --patch-size 8 --batch-size 64 --out-dim 1024 \
+        --head-hidden 512 --head-bottleneck 128 --local-crops 0 --global-crops-scale 0.14 1 --base-lr 4e-3 \
+        --momentum-teacher 0.99 --freeze-last-layer 0 --epochs 6 --warmup-epochs 1 --knn-every 1 --workers 0
+        # CPU, ~5 min on one core (benchmarks/learning.py's recipe): linear probe 29.5 -> 44.4% (+14.9 ± 2.5,
+        # 3 seeds), k-NN 37.6 -> 59.1%. Local crops of a 32 px image are 16 px (2x2 patches), often background only:
+        # with 6 of them, 47.3% k-NN (seed 0). Without an lr warm-up the teacher drifts to uniform (27.8%).
     torchrun --nproc_per_node=8 dino.py --data /imagenet --attention-maps 10                # vanilla recipe
     torchrun --nproc_per_node=8 dino.py --data /imagenet --batch-size 1024 --epochs 300 --teacher-temp 0.07 \
         --warmup-teacher-temp-epochs 30 --no-norm-last-layer                                # boosted recipe

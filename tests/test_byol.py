@@ -118,12 +118,9 @@ def test_tau_base_out_of_range(tmp_path):
 def test_short_run_trains_without_collapse(tmp_path):
     log, checkpoint, _ = short_run("byol", QUICK + ["--knn-every", "2"], tmp_path)
     random_init, trained = log[0]["knn_top1"], log[-1]["knn_top1"]
-    # k-NN measured on 2 CPU cores (2000 val images, so ±0.01; chance 0.10): 0.258 -> 0.250 (these 62 steps). BYOL
-    # first dips (the online net chases a random target), then climbs back: with base-lr 4, τ_base 0.99, batch 64,
-    # 0.258 -> 0.224 at 60 steps, 0.310 at 210, 0.298 at 375 (the end); other 190-250-step configs gave -0.02..+0.04.
-    # That is inside the ±0.04 a short run varies by from seed to seed (SimCLR's seeds gain +0.12, +0.10, +0.02), so
-    # a gain cannot be asserted at CI budget: this checks that the run trains without collapsing (a collapsed
-    # encoder sits at chance) and prints the k-NN; showing BYOL learns needs a longer run (a GPU run on CIFAR-10).
+    # A plumbing run (62 steps): k-NN 0.258 -> 0.250, no collapse (a collapsed encoder sits at chance, 0.10). BYOL
+    # first dips (the online net chases a random target), then climbs: that it learns is test_learning.py's, at
+    # the benchmark's 468 steps on the linear probe.
     assert trained > 0.2, (random_init, trained)
     assert all(record["embedding_std"] > 0.5 / 8 for record in log[1:])  # logged every epoch; healthy ≈ 1/sqrt(64)
     assert checkpoint["encoder_config"] == dict(arch="vit_nano", image_size=32, patch_size=8)

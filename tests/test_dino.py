@@ -18,8 +18,8 @@ import dino
 from helpers import ROOT, assert_same_step, run_script, short_run
 
 # CPU scale: vit_nano at 32 px (16 px local crops = 4 patches), a small head and softmax width.
-QUICK = ["--data", "shapes:32:1000:2000", "--arch", "vit_nano", "--patch-size", "8", "--out-dim", "1024", "--head-hidden", "256",
-         "--head-bottleneck", "64", "--local-crops", "2", "--epochs", "3", "--batch-size", "50", "--base-lr", "2.5e-3",
+QUICK = ["--data", "shapes:32:500:1000", "--arch", "vit_nano", "--patch-size", "8", "--out-dim", "1024", "--head-hidden", "256",
+         "--head-bottleneck", "64", "--local-crops", "2", "--epochs", "2", "--batch-size", "50", "--base-lr", "2.5e-3",
          "--warmup-epochs", "1", "--warmup-teacher-temp-epochs", "0", "--teacher-temp", "0.04",
          "--momentum-teacher", "0.99", "--freeze-last-layer", "0", "--workers", "0", "--seed", "1"]
 SMALL_HEAD = ["--out-dim", "256", "--head-hidden", "64", "--head-bottleneck", "32"]
@@ -242,13 +242,11 @@ def test_attention_maps_need_a_vit(tmp_path):
 
 
 def test_short_run_trains_and_writes_attention_maps(tmp_path):
-    log, checkpoint, _ = short_run("dino", QUICK + ["--knn-every", "3", "--attention-maps", "3"], tmp_path)
+    log, checkpoint, _ = short_run("dino", QUICK + ["--knn-every", "2", "--attention-maps", "2"], tmp_path)
     random_init, trained = log[0]["knn_top1"], log[-1]["knn_top1"]
-    # k-NN measured on 2 CPU cores (2000 val images, so ±0.01; chance 0.10): 0.266 -> 0.256 (3 epochs; 8 epochs of 1500:
-    # 0.286 -> 0.256). At this budget (under 200 steps) the method does NOT beat its random-init encoder; SimCLR and
-    # SimSiam do. The earlier "gains" of 0.01-0.02 were measured on 200 val images and were noise. So this checks that
-    # the run trains without collapsing (a collapsed encoder sits at chance) and prints the k-NN; showing the method
-    # learns needs a longer run than CI allows (a GPU run on CIFAR-10).
+    # A plumbing run (20 steps, with local crops): no collapse (a collapsed teacher sits at chance, 0.10), the
+    # entropy logged, the teacher exported, the attention grid. That DINO learns is test_learning.py's: the
+    # benchmark recipe gains 14-18 linear-probe points over its random init in 468 steps.
     assert trained > 0.2, (random_init, trained)
     assert all(0 < r["embedding_std"] and 0 < r["teacher_entropy"] < math.log(1024) for r in log[1:])
     # the checkpoint's encoder (which short_run loaded strictly, as probe.py does) is the teacher backbone
@@ -256,5 +254,5 @@ def test_short_run_trains_and_writes_attention_maps(tmp_path):
     # 4 fixed val images, one grid: a row per image, the image + one overlay per head (vit_nano: 4), 32 px tiles
     # with 1 px padding: 4 x 5 tiles of 33 px plus the outer pad
     files = sorted(p.name for p in (tmp_path / "attention").iterdir())
-    assert files == ["epoch0003.png"]
+    assert files == ["epoch0002.png"]
     assert torchvision.io.read_image(str(tmp_path / "attention" / files[0])).shape[-2:] == (4 * 33 + 1, 5 * 33 + 1)

@@ -10,7 +10,7 @@ from helpers import run_script
 
 def test_learning_benchmark_smoke_run(tmp_path):
     result = run_script("benchmarks/learning.py", "--methods", "mae", "--seeds", "0",
-                        "--data", "shapes:32:192:64", "--steps-scale", "0.004", "--linear-epochs", "2",
+                        "--data", "shapes:32:192:64", "--steps-scale", "0.004", "--linear-epochs", "2", "--finetune-epochs", "1",
                         "--threads", "2", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.load(open(tmp_path / "results.json"))
