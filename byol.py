@@ -14,6 +14,9 @@ Each epoch logs embedding_std (SimSiam §4.1; ≈ 1/√d healthy, → 0 collapse
     python byol.py --data shapes:32:1000:2000 --arch vit_nano --patch-size 8 --epochs 24 --batch-size 64 \
         --proj-hidden 256 --proj-dim 64 --pred-hidden 256 --base-lr 4 --tau-base 0.99 --warmup-epochs 2 --knn-every 2
         # CPU, ~2 min: k-NN 25.8 -> 22.4% (epoch 4: chasing a random target) -> 31.0% (epoch 14) -> 29.8%
+    python byol.py --data shapes:32:5000:2000 --arch vit_nano --patch-size 8 --batch-size 64 --proj-hidden 512 \
+        --proj-dim 128 --pred-hidden 512 --base-lr 4 --tau-base 0.99 --epochs 6 --warmup-epochs 1 --knn-every 1 --workers 0
+        # benchmarks/learning.py's recipe, ~5 min on one core: linear probe 29.5 -> 42.1% (+12.7 ± 1.2, 3 seeds)
     torchrun --nproc_per_node=8 byol.py --data /imagenet                                      # paper recipe
 
 Paper: ResNet-50, batch 4096, 1000 epochs -> 74.3% linear top-1 on ImageNet (Table 1).

@@ -84,7 +84,8 @@ RECIPES = {
         "proj_hidden": 512,   # paper 2048 (R-50 width)
         "proj_dim": 512,      # paper 2048 = hidden
         "pred_hidden": 128,   # paper: bottleneck 1/4 of proj_dim (512 of 2048)
-        "base_lr": 2,         # SGD lr 0.5 at batch 64 (measured: 0.25 -> 0.34 in 120 steps; paper's 0.05 moves nothing)
+        "base_lr": 1,         # SGD lr 0.25 at batch 64 (simsiam.py's CPU recipe); the paper's 0.05 moves nothing in 1k steps.
+                              # 2 (lr 0.5, from step 0: no warm-up, cosine per epoch) broke seed 2 (linear 31.6 -> 27.4)
         "weight_decay": 1e-4,  # paper
     }),
     "dino": dict(script="dino.py", steps=1500, warmup=0.1, flags={  # paper: 10 of 100 epochs warm-up
