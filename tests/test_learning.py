@@ -1,25 +1,21 @@
 """Every method learns: each method's recipe of benchmarks/learning.py (vit_nano at 32 px, batch 64, 5000
 images) at 0.3 of its step budget (468 steps; MAE 624) beats the same architecture at random init on its
 paper's readout: the linear probe (probe.py) for the contrastive and self-distillation methods,
-fine-tuning for MAE (probe.py's MAE recipe, 10 epochs, from MAE vs from its random init).
+fine-tuning for MAE (probe.py's MAE recipe, 780 steps, from MAE vs from its random init).
 
 The random init is the script's own (the benchmark checks that its k-NN equals the script's epoch-0
-k-NN), so the gain is what training added. The default suite runs seed 0 for the methods shown to
-learn, against the issue's bar (5 points); measured with 3 seeds on 2 CPU cores, linear-probe gains:
-SimCLR +24.3 ± 1.6, MoCo v3 +15.1 ± 3.2, BYOL +12.7 ± 1.2, DINO +14.9 ± 2.5, SimSiam +12.1 ± 9.9
-(+23.0 for seed 0; +4.2 for seed 1) (benchmarks/results/). The `slow` test runs 3 seeds of every method and also asks for a gain
-above 2 seed std: `python -m pytest -m slow` (about 2 h on 2 cores)."""
+k-NN), so the gain is what training added. The default suite runs seed 0 of every method against the
+issue's bar (5 points; MAE 3); measured with 3 seeds on 2 CPU cores (benchmarks/results/), linear-probe
+gains: SimCLR +24.3 ± 1.6, MoCo v3 +15.1 ± 3.2, MoCo v2 +14.6 ± 3.1, BYOL +12.7 ± 1.2, SimSiam
++11.2 ± 1.1, DINO +14.9 ± 2.5; MAE fine-tuned +13.0 ± 6.0; and, MAE aside (below), within 2-3
+points of these on a second setting, 2000 train images (README's "Does it learn?"). The `slow` test
+runs 3 seeds of every method on both settings and also asks for a gain above 2 seed std:
+`python -m pytest -m slow` (about 5 h on 2 cores)."""
 import pytest
 
 from benchmarks import learning
 
 BAR = {method: 3.0 if method == "mae" else 5.0 for method in learning.RECIPES}
-# Not yet shown to learn beyond their random init, so not asserted in the default suite (and expected to
-# fail the slow test): MoCo v2 on a ViT (its random init, MoCo v3's Xavier/sin-cos one, already reads out
-# at 48-54% linear; after 468 steps -5.0, +4.2, +4.2 points). MAE gains at patch 4 (fine-tuned 47.1 -> 61.1%,
-# seed 0), but its fine-tuning readout at patch 4 costs ~10 min on 2 cores: it runs in the slow test.
-NOT_IN_CI = {"moco_v2": "MoCo v2 on a ViT: no gain over its Xavier/sin-cos random init yet (-5.0, +4.2, +4.2 linear)",
-             "mae": "MAE's fine-tuning readout at patch 4 is too slow for the default suite"}
 
 
 def readout_of(method):
@@ -30,7 +26,7 @@ def benchmark_args(tmp_path, *extra):
     return learning.get_args_parser().parse_args(["--steps-scale", "0.3", "--threads", "2", "--output-dir", str(tmp_path), *extra])
 
 
-@pytest.mark.parametrize("method", [m for m in learning.RECIPES if m not in NOT_IN_CI])
+@pytest.mark.parametrize("method", list(learning.RECIPES))
 def test_beats_its_random_init(method, tmp_path):
     row = learning.benchmark_one(method, 0, benchmark_args(tmp_path))
     assert row["init_matches_log"], row["knn"]  # the baseline is the encoder the run started from
@@ -41,11 +37,18 @@ def test_beats_its_random_init(method, tmp_path):
     assert gain >= BAR[method], (method, readout, row["knn"])
 
 
+# Open in issue 12: on 2000 images MAE gained +6.0, -0.0, +5.9 fine-tuned (ratio 1.1); fine-tuning one encoder
+# three times there varies by 5-8 points (std) with the fine-tune seed alone, more than the gain.
+MAE_ON_2000 = pytest.mark.xfail(reason="MAE fine-tuned on 2000 labels: +4.0 ± 3.5 over 3 seeds (issue 12)")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=NOT_IN_CI[m]))
-                                    if m == "moco_v2" else m for m in learning.RECIPES])
-def test_beats_its_random_init_by_more_than_two_seed_std(method, tmp_path):
-    args = benchmark_args(tmp_path, "--seeds", "0", "1", "2")
+@pytest.mark.parametrize("data", ["shapes:32:5000:2000", "shapes:32:2000:2000"])  # the recipes were tuned on the first only
+@pytest.mark.parametrize("method", list(learning.RECIPES))
+def test_beats_its_random_init_by_more_than_two_seed_std(method, data, tmp_path, request):
+    if (method, data) == ("mae", "shapes:32:2000:2000"):
+        request.applymarker(MAE_ON_2000)
+    args = benchmark_args(tmp_path, "--seeds", "0", "1", "2", "--data", data)
     summary = learning.summarize([learning.benchmark_one(method, seed, args) for seed in args.seeds])[method]
     result = summary["readouts"][readout_of(method)]
     print(method, result)

@@ -1,9 +1,14 @@
 """benchmarks/learning.py end to end at a smoke scale: MAE (every readout: k-NN, linear, fine-tune),
 9 steps on 192 images; the numbers mean nothing, the plumbing is checked. The other methods differ
 only in their RECIPES flags and, for DINO, in which network is the encoder (the teacher backbone):
-every benchmark run checks its random init against the script's epoch-0 k-NN the same way."""
+every benchmark run checks its random init against the script's epoch-0 k-NN the same way. Also: --set
+(the sweeps' recipe overrides) and benchmarks/peer_lightly.py (the peer check; its run needs lightly)."""
 import json
+import sys
 
+import pytest
+
+from benchmarks import learning, peer_lightly
 from benchmarks.learning import RECIPES
 from helpers import run_script
 
@@ -33,3 +38,30 @@ def test_learning_benchmark_smoke_run(tmp_path):
     assert [row[3] for row in rows[:3]] == ["knn", "linear", "finetune"] and len(rows) == 4  # + the per-run row
     assert table in result.stdout  # printed as written
     assert (tmp_path / "knn_vs_step.png").exists() or "matplotlib is not installed" in result.stdout
+
+
+def test_set_replaces_a_recipe_flag_or_its_warmup_share_for_one_run():
+    before = json.dumps(learning.RECIPES)
+    argv, steps, epochs = learning.method_command("moco_v2", "shapes:32:640:64", 0, 1.0, "out",
+                                                  [learning.recipe_override("base-lr=0.3"), learning.recipe_override("warmup=0.5")])
+    command = " ".join(argv)
+    assert "--base-lr 0.3 " in command and f"--warmup-epochs {round(0.5 * epochs)} " in command and steps == 1500
+    assert json.dumps(learning.RECIPES) == before  # the table itself is untouched
+    assert learning.recipe_override("global_crops_scale=0.2,1") == ("global_crops_scale", ("0.2", "1"))
+    result = run_script("benchmarks/learning.py", "--set", "base_lr", "--dry-run")
+    assert result.returncode == 2 and "expected NAME=VALUE" in result.stderr
+
+
+def test_peer_check_without_lightly_is_one_error_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lightly", None)  # import lightly -> ImportError
+    with pytest.raises(SystemExit, match="lightly package is not installed"):
+        peer_lightly.lightly_or_exit()
+
+
+def test_peer_check_runs_lightly_on_our_encoder(tmp_path):
+    pytest.importorskip("lightly")  # an optional extra of benchmarks/: absent in CI
+    result = run_script("benchmarks/peer_lightly.py", "--method", "moco_v2", "--data", "shapes:32:192:64", "--steps-scale", "0.004",
+                        "--set", "optimizer=sgd", "base_lr=1", "--linear-epochs", "1", "--threads", "2", "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    row = json.load(open(tmp_path / "moco_v2_seed0" / "row.json"))
+    assert row["peer"] == "lightly" and row["steps"] == 6 and set(row["linear"]) == {"random_init", "trained"}
