@@ -1,5 +1,5 @@
 """benchmarks/learning.py end to end at a smoke scale: MAE (every readout: k-NN, linear, fine-tune),
-9 steps on 192 images; the numbers mean nothing, the plumbing is checked. The other methods differ
+15 steps on 192 images; the numbers mean nothing, the plumbing is checked. The other methods differ
 only in their RECIPES flags and, for DINO, in which network is the encoder (the teacher backbone):
 every benchmark run checks its random init against the script's epoch-0 k-NN the same way. Also: --set
 (the sweeps' recipe overrides) and benchmarks/peer_lightly.py (the peer check; its run needs lightly)."""
