@@ -17,8 +17,9 @@ stays inside one BN batch and changes nothing: query and key share its statistic
         --proj-dim 128 --base-lr 4e-3 --epochs 6 --warmup-epochs 1 --knn-every 1 --workers 0
         # CPU, ~5 min on one core (benchmarks/learning.py's recipe): linear probe 50.0 -> 65.1% (+15.1 ± 3.2, 3 seeds);
         # the k-NN dips, then climbs back to the random init's (55.1 -> 55.0%). --version v2 there (--queue-size 512,
-        # and AdamW as above: the paper's SGD is a ResNet's): linear 50.2 -> 64.8% (+14.6 ± 3.1; k-NN 55.1 -> 51.5);
-        # with SGD (--base-lr 1) no gain (+1.1 ± 5.3), nor for lightly's MoCo v2 at those settings (+2.0 ± 5.0)
+        # --optimizer adamw --weight-decay 0.1 --momentum 0.99, as v3; the paper's SGD is a ResNet's): linear
+        # 50.2 -> 64.8% (+14.6 ± 3.1; k-NN 55.1 -> 51.5); with SGD (--base-lr 1) no gain (+1.1 ± 5.3), nor for
+        # lightly's MoCo v2 at those settings (+2.0 ± 5.0)
     torchrun --nproc_per_node=8 moco.py --data /imagenet                   # v3 ViT-S/16 (12 heads), 300 ep -> 73.2% linear
     torchrun --nproc_per_node=8 moco.py --data /imagenet --arch resnet50   # v3 R-50, LARS, τ 1.0, 100 ep -> 68.9%
     torchrun --nproc_per_node=8 moco.py --data /imagenet --version v2      # v2 R-50, batch 256, 200 ep -> 67.5%

@@ -153,7 +153,10 @@ def method_command(method, data, seed, steps_scale, output_dir, overrides=()):
     recipe = dict(RECIPES[method], flags=dict(RECIPES[method]["flags"]))
     for name, value in overrides:
         if name in ("steps", "warmup"):
-            recipe[name] = float(value)
+            try:
+                recipe[name] = float(value)
+            except (TypeError, ValueError):
+                raise common.UserError(f"--set {name}={value}: {name} takes one number") from None
         else:
             recipe["flags"][name] = value
     per_epoch = steps_per_epoch(data, BACKBONE["batch_size"])
@@ -166,7 +169,10 @@ def method_command(method, data, seed, steps_scale, output_dir, overrides=()):
                  warmup_epochs=max(1, round(recipe["warmup"] * epochs)) if recipe["warmup"] else 0,
                  knn_every=max(1, epochs // 6),
                  seed=seed, workers=0, output_dir=output_dir)
-    return [recipe["script"], *flag_list(flags)], epochs * per_epoch, epochs
+    argv = [recipe["script"], *flag_list(flags)]
+    if overrides:  # a flag the script lacks or a bad value: the script's own one-line argparse error, before any run
+        importlib.import_module(recipe["script"][:-3]).get_args_parser().parse_args(argv[1:])
+    return argv, epochs * per_epoch, epochs
 
 
 # ----------------------------------------------------------------------------- readouts
@@ -286,7 +292,10 @@ def benchmark_one(method, seed, args):
                                     os.path.splitext(outputs[name])[0] + ".log") for name, path in encoders]
                 for finished in runs:
                     finished.result()  # re-raises a failed fine-tune's error
-            row[protocol] = {name: top1(json.load(open(outputs[name])), protocol) for name, _ in encoders}
+            row[protocol] = {}
+            for name, _ in encoders:
+                with open(outputs[name]) as f:
+                    row[protocol][name] = top1(json.load(f), protocol)
         else:
             row[protocol] = {name: probe(path, args.data, protocol, outputs[name], args) for name, path in encoders}
     row["readout_seconds"] = round(time.time() - readout_start, 1)

@@ -150,15 +150,15 @@ def train_peer(method, seed, opts):
 def main():
     p = argparse.ArgumentParser("peer_lightly.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--method", required=True, choices=list(PEERS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--method", required=True, choices=list(PEERS), help="the method to rebuild from lightly's pieces")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="one run per seed (the random init follows it)")
     p.add_argument("--data", default="shapes:32:5000:2000", help="as learning.py's --data")
     p.add_argument("--steps-scale", type=float, default=1.0, help="as learning.py's")
     p.add_argument("--set", nargs="+", default=[], type=learning.recipe_override, metavar="NAME=VALUE",
                    help="as learning.py's: replace a recipe flag, e.g. base_lr=0.5 momentum=0.999")
     p.add_argument("--linear-epochs", type=common.positive_int, default=None, help="probe.py --linear-epochs (default: probe.py's)")
-    p.add_argument("--threads", type=common.positive_int, default=2)
-    p.add_argument("--output-dir", default="runs/peer_lightly")
+    p.add_argument("--threads", type=common.positive_int, default=2, help="torch threads of the run and its readouts")
+    p.add_argument("--output-dir", default="runs/peer_lightly", help="METHOD_seedS/row.json and checkpoints go here")
     opts = p.parse_args()
     lightly_or_exit()
     torch.set_num_threads(opts.threads)

@@ -50,6 +50,13 @@ def test_set_replaces_a_recipe_flag_or_its_warmup_share_for_one_run():
     assert learning.recipe_override("global_crops_scale=0.2,1") == ("global_crops_scale", ("0.2", "1"))
     result = run_script("benchmarks/learning.py", "--set", "base_lr", "--dry-run")
     assert result.returncode == 2 and "expected NAME=VALUE" in result.stderr
+    # a flag the script lacks, a bad value, a non-number budget: one error line before anything runs
+    result = run_script("benchmarks/learning.py", "--methods", "mae", "--set", "no_such_flag=1", "--dry-run")
+    assert result.returncode == 2 and "mae.py: error: unrecognized arguments: --no-such-flag 1" in result.stderr
+    result = run_script("benchmarks/learning.py", "--methods", "byol", "--set", "base_lr=fast", "--dry-run")
+    assert result.returncode == 2 and "invalid float value: 'fast'" in result.stderr
+    result = run_script("benchmarks/learning.py", "--methods", "simclr", "--set", "steps=many", "--dry-run")
+    assert result.returncode == 1 and result.stderr.strip() == "learning.py: error: --set steps=many: steps takes one number"
 
 
 def test_peer_check_without_lightly_is_one_error_line(monkeypatch):
