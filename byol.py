@@ -23,14 +23,11 @@ Paper: ResNet-50, batch 4096, 1000 epochs -> 74.3% linear top-1 on ImageNet (Tab
 """
 import argparse
 import copy
-import os
 import sys
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common
 
@@ -39,38 +36,28 @@ import common
 def get_args_parser():
     p = argparse.ArgumentParser("byol.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="shapes[:SIZE[:N[:V]]], cifar10, cifar100, stl10, or an ImageFolder root")
-    g.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
-    g.add_argument("--image-size", type=common.positive_int, default=None, help="crop size (default: 224 for folders, 32 CIFAR, 96 STL-10)")
-    g.add_argument("--workers", type=common.non_negative_int, default=min(8, os.cpu_count()), help="data-loading processes per GPU")
-    g.add_argument("--cpu-augment", action="store_true", help="augment in DataLoader workers even when the dataset fits on the device")
-    common.add_data_args(g, crop_scale=(0.08, 1.0))  # --no-flip, --no-color, --grayscale-input, --mean, --std, --val, ...
+    common.data_args(p, crop_scale=(0.08, 1.0))  # --data, --image-size, --workers, the domain switches, ...
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet50", choices=common.ARCHS, help="encoder")
     g.add_argument("--patch-size", type=common.positive_int, default=16, help="ViT patch size")
-    g.add_argument("--init", default="", help="continued pre-training: the encoder starts from a torchvision ResNet or timm-named ViT "
-                   "state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; the target starts equal to it, the heads fresh")
+    g.add_argument("--init", default="", help="continued pre-training: the encoder starts from a torchvision ResNet or "
+                   "timm-named ViT state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; "
+                   "the target starts equal to it, the heads fresh")
     g.add_argument("--proj-hidden", type=common.positive_int, default=4096, help="projector hidden width")
     g.add_argument("--proj-dim", type=common.positive_int, default=256, help="projector output width (z)")
-    g.add_argument("--pred-hidden", type=common.positive_int, default=4096, help="predictor hidden width (the predictor maps z to z's width)")
+    g.add_argument("--pred-hidden", type=common.positive_int, default=4096,
+                   help="predictor hidden width (the predictor maps z to z's width)")
     g.add_argument("--tau-base", type=float, default=0.996, help="target EMA rate τ at step 0; rises to 1 on a cosine "
                    "(§3.3). Lower it for short runs (0.99; 0.9 for a few hundred steps on CPU): the target follows faster")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=common.positive_int, default=1000, help="training epochs; the official presets "
-                   "(configs/byol.py) for 300 epochs are --base-lr 0.3 --weight-decay 1e-6 --tau-base 0.99 (100: 0.45, 1e-6, 0.99)")
+                   "(configs/byol.py) for 300 epochs are --base-lr 0.3 --weight-decay 1e-6 --tau-base 0.99 (100: 0.45, "
+                   "1e-6, 0.99)")
     g.add_argument("--warmup-epochs", type=common.non_negative_int, default=10, help="linear lr warm-up")
     g.add_argument("--batch-size", type=common.positive_int, default=4096, help="global batch, split over the GPUs")
     g.add_argument("--base-lr", type=float, default=0.2, help="lr = base-lr × batch-size / 256 (LARS)")
     g.add_argument("--weight-decay", type=float, default=1.5e-6, help="not on biases and BN parameters")
-    g = p.add_argument_group("run")
-    g.add_argument("--output-dir", default="runs/byol", help="checkpoint.pth and log.jsonl; resumes from it if present")
-    g.add_argument("--resume", default="", help="resume from this checkpoint instead of OUTPUT_DIR/checkpoint.pth")
-    g.add_argument("--save-every", type=common.non_negative_int, default=0, help="also keep OUTPUT_DIR/checkpoint_EPOCH.pth every N epochs (0: off)")
-    g.add_argument("--keep", type=common.non_negative_int, default=0, help="with --save-every: keep only the last K numbered snapshots (0: all)")
-    g.add_argument("--knn-every", type=common.non_negative_int, default=10, help="k-NN monitor on the val split every N epochs and at the end (0: off)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps, then faster)")
+    common.run_args(p, "byol")  # --output-dir, --resume, --knn-every, --seed, --compile, ...
     return p
 
 
@@ -138,115 +125,36 @@ def build_model(args):
 
 
 def main(args):
-    dist_env = common.init_distributed()
-    device = dist_env.device
-    args.image_size = args.image_size or common.default_image_size(args.data)
-    common.start_run(args, dist_env)  # flags argparse cannot check, OUTPUT_DIR writable: fail now, not after an epoch
-    if args.batch_size % dist_env.world_size:
-        raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} processes")
-    if args.batch_size // dist_env.world_size < 2:  # BN in the heads normalises over the images of each GPU
+    run = common.Run(args, "byol")  # torchrun's ranks, start checks, OUTPUT_DIR
+    if args.batch_size // run.world_size < 2:  # BN in the heads normalises over the images of each GPU
         raise common.UserError(f"--batch-size {args.batch_size}: BatchNorm needs at least 2 images per process")
     if not 0 <= args.tau_base <= 1:
         raise common.UserError(f"--tau-base {args.tau_base} is not in [0, 1] (1: the target never moves)")
-    dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root, args.skip_bad_images)
-    loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
-                                on_device=not args.cpu_augment)
-    if len(loader) == 0:
-        raise common.UserError(f"{len(dataset)} images cannot fill one batch of {args.batch_size}")
-
+    loader = run.loader(augmentations(args))
     torch.manual_seed(args.seed)
-    model = build_model(args).to(device)
-    if args.arch.startswith("resnet") and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(args).to(run.device)
     lr = args.base_lr * args.batch_size / 256  # linear scaling rule (§3.3)
     optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=lr, momentum=0.9)  # online only
-    encoder_config = dict(arch=args.arch, image_size=args.image_size, patch_size=args.patch_size)
+    # SyncBN: BN statistics over the global batch of each view, as in the paper; per-GPU statistics of small shards
+    # would be noisier and change with the number of GPUs.
+    ddp_model = run.prepare(model, optimizer, encoder=model.encoder, sync_bn=True)  # resume, DDP, k-NN at init
 
-    start_epoch, step, rng = 0, 0, None
-    checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
-    resume_path = args.resume or (checkpoint_path if os.path.exists(checkpoint_path) else "")
-    if resume_path:
-        checkpoint = common.load_checkpoint(resume_path, "byol")
-        if checkpoint["encoder_config"] != encoder_config:
-            raise common.UserError(f"{resume_path} holds {checkpoint['encoder_config']}, not {encoder_config}")
-        common.check_same_run(checkpoint, args, resume_path)  # other data, model, batch or lr: refused
-        model.load_state_dict(checkpoint["model"])  # the target network too
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start_epoch, step, rng = checkpoint["epoch"], checkpoint["step"], checkpoint.get("rng")  # the step sets τ
-        if dist_env.is_main:
-            print(f"resumed from {resume_path} at epoch {start_epoch}")
-
-    raw_model = model
-    if dist_env.world_size > 1:
-        # SyncBN: BN statistics over the global batch of each view, as in the paper; per-GPU
-        # statistics of small shards would be noisier and change with the number of GPUs.
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif dist_env.is_main:  # torch's SyncBN is CUDA-only: gloo ranks keep per-rank BN
-            print("note: SyncBatchNorm needs CUDA; on CPU each rank normalises with its own batch statistics")
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        raw_model = model.module
-    if args.compile:
-        model = torch.compile(model)  # checkpoints keep saving raw_model: plain names, loadable anywhere
-    knn = lambda: common.knn_monitor(raw_model.encoder, args, args.batch_size // dist_env.world_size, dist_env)
-    if args.knn_every and step == 0:  # a fresh run (a resumed one may be mid-epoch 1)
-        knn_init = knn()
-        if dist_env.is_main and knn_init is not None:
-            print(f"k-NN top-1 at random init: {100 * knn_init:.2f}%")
-            common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), {"epoch": 0, "knn_top1": knn_init})
-
-    record = {}
-    state = lambda **position: dict(method="byol", encoder_config=encoder_config, encoder=raw_model.encoder.state_dict(),  # noqa: E731
-                                    args=vars(args), model=raw_model.state_dict(), optimizer=optimizer.state_dict(), **position)
-    preempted = common.Preemption()  # SIGTERM sets it; the loop saves at the next step boundary
     total_steps, warmup_steps = args.epochs * len(loader), args.warmup_epochs * len(loader)
-    for epoch in range(start_epoch, args.epochs):
-        model.train()
-        loader.sampler.set_epoch(epoch)
-        torch.manual_seed(args.seed * 100003 + epoch * 1000 + dist_env.rank)  # resume replays the same augmentations
-        start, losses, stds = time.time(), [], []
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist_env.is_main)
-        for views, _ in common.resume_batches(bar, step - epoch * len(loader), rng):  # skips what a pre-empted run did
+    for epoch in run.epochs():
+        for views in run.batches(loader):
             for group in optimizer.param_groups:
-                group["lr"] = common.cosine_schedule(step, total_steps, lr, 0.0, warmup_steps)
+                group["lr"] = common.cosine_schedule(run.step, total_steps, lr, 0.0, warmup_steps)
             # τ = 1 − (1 − τ_base)(cos(πk/K) + 1)/2 (§3.3): a cosine from τ_base at k = 0 to 1 at k = K.
-            momentum = common.cosine_schedule(step, total_steps, args.tau_base, 1.0)
-            views = [v.to(device, non_blocking=True) for v in views]
-            if args.arch.startswith("resnet") and device.type == "cuda":
-                views = [v.to(memory_format=torch.channels_last) for v in views]
-            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                loss, z = training_step(model, views, args)
+            momentum = common.cosine_schedule(run.step, total_steps, args.tau_base, 1.0)
+            with torch.autocast(run.device.type, torch.bfloat16, enabled=run.device.type == "cuda"):
+                loss, z = training_step(ddp_model, views, args)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            momentum_update(raw_model, momentum)
-            step += 1
-            losses.append(loss.item())
-            common.check_finite(losses[-1], epoch, step, optimizer.param_groups[0]["lr"])  # diverged: stop before any save
-            stds.append(common.embedding_std(z))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}",
-                            img_s=f"{len(losses) * args.batch_size / (time.time() - start):.0f}")
-            if preempted(dist_env) and step % len(loader):  # SIGTERM: save here (with the RNG: exact resume
-                # mid-epoch) and exit; at an epoch's last step, the epoch's own save comes first
-                common.save_and_stop(state(epoch=epoch, step=step, rng=common.rng_state()), checkpoint_path, dist_env)
-
-        record = dict(epoch=epoch + 1, loss=sum(losses) / len(losses), embedding_std=sum(stds) / len(stds),
-                      lr=optimizer.param_groups[0]["lr"], momentum=momentum,
-                      images_per_s=len(losses) * args.batch_size / (time.time() - start))
-        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            record["knn_top1"] = knn()
-        common.check_finite(record["loss"], epoch, step, record["lr"], raw_model)  # weights too, once an epoch
-        if dist_env.is_main:
-            common.save_checkpoint(state(epoch=epoch + 1, step=step), checkpoint_path)
-            common.keep_snapshots(checkpoint_path, epoch + 1, args.save_every, args.keep)
-            common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if v is not None))
-            if warning := common.collapse_warning(record["embedding_std"], args.proj_dim):
-                print(warning, flush=True)
-    if dist_env.is_main and record.get("knn_top1") is not None:
-        print(f"k-NN top-1 (k=20) on the val split: {100 * record['knn_top1']:.2f}%")
-    if dist_env.world_size > 1:
-        torch.distributed.destroy_process_group()
+            momentum_update(model, momentum)  # after the online step, at the τ of this step k
+            run.step_done(loss, z)  # progress, divergence and SIGTERM stops
+        run.epoch_done(momentum=momentum)  # k-NN, checkpoint, log
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -28,14 +28,12 @@ import argparse
 import itertools
 import os
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from tqdm import tqdm
 
 import common
 
@@ -44,61 +42,58 @@ import common
 def get_args_parser():
     p = argparse.ArgumentParser("dino.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="shapes[:SIZE[:N[:V]]], cifar10, cifar100, stl10, or an ImageFolder root")
-    g.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
-    g.add_argument("--image-size", type=common.positive_int, default=None, help="global crop size (default: 224 for folders, 32 CIFAR, 96 STL-10)")
-    g.add_argument("--local-crops", type=common.non_negative_int, default=8, help="local crops per image, at 96/224 of the global size "
-                   "(official: 2x224 + 8x96; the paper's best uses 10; 0 disables multi-crop, then use --global-crops-scale 0.14 1)")
+    g = common.data_args(p)  # --data, --image-size, --workers, the domain switches, ...
+    g.add_argument("--local-crops", type=common.non_negative_int, default=8, help="local crops per image, at 96/224 of "
+                   "the global size (official: 2x224 + 8x96; the paper's best uses 10; 0 disables multi-crop, then use "
+                   "--global-crops-scale 0.14 1)")
     g.add_argument("--global-crops-scale", type=float, nargs=2, default=(0.4, 1.0), help="area range of the global crops")
     g.add_argument("--local-crops-scale", type=float, nargs=2, default=(0.05, 0.4), help="area range of the local crops")
-    g.add_argument("--workers", type=common.non_negative_int, default=min(8, os.cpu_count()), help="data-loading processes per GPU")
-    g.add_argument("--cpu-augment", action="store_true", help="augment in DataLoader workers even when the dataset fits on the device")
-    common.add_data_args(g)  # --no-flip, --no-color, --grayscale-input, --mean, --std, --val, ...
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="vit_small", choices=common.ARCHS, help="encoder, the same for student and teacher")
-    g.add_argument("--patch-size", type=common.positive_int, default=16, help="ViT patch size (8 gives sharper attention maps, 4x the cost)")
-    g.add_argument("--init", default="", help="continued pre-training: the encoder starts from a torchvision ResNet or timm-named ViT "
-                   "state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; student and teacher start from it, the heads fresh")
+    g.add_argument("--patch-size", type=common.positive_int, default=16,
+                   help="ViT patch size (8 gives sharper attention maps, 4x the cost)")
+    g.add_argument("--init", default="", help="continued pre-training: the encoder starts from a torchvision ResNet or "
+                   "timm-named ViT state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; "
+                   "student and teacher start from it, the heads fresh")
     g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the student ViT (the teacher has none)")
     g.add_argument("--head-hidden", type=common.positive_int, default=2048, help="hidden width of the 3-layer head MLP")
-    g.add_argument("--head-bottleneck", type=common.positive_int, default=256, help="L2-normalised bottleneck before the last layer")
-    g.add_argument("--out-dim", type=common.positive_int, default=65536, help="K, the softmax width; large values (65k) work well on ImageNet")
+    g.add_argument("--head-bottleneck", type=common.positive_int, default=256,
+                   help="L2-normalised bottleneck before the last layer")
+    g.add_argument("--out-dim", type=common.positive_int, default=65536,
+                   help="K, the softmax width; large values (65k) work well on ImageNet")
     g.add_argument("--norm-last-layer", action=argparse.BooleanOptionalAction, default=True,
                    help="weight-normalise the head's last layer with its norm fixed at 1; the official runs turn it off "
                         "(a trained norm) for ViT-S, which performs better but can be unstable, and keep it for ViT-B")
     g = p.add_argument_group("objective")
     g.add_argument("--student-temp", type=common.positive_float, default=0.1, help="τ_s")
-    g.add_argument("--warmup-teacher-temp", type=common.positive_float, default=0.04, help="τ_t at epoch 0; lower it if the loss does not decrease")
-    g.add_argument("--teacher-temp", type=common.positive_float, default=0.04, help="τ_t after the warm-up; above 0.07 is unstable "
-                   "(the boosted run: 0.07, warmed up over 30 epochs)")
+    g.add_argument("--warmup-teacher-temp", type=common.positive_float, default=0.04,
+                   help="τ_t at epoch 0; lower it if the loss does not decrease")
+    g.add_argument("--teacher-temp", type=common.positive_float, default=0.04, help="τ_t after the warm-up; above 0.07 "
+                   "is unstable (the boosted run: 0.07, warmed up over 30 epochs)")
     g.add_argument("--warmup-teacher-temp-epochs", type=common.non_negative_int, default=0, help="linear τ_t warm-up")
     g.add_argument("--center-momentum", type=float, default=0.9, help="m in c <- m c + (1 - m) mean(teacher output)")
-    g.add_argument("--momentum-teacher", type=float, default=0.996, help="teacher EMA at step 0, cosine to 1 (0.9995 at batch 256)")
+    g.add_argument("--momentum-teacher", type=float, default=0.996,
+                   help="teacher EMA at step 0, cosine to 1 (0.9995 at batch 256)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=common.positive_int, default=100, help="training epochs (300-800 for the paper's best). "
-                   "On a ResNet the official README uses SGD: --arch resnet50 --optimizer sgd --base-lr 0.03 --weight-decay 1e-4 "
-                   "--weight-decay-end 1e-4 --global-crops-scale 0.14 1 --local-crops-scale 0.05 0.14")
-    g.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="AdamW for ViTs; SGD (momentum 0.9) for ResNets")
+    g.add_argument("--epochs", type=common.positive_int, default=100, help="training epochs (300-800 for the paper's "
+                   "best). On a ResNet the official README uses SGD: --arch resnet50 --optimizer sgd --base-lr 0.03 "
+                   "--weight-decay 1e-4 --weight-decay-end 1e-4 --global-crops-scale 0.14 1 --local-crops-scale 0.05 0.14")
+    g.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
+                   help="AdamW for ViTs; SGD (momentum 0.9) for ResNets")
     g.add_argument("--warmup-epochs", type=common.non_negative_int, default=10, help="linear lr warm-up")
-    g.add_argument("--batch-size", type=common.positive_int, default=512, help="global batch (images, not crops), split over the GPUs")
+    g.add_argument("--batch-size", type=common.positive_int, default=512,
+                   help="global batch (images, not crops), split over the GPUs")
     g.add_argument("--base-lr", type=float, default=5e-4, help="lr = base-lr × batch-size / 256 after the warm-up")
     g.add_argument("--min-lr", type=float, default=1e-6, help="lr at the end of the cosine")
     g.add_argument("--weight-decay", type=float, default=0.04, help="weight decay at step 0 (not on biases and norms)")
     g.add_argument("--weight-decay-end", type=float, default=0.4, help="weight decay at the end, cosine schedule")
     g.add_argument("--clip-grad", type=float, default=3.0, help="max gradient norm of EACH parameter tensor (0: off)")
-    g.add_argument("--freeze-last-layer", type=common.non_negative_int, default=1, help="epochs with the head's last layer frozen (raise if the loss stalls)")
-    g = p.add_argument_group("run")
-    g.add_argument("--output-dir", default="runs/dino", help="checkpoint.pth and log.jsonl; resumes from it if present")
-    g.add_argument("--resume", default="", help="resume from this checkpoint instead of OUTPUT_DIR/checkpoint.pth")
-    g.add_argument("--save-every", type=common.non_negative_int, default=0, help="also keep OUTPUT_DIR/checkpoint_EPOCH.pth every N epochs (0: off)")
-    g.add_argument("--keep", type=common.non_negative_int, default=0, help="with --save-every: keep only the last K numbered snapshots (0: all)")
-    g.add_argument("--knn-every", type=common.non_negative_int, default=10, help="k-NN of the teacher on val every N epochs and at the end (0: off)")
-    g.add_argument("--attention-maps", type=common.non_negative_int, default=0, help="every N epochs and at the end, save the teacher's "
-                   "last-layer CLS attention per head for 4 val images as one grid, OUTPUT_DIR/attention/epochN.png: a row per "
-                   "image, the image then each head's map overlaid (ViT only; 0: off)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps, then faster)")
+    g.add_argument("--freeze-last-layer", type=common.non_negative_int, default=1,
+                   help="epochs with the head's last layer frozen (raise if the loss stalls)")
+    g = common.run_args(p, "dino")  # --output-dir, --resume, --knn-every (of the teacher), --seed, --compile, ...
+    g.add_argument("--attention-maps", type=common.non_negative_int, default=0, help="every N epochs and at the end, "
+                   "save the teacher's last-layer CLS attention per head for 4 val images as one grid, OUTPUT_DIR/"
+                   "attention/epochN.png: a row per image, the image then each head's map overlaid (ViT only; 0: off)")
     return p
 
 
@@ -264,10 +259,17 @@ def build_model(args):
 
 @torch.no_grad()
 def save_attention_maps(backbone, images, path, mean, std):
-    """One PNG grid: a row per image, the image then the last block's CLS -> patch attention of each head,
-    upsampled (nearest) and overlaid in red on the image."""
+    """One PNG grid: a row per image, the image then the last block's CLS -> patch attention of each head, upsampled
+    (nearest) and overlaid in red on the image."""
     backbone.eval()
-    attention = backbone.last_attention(images)[:, :, 0, 1:]                    # (B, heads, L) CLS row
+    last, inputs = backbone.blocks[-1], []
+    hook = last.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))  # the last block's input
+    backbone(images)
+    hook.remove()
+    x = last.norm1(inputs[0])                                                   # (B, 1 + L, D)
+    B, N, D = x.shape
+    q, k, _ = last.attn.qkv(x).reshape(B, N, 3, last.attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, D/h)
+    attention = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)[:, :, 0, 1:]  # (B, h, L): the CLS row
     grid = images.shape[-1] // backbone.patch_size
     maps = attention.reshape(*attention.shape[:2], grid, grid)                  # (B, heads, g, g)
     maps = F.interpolate(maps, scale_factor=backbone.patch_size, mode="nearest")  # (B, heads, H, W)
@@ -283,132 +285,52 @@ def save_attention_maps(backbone, images, path, mean, std):
 
 
 def main(args):
-    dist_env = common.init_distributed()
-    device = dist_env.device
-    args.image_size = args.image_size or common.default_image_size(args.data)
-    common.start_run(args, dist_env)  # flags argparse cannot check, OUTPUT_DIR writable: fail now, not after an epoch
+    run = common.Run(args, "dino")  # torchrun's ranks, start checks, OUTPUT_DIR
     is_vit = args.arch.startswith("vit")
-    if args.batch_size % dist_env.world_size:
-        raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} processes")
     if args.attention_maps and not is_vit:
         raise common.UserError(f"--attention-maps needs a ViT (--arch vit_*), not {args.arch}")
-    dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root, args.skip_bad_images)
-    loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
-                                on_device=not args.cpu_augment)
-    if len(loader) == 0:
-        raise common.UserError(f"{len(dataset)} images cannot fill one batch of {args.batch_size}")
-
+    loader = run.loader(augmentations(args))
     torch.manual_seed(args.seed)
-    model = build_model(args).to(device)
-    if not is_vit and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(args).to(run.device)
     lr = args.base_lr * args.batch_size / 256  # linear scaling rule
     groups = common.param_groups(model.student, args.weight_decay)  # [decayed, not decayed]
     if args.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9)
     else:
-        optimizer = torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
-    encoder_config = dict(arch=args.arch, image_size=args.image_size, patch_size=args.patch_size)
-
-    start_epoch, step, rng = 0, 0, None
-    checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
-    resume_path = args.resume or (checkpoint_path if os.path.exists(checkpoint_path) else "")
-    if resume_path:
-        checkpoint = common.load_checkpoint(resume_path, "dino")
-        if checkpoint["encoder_config"] != encoder_config:
-            raise common.UserError(f"{resume_path} holds {checkpoint['encoder_config']}, not {encoder_config}")
-        common.check_same_run(checkpoint, args, resume_path)  # other data, model, batch or lr: refused
-        model.load_state_dict(checkpoint["model"])  # student, teacher and centre
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start_epoch, step, rng = checkpoint["epoch"], checkpoint["step"], checkpoint.get("rng")
-        if dist_env.is_main:
-            print(f"resumed from {resume_path} at epoch {start_epoch}")
-
-    raw_model = model
-    if dist_env.world_size > 1:
-        if not is_vit and device.type == "cuda":  # ResNets: global-batch BN, as the official code
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif not is_vit and dist_env.is_main:  # torch's SyncBN is CUDA-only: gloo ranks keep per-rank BN
-            print("note: SyncBatchNorm needs CUDA; on CPU each rank normalises with its own batch statistics")
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        raw_model = model.module
-    if args.compile:
-        model = torch.compile(model)  # checkpoints keep saving raw_model: plain names, loadable anywhere
-    teacher_backbone = raw_model.teacher.backbone  # what the paper evaluates, and what the checkpoint exports
-    knn = lambda: common.knn_monitor(teacher_backbone, args, args.batch_size // dist_env.world_size, dist_env)  # noqa: E731
-    if args.knn_every and step == 0:  # a fresh run (a resumed one may be mid-epoch 1)
-        knn_init = knn()
-        if dist_env.is_main and knn_init is not None:
-            print(f"k-NN top-1 at random init: {100 * knn_init:.2f}%")
-            common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), {"epoch": 0, "knn_top1": knn_init})
-    if args.attention_maps and dist_env.is_main:  # a few fixed images (val if there is one)
-        split = "train" if os.path.isdir(args.data) and not os.path.isdir(os.path.join(args.data, "val")) else "val"
+        optimizer = torch.optim.AdamW(groups, lr=lr, fused=run.device.type == "cuda")
+    if args.attention_maps and run.is_main:  # a few fixed images (val if there is one)
         transform = common.eval_transform(args.image_size, args.mean, args.std, args.grayscale_input)
-        val = common.build_dataset(args.data, split, transform, args.data_root, args.skip_bad_images)
-        attention_images = torch.stack([val[i][0] for i in range(min(4, len(val)))]).to(device)
+        shown = common.build_dataset(args.data, "val" if common.has_val(args.data) else "train", transform, args.data_root,
+                                     args.skip_bad_images)
+        shown = torch.stack([shown[i][0] for i in range(min(4, len(shown)))]).to(run.device)
+    # The teacher's backbone is what the paper evaluates: the k-NN monitor reads it and the checkpoint exports it.
+    # ResNets: global-batch BN (SyncBN), as the official code; ViTs have none.
+    ddp_model = run.prepare(model, optimizer, encoder=model.teacher.backbone, sync_bn=not is_vit)
 
-    record = {}
-    state = lambda **position: dict(method="dino", encoder_config=encoder_config, encoder=teacher_backbone.state_dict(),  # noqa: E731
-                                    args=vars(args), model=raw_model.state_dict(), optimizer=optimizer.state_dict(), **position)
-    preempted = common.Preemption()  # SIGTERM sets it; the loop saves at the next step boundary
     total_steps = args.epochs * len(loader)
-    for epoch in range(start_epoch, args.epochs):
-        model.train()
-        loader.sampler.set_epoch(epoch)
-        torch.manual_seed(args.seed * 100003 + epoch * 1000 + dist_env.rank)  # resume replays the same augmentations
-        start, losses, stds, entropies = time.time(), [], [], []
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist_env.is_main)
-        for crops, _ in common.resume_batches(bar, step - epoch * len(loader), rng):  # skips what a pre-empted run did
-            values = schedules(step, total_steps, len(loader), lr, args)
+    for epoch in run.epochs():
+        for crops in run.batches(loader):
+            values = schedules(run.step, total_steps, len(loader), lr, args)
             for group in optimizer.param_groups:
                 group["lr"] = values["lr"]
             optimizer.param_groups[0]["weight_decay"] = values["weight_decay"]  # the decayed group only
-            crops = [c.to(device, non_blocking=True) for c in crops]
-            if not is_vit and device.type == "cuda":
-                crops = [c.to(memory_format=torch.channels_last) for c in crops]
-            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                loss, teacher_out, entropy = training_step(model, crops, args, epoch)
+            with torch.autocast(run.device.type, torch.bfloat16, enabled=run.device.type == "cuda"):
+                loss, teacher_out, entropy = training_step(ddp_model, crops, args, epoch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.clip_grad:
-                clip_gradients(raw_model.student.parameters(), args.clip_grad)
+                clip_gradients(model.student.parameters(), args.clip_grad)
             if epoch < args.freeze_last_layer:  # no gradient: the optimizer leaves it alone (no decay either)
-                for p in raw_model.student.head.last_layer.parameters():
+                for p in model.student.head.last_layer.parameters():
                     p.grad = None
             optimizer.step()
-            momentum_update(raw_model, values["momentum"])
-            step += 1
-            losses.append(loss.item())
-            common.check_finite(losses[-1], epoch, step, optimizer.param_groups[0]["lr"])  # diverged: stop before any save
-            stds.append(common.embedding_std(teacher_out))
-            entropies.append(entropy.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{values['lr']:.3g}",
-                            img_s=f"{len(losses) * args.batch_size / (time.time() - start):.0f}")
-            if preempted(dist_env) and step % len(loader):  # SIGTERM: save here (with the RNG: exact resume
-                # mid-epoch) and exit; at an epoch's last step, the epoch's own save comes first
-                common.save_and_stop(state(epoch=epoch, step=step, rng=common.rng_state()), checkpoint_path, dist_env)
-
-        record = dict(epoch=epoch + 1, loss=sum(losses) / len(losses), embedding_std=sum(stds) / len(stds),
-                      teacher_entropy=sum(entropies) / len(entropies), teacher_temp=teacher_temperature(epoch, args),
-                      lr=values["lr"], momentum=values["momentum"],
-                      images_per_s=len(losses) * args.batch_size / (time.time() - start))
-        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            record["knn_top1"] = knn()
-        common.check_finite(record["loss"], epoch, step, record["lr"], raw_model)  # weights too, once an epoch
-        if dist_env.is_main:
-            if args.attention_maps and ((epoch + 1) % args.attention_maps == 0 or epoch + 1 == args.epochs):
-                save_attention_maps(teacher_backbone, attention_images,
-                                    os.path.join(args.output_dir, "attention", f"epoch{epoch + 1:04d}.png"), args.mean, args.std)
-            common.save_checkpoint(state(epoch=epoch + 1, step=step), checkpoint_path)
-            common.keep_snapshots(checkpoint_path, epoch + 1, args.save_every, args.keep)
-            common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if v is not None))
-            if warning := common.collapse_warning(record["embedding_std"], args.out_dim):
-                print(warning)
-    if dist_env.is_main and record.get("knn_top1") is not None:
-        print(f"k-NN top-1 (k=20) on the val split: {100 * record['knn_top1']:.2f}%")
-    if dist_env.world_size > 1:
-        torch.distributed.destroy_process_group()
+            momentum_update(model, values["momentum"])
+            run.step_done(loss, teacher_out, teacher_entropy=entropy)  # progress, divergence and SIGTERM stops
+        run.epoch_done(teacher_temp=teacher_temperature(epoch, args), momentum=values["momentum"])  # k-NN, checkpoint
+        if run.is_main and run.due(args.attention_maps):
+            save_attention_maps(model.teacher.backbone, shown, os.path.join(args.output_dir, "attention",
+                                                                            f"epoch{epoch + 1:04d}.png"), args.mean, args.std)
+    run.finish()
 
 
 if __name__ == "__main__":

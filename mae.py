@@ -33,12 +33,10 @@ import argparse
 import math
 import os
 import sys
-import time
 
 import torch
 import torch.nn as nn
 import torchvision
-from tqdm import tqdm
 
 import common
 
@@ -47,43 +45,33 @@ import common
 def get_args_parser():
     p = argparse.ArgumentParser("mae.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="shapes[:SIZE[:N[:V]]], cifar10, cifar100, stl10, or an ImageFolder root")
-    g.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
-    g.add_argument("--image-size", type=common.positive_int, default=None, help="crop size (default: 224 for folders, 32 CIFAR, 96 STL-10)")
-    g.add_argument("--workers", type=common.non_negative_int, default=min(8, os.cpu_count()), help="data-loading processes per GPU")
-    g.add_argument("--cpu-augment", action="store_true", help="augment in DataLoader workers even when the dataset fits on the device")
-    common.add_data_args(g, crop_scale=(0.2, 1.0))  # --no-flip, --no-color, --grayscale-input, --mean, --std, --val, ...
+    common.data_args(p, crop_scale=(0.2, 1.0))  # --data, --image-size, --workers, the domain switches, ...
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="vit_base", choices=list(common.VIT_SIZES), help="ViT encoder")
-    g.add_argument("--patch-size", type=common.positive_int, default=16, help="ViT patch size (the unit that is masked and predicted)")
-    g.add_argument("--init", default="", help="continued pre-training: the encoder starts from a torchvision ResNet or timm-named ViT "
-                   "state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; the decoder starts fresh")
+    g.add_argument("--patch-size", type=common.positive_int, default=16,
+                   help="ViT patch size (the unit that is masked and predicted)")
+    g.add_argument("--init", default="", help="continued pre-training: the encoder starts from a torchvision ResNet or "
+                   "timm-named ViT state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; "
+                   "the decoder starts fresh")
     g.add_argument("--mask-ratio", type=float, default=0.75, help="share of patches removed; 0.75 is best for both "
                    "fine-tuning and linear probing (Fig. 5), BERT's 0.15 is far too easy for images")
     g.add_argument("--decoder-dim", type=common.positive_int, default=512, help="decoder width (Table 1b: 512)")
-    g.add_argument("--decoder-depth", type=common.positive_int, default=8, help="decoder blocks; a deep decoder matters for linear "
-                   "probing (Table 1a: 8), 1 block is enough for fine-tuning")
+    g.add_argument("--decoder-depth", type=common.positive_int, default=8, help="decoder blocks; a deep decoder matters "
+                   "for linear probing (Table 1a: 8), 1 block is enough for fine-tuning")
     g.add_argument("--decoder-heads", type=common.positive_int, default=16, help="decoder attention heads")
     g.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
                    help="predict per-patch standardised pixels (Table 1c: better than raw pixels); "
                         "--no-norm-pix-loss predicts raw (ImageNet-normalised) pixels")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=common.positive_int, default=800, help="training epochs (1600 for the paper's best; longer keeps helping)")
+    g.add_argument("--epochs", type=common.positive_int, default=800,
+                   help="training epochs (1600 for the paper's best; longer keeps helping)")
     g.add_argument("--warmup-epochs", type=common.non_negative_int, default=40, help="linear lr warm-up")
     g.add_argument("--batch-size", type=common.positive_int, default=4096, help="global batch, split over the GPUs")
     g.add_argument("--base-lr", type=float, default=1.5e-4, help="lr = base-lr × batch-size / 256 (AdamW, β = (0.9, 0.95))")
     g.add_argument("--weight-decay", type=float, default=0.05, help="not on biases and norm parameters")
-    g = p.add_argument_group("run")
-    g.add_argument("--output-dir", default="runs/mae", help="checkpoint.pth and log.jsonl; resumes from it if present")
-    g.add_argument("--resume", default="", help="resume from this checkpoint instead of OUTPUT_DIR/checkpoint.pth")
-    g.add_argument("--save-every", type=common.non_negative_int, default=0, help="also keep OUTPUT_DIR/checkpoint_EPOCH.pth every N epochs (0: off)")
-    g.add_argument("--keep", type=common.non_negative_int, default=0, help="with --save-every: keep only the last K numbered snapshots (0: all)")
-    g.add_argument("--knn-every", type=common.non_negative_int, default=10, help="k-NN monitor on the val split every N epochs and at the end (0: off)")
-    g.add_argument("--visualize", type=common.non_negative_int, default=20, help="every N epochs and at the end, write OUTPUT_DIR/"
-                   "reconstruction_EPOCH.png: original | masked | reconstruction of 8 fixed val images (0: off)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps, then faster)")
+    g = common.run_args(p, "mae")  # --output-dir, --resume, --knn-every, --seed, --compile, ...
+    g.add_argument("--visualize", type=common.non_negative_int, default=20, help="every N epochs and at the end, write "
+                   "OUTPUT_DIR/reconstruction_EPOCH.png: original | masked | reconstruction of 8 fixed val images (0: off)")
     return p
 
 
@@ -158,7 +146,7 @@ class MAE(nn.Module):
         # Positions are added after unshuffling, so each mask token learns where its hole is.
         x = torch.cat([x[:, :1], x_ + self.decoder_pos_embed], dim=1)          # (B, 1 + L, Dd), CLS kept
         for block in self.decoder_blocks:
-            x = block(x)[0]
+            x = block(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]                  # (B, L, p·p·3), CLS dropped
 
 
@@ -224,111 +212,42 @@ def build_model(args):
 
 
 def main(args):
-    dist_env = common.init_distributed()
-    device = dist_env.device
-    args.image_size = args.image_size or common.default_image_size(args.data)
-    common.start_run(args, dist_env)  # flags argparse cannot check, OUTPUT_DIR writable: fail now, not after an epoch
-    if args.batch_size % dist_env.world_size:
-        raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} processes")
+    run = common.Run(args, "mae")  # torchrun's ranks, start checks, OUTPUT_DIR
     num_patches = (args.image_size // args.patch_size) ** 2
     if not 0 < args.mask_ratio < 1 or int(num_patches * (1 - args.mask_ratio)) < 1:
-        raise common.UserError(f"--mask-ratio {args.mask_ratio} must be in (0, 1) and keep at least one of {num_patches} patches")
-    dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root, args.skip_bad_images)
-    loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
-                                on_device=not args.cpu_augment)
-    if len(loader) == 0:
-        raise common.UserError(f"{len(dataset)} images cannot fill one batch of {args.batch_size}")
-
+        raise common.UserError(f"--mask-ratio {args.mask_ratio} must be in (0, 1) and keep at least one of {num_patches} "
+                               "patches")
+    loader = run.loader(augmentations(args))
     torch.manual_seed(args.seed)
-    model = build_model(args).to(device)
+    model = build_model(args).to(run.device)
     lr = args.base_lr * args.batch_size / 256  # linear scaling rule (§A.1)
     optimizer = torch.optim.AdamW(common.param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95),
-                                  fused=device.type == "cuda")  # β2 = 0.95 as in iGPT (§A.1)
-    encoder_config = dict(arch=args.arch, image_size=args.image_size, patch_size=args.patch_size)
-
-    start_epoch, step, rng = 0, 0, None
-    checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
-    resume_path = args.resume or (checkpoint_path if os.path.exists(checkpoint_path) else "")
-    if resume_path:
-        checkpoint = common.load_checkpoint(resume_path, "mae")
-        if checkpoint["encoder_config"] != encoder_config:
-            raise common.UserError(f"{resume_path} holds {checkpoint['encoder_config']}, not {encoder_config}")
-        common.check_same_run(checkpoint, args, resume_path)  # other data, model, batch or lr: refused
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start_epoch, step, rng = checkpoint["epoch"], checkpoint["step"], checkpoint.get("rng")
-        if dist_env.is_main:
-            print(f"resumed from {resume_path} at epoch {start_epoch}")
-
-    raw_model = model
-    if dist_env.world_size > 1:  # no BatchNorm anywhere in MAE: nothing to synchronise but gradients
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        raw_model = model.module
-    if args.compile:
-        model = torch.compile(model)  # checkpoints keep saving raw_model: plain names, loadable anywhere
-    knn = lambda: common.knn_monitor(raw_model.encoder, args, args.batch_size // dist_env.world_size, dist_env)
-    if args.visualize and dist_env.is_main:  # the same 8 images and the same masks every time
-        has_val = not os.path.isdir(args.data) or os.path.isdir(os.path.join(args.data, "val"))
+                                  fused=run.device.type == "cuda")  # β2 = 0.95 as in iGPT (§A.1)
+    if args.visualize and run.is_main:  # the same 8 images and the same masks every time
         transform = common.eval_transform(args.image_size, args.mean, args.std, args.grayscale_input)
-        vis_set = common.build_dataset(args.data, "val" if has_val else "train", transform, args.data_root, args.skip_bad_images)
-        vis_imgs = torch.stack([vis_set[i][0] for i in range(min(8, len(vis_set)))]).to(device)
-        vis_noise = torch.rand(len(vis_imgs), num_patches, generator=torch.Generator().manual_seed(0)).to(device)
-    if args.knn_every and step == 0:  # a fresh run (a resumed one may be mid-epoch 1)
-        knn_init = knn()
-        if dist_env.is_main and knn_init is not None:
-            print(f"k-NN top-1 at random init: {100 * knn_init:.2f}%")
-            common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), {"epoch": 0, "knn_top1": knn_init})
+        shown = common.build_dataset(args.data, "val" if common.has_val(args.data) else "train", transform, args.data_root,
+                                     args.skip_bad_images)
+        shown = torch.stack([shown[i][0] for i in range(min(8, len(shown)))]).to(run.device)
+        noise = torch.rand(len(shown), num_patches, generator=torch.Generator().manual_seed(0)).to(run.device)
+    # No BatchNorm anywhere in MAE: nothing to synchronise but gradients.
+    ddp_model = run.prepare(model, optimizer, encoder=model.encoder, sync_bn=False)  # resume, DDP, k-NN at init
 
-    record = {}
-    state = lambda **position: dict(method="mae", encoder_config=encoder_config, encoder=raw_model.encoder.state_dict(),  # noqa: E731
-                                    args=vars(args), model=raw_model.state_dict(), optimizer=optimizer.state_dict(), **position)
-    preempted = common.Preemption()  # SIGTERM sets it; the loop saves at the next step boundary
     total_steps, warmup_steps = args.epochs * len(loader), args.warmup_epochs * len(loader)
-    for epoch in range(start_epoch, args.epochs):
-        model.train()
-        loader.sampler.set_epoch(epoch)
-        torch.manual_seed(args.seed * 100003 + epoch * 1000 + dist_env.rank)  # resume replays the same crops and masks
-        start, losses, stds = time.time(), [], []
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist_env.is_main)
-        for views, _ in common.resume_batches(bar, step - epoch * len(loader), rng):  # skips what a pre-empted run did
+    for epoch in run.epochs():
+        for views in run.batches(loader):
             for group in optimizer.param_groups:
-                group["lr"] = common.cosine_schedule(step, total_steps, lr, 0.0, warmup_steps)
-            views = [v.to(device, non_blocking=True) for v in views]
-            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                loss, z = training_step(model, views, args)
+                group["lr"] = common.cosine_schedule(run.step, total_steps, lr, 0.0, warmup_steps)
+            with torch.autocast(run.device.type, torch.bfloat16, enabled=run.device.type == "cuda"):
+                loss, z = training_step(ddp_model, views, args)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            step += 1
-            losses.append(loss.item())
-            common.check_finite(losses[-1], epoch, step, optimizer.param_groups[0]["lr"])  # diverged: stop before any save
-            stds.append(common.embedding_std(z))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}",
-                            img_s=f"{len(losses) * args.batch_size / (time.time() - start):.0f}")
-            if preempted(dist_env) and step % len(loader):  # SIGTERM: save here (with the RNG: exact resume
-                # mid-epoch) and exit; at an epoch's last step, the epoch's own save comes first
-                common.save_and_stop(state(epoch=epoch, step=step, rng=common.rng_state()), checkpoint_path, dist_env)
-
-        record = dict(epoch=epoch + 1, loss=sum(losses) / len(losses), embedding_std=sum(stds) / len(stds),
-                      lr=optimizer.param_groups[0]["lr"], images_per_s=len(losses) * args.batch_size / (time.time() - start))
-        last = epoch + 1 == args.epochs
-        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or last):
-            record["knn_top1"] = knn()
-        common.check_finite(record["loss"], epoch, step, record["lr"], raw_model)  # weights too, once an epoch
-        if dist_env.is_main:
-            common.save_checkpoint(state(epoch=epoch + 1, step=step), checkpoint_path)
-            common.keep_snapshots(checkpoint_path, epoch + 1, args.save_every, args.keep)
-            common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if v is not None))
-            if warning := common.collapse_warning(record["embedding_std"], raw_model.encoder.embed_dim):
-                print(warning)
-            if args.visualize and ((epoch + 1) % args.visualize == 0 or last):
-                with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                    visualize(raw_model, vis_imgs, vis_noise, args, os.path.join(args.output_dir, f"reconstruction_{epoch + 1:04d}.png"))
-    if dist_env.is_main and record.get("knn_top1") is not None:
-        print(f"k-NN top-1 (k=20) on the val split: {100 * record['knn_top1']:.2f}%")
-    if dist_env.world_size > 1:
-        torch.distributed.destroy_process_group()
+            run.step_done(loss, z)  # progress, divergence and SIGTERM stops
+        run.epoch_done()  # k-NN, checkpoint, log
+        if run.is_main and run.due(args.visualize):
+            with torch.autocast(run.device.type, torch.bfloat16, enabled=run.device.type == "cuda"):
+                visualize(model, shown, noise, args, os.path.join(args.output_dir, f"reconstruction_{epoch + 1:04d}.png"))
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -26,15 +26,12 @@ stays inside one BN batch and changes nothing: query and key share its statistic
 """
 import argparse
 import copy
-import os
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common
 
@@ -65,20 +62,15 @@ def get_args_parser():
         per_recipe = ", ".join(f"{family}: {recipe[name]}" for family, recipe in RECIPES.items())
         kw.setdefault("type", type(RECIPES["v2"][name]))
         group.add_argument("--" + name.replace("_", "-"), help=f"{text} ({per_recipe})", default=argparse.SUPPRESS, **kw)
-    g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="shapes[:SIZE[:N[:V]]], cifar10, cifar100, stl10, or an ImageFolder root")
-    g.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
-    g.add_argument("--image-size", type=common.positive_int, default=None, help="crop size (default: 224 for folders, 32 CIFAR, 96 STL-10)")
+    g = common.data_args(p)  # --data, --image-size, --workers, the domain switches, ...
     recipe_flag(g, "crop_min", "smallest crop area of RandomResizedCrop")
-    g.add_argument("--workers", type=common.non_negative_int, default=min(8, os.cpu_count()), help="data-loading processes per GPU")
-    g.add_argument("--cpu-augment", action="store_true", help="augment in DataLoader workers even when the dataset fits on the device")
-    common.add_data_args(g)  # --no-flip, --no-color, --grayscale-input, --mean, --std, --val, ...
     g = p.add_argument_group("method")
     g.add_argument("--version", default="v3", choices=["v3", "v2"], help="the method; it sets the recipe defaults")
     g.add_argument("--arch", default=argparse.SUPPRESS, choices=common.ARCHS, help="encoder (v3: vit_small, v2: resnet50)")
     g.add_argument("--patch-size", type=common.positive_int, default=16, help="ViT patch size")
-    g.add_argument("--init", default="", help="continued pre-training: the encoder starts from a torchvision ResNet or timm-named ViT "
-                   "state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; the momentum encoder starts equal to it, the heads fresh")
+    g.add_argument("--init", default="", help="continued pre-training: the encoder starts from a torchvision ResNet or "
+                   "timm-named ViT state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; "
+                   "the momentum encoder starts equal to it, the heads fresh")
     g.add_argument("--stop-grad-conv1", action=argparse.BooleanOptionalAction, default=True,
                    help="ViT: freeze the patch projection at its random init (v3 §4.2: stable training)")
     recipe_flag(g, "proj_hidden", "hidden width of the projector and predictor MLPs", type=common.positive_int)
@@ -94,14 +86,7 @@ def get_args_parser():
     recipe_flag(g, "optimizer", "LARS (trust 0.001) and SGD use momentum 0.9", choices=["adamw", "lars", "sgd"])
     recipe_flag(g, "base_lr", "lr = base-lr × batch-size / 256")
     recipe_flag(g, "weight_decay", "weight decay (LARS: not on biases and BN parameters)")
-    g = p.add_argument_group("run")
-    g.add_argument("--output-dir", default="runs/moco", help="checkpoint.pth and log.jsonl; resumes from it if present")
-    g.add_argument("--resume", default="", help="resume from this checkpoint instead of OUTPUT_DIR/checkpoint.pth")
-    g.add_argument("--save-every", type=common.non_negative_int, default=0, help="also keep OUTPUT_DIR/checkpoint_EPOCH.pth every N epochs (0: off)")
-    g.add_argument("--keep", type=common.non_negative_int, default=0, help="with --save-every: keep only the last K numbered snapshots (0: all)")
-    g.add_argument("--knn-every", type=common.non_negative_int, default=10, help="k-NN monitor on the val split every N epochs and at the end (0: off)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of every epoch's augmentations")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps, then faster)")
+    common.run_args(p, "moco")  # --output-dir, --resume, --knn-every, --seed, --compile, ...
     return p
 
 
@@ -232,122 +217,45 @@ def build_model(args):
 
 
 def main(args):
-    dist_env = common.init_distributed()
-    device = dist_env.device
-    args.image_size = args.image_size or common.default_image_size(args.data)
-    common.start_run(args, dist_env)  # flags argparse cannot check, OUTPUT_DIR writable: fail now, not after an epoch
-    if args.batch_size % dist_env.world_size:
-        raise common.UserError(f"--batch-size {args.batch_size} is not divisible by {dist_env.world_size} processes")
+    run = common.Run(args, "moco")  # torchrun's ranks, start checks, OUTPUT_DIR
     v3 = args.version == "v3"
     if (args.queue_size != 0) == v3 or args.queue_size < 0 or args.queue_size % args.batch_size:
-        raise common.UserError(f"--queue-size {args.queue_size}: MoCo v2 needs a positive multiple of the global --batch-size "
-                               f"{args.batch_size}; MoCo v3 has no queue (0)")
-    dataset = common.build_dataset(args.data, "pretrain", augmentations(args), args.data_root, args.skip_bad_images)
-    loader = common.make_loader(dataset, args.batch_size // dist_env.world_size, dist_env, args.workers,
-                                on_device=not args.cpu_augment)
-    if len(loader) == 0:
-        raise common.UserError(f"{len(dataset)} images cannot fill one batch of {args.batch_size}")
-
+        raise common.UserError(f"--queue-size {args.queue_size}: MoCo v2 needs a positive multiple of the global "
+                               f"--batch-size {args.batch_size}; MoCo v3 has no queue (0)")
+    loader = run.loader(augmentations(args))
     torch.manual_seed(args.seed)
-    model = build_model(args).to(device)
-    if args.arch.startswith("resnet") and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(args).to(run.device)
     lr = args.base_lr * args.batch_size / 256  # linear scaling rule
     trainable = [p for p in model.parameters() if p.requires_grad]  # not the key side, nor a frozen patch projection
     if args.optimizer == "lars":  # biases and BN: no decay, no trust ratio (official v3 LARS)
         optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=lr, momentum=0.9)
     elif args.optimizer == "adamw":  # the official code decays every parameter, biases and norms included
-        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=args.weight_decay, fused=run.device.type == "cuda")
     else:
         optimizer = torch.optim.SGD(trainable, lr=lr, momentum=0.9, weight_decay=args.weight_decay)
-    encoder_config = encoder_config_of(args)
+    # v3: SyncBN, global-batch statistics. v2: per-GPU BN with keys shuffled across GPUs (see shuffled_keys).
+    ddp_model = run.prepare(model, optimizer, encoder=model.encoder, sync_bn=v3, encoder_config=encoder_config_of(args))
 
-    start_epoch, step, rng = 0, 0, None
-    checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
-    resume_path = args.resume or (checkpoint_path if os.path.exists(checkpoint_path) else "")
-    if resume_path:
-        checkpoint = common.load_checkpoint(resume_path, "moco")
-        held = (checkpoint.get("args", {}).get("version"), checkpoint["encoder_config"])
-        if held != (args.version, encoder_config):
-            raise common.UserError(f"{resume_path} holds MoCo {held[0]} {held[1]}, not {args.version} {encoder_config}")
-        common.check_same_run(checkpoint, args, resume_path)  # other data, model, batch or lr: refused
-        model.load_state_dict(checkpoint["model"])  # the queue and its pointer included
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start_epoch, step, rng = checkpoint["epoch"], checkpoint["step"], checkpoint.get("rng")
-        if dist_env.is_main:
-            print(f"resumed from {resume_path} at epoch {start_epoch}")
-
-    raw_model = model
-    if dist_env.world_size > 1:
-        if v3 and device.type == "cuda":  # v3: global-batch BN; v2 keeps per-GPU BN, shuffles keys
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif v3 and dist_env.is_main:  # torch's SyncBN is CUDA-only: gloo ranks keep per-rank BN
-            print("note: SyncBatchNorm needs CUDA; on CPU each rank normalises with its own batch statistics")
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        raw_model = model.module
-    if args.compile:
-        model = torch.compile(model)  # checkpoints keep saving raw_model: plain names, loadable anywhere
-    knn = lambda: common.knn_monitor(raw_model.encoder, args, args.batch_size // dist_env.world_size, dist_env)  # noqa: E731
-    if args.knn_every and step == 0:  # a fresh run (a resumed one may be mid-epoch 1)
-        knn_init = knn()
-        if dist_env.is_main and knn_init is not None:
-            print(f"k-NN top-1 at random init: {100 * knn_init:.2f}%")
-            common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), {"epoch": 0, "knn_top1": knn_init})
-
-    record = {}
-    state = lambda **position: dict(method="moco", encoder_config=encoder_config, encoder=raw_model.encoder.state_dict(),  # noqa: E731
-                                    args=vars(args), model=raw_model.state_dict(), optimizer=optimizer.state_dict(), **position)
-    preempted = common.Preemption()  # SIGTERM sets it; the loop saves at the next step boundary
     total_steps, warmup_steps = args.epochs * len(loader), args.warmup_epochs * len(loader)
-    for epoch in range(start_epoch, args.epochs):
-        model.train()
-        loader.sampler.set_epoch(epoch)
-        torch.manual_seed(args.seed * 100003 + epoch * 1000 + dist_env.rank)  # resume replays the same augmentations
-        start, losses, stds = time.time(), [], []
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist_env.is_main)
-        for views, _ in common.resume_batches(bar, step - epoch * len(loader), rng):  # skips what a pre-empted run did
+    for epoch in run.epochs():
+        for views in run.batches(loader):
             # v3 moves the lr every step (official main_moco.py: epoch + i / iters_per_epoch); v2's cosine moves once
             # per epoch (moco's main_moco.py adjust_learning_rate with --cos); a warm-up, if any, ramps per step.
-            at = step if v3 or step < warmup_steps else epoch * len(loader)
+            at = run.step if v3 or run.step < warmup_steps else epoch * len(loader)
             for group in optimizer.param_groups:
                 group["lr"] = common.cosine_schedule(at, total_steps, lr, 0.0, warmup_steps)
-            views = [v.to(device, non_blocking=True) for v in views]
-            if args.arch.startswith("resnet") and device.type == "cuda":
-                views = [v.to(memory_format=torch.channels_last) for v in views]
-            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                loss, z = training_step(model, views, args)
+            with torch.autocast(run.device.type, torch.bfloat16, enabled=run.device.type == "cuda"):
+                loss, z = training_step(ddp_model, views, args)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            step += 1
-            # v3: m rises from 0.99 to 1 on a half cosine (as BYOL's): the keys settle as training ends. v2: fixed.
-            momentum = common.cosine_schedule(step, total_steps, args.momentum, 1.0) if v3 else args.momentum
-            momentum_update(raw_model, momentum)
-            losses.append(loss.item())
-            common.check_finite(losses[-1], epoch, step, optimizer.param_groups[0]["lr"])  # diverged: stop before any save
-            stds.append(common.embedding_std(z))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}",
-                            img_s=f"{len(losses) * args.batch_size / (time.time() - start):.0f}")
-            if preempted(dist_env) and step % len(loader):  # SIGTERM: save here (with the RNG: exact resume
-                # mid-epoch) and exit; at an epoch's last step, the epoch's own save comes first
-                common.save_and_stop(state(epoch=epoch, step=step, rng=common.rng_state()), checkpoint_path, dist_env)
-
-        record = dict(epoch=epoch + 1, loss=sum(losses) / len(losses), embedding_std=sum(stds) / len(stds), momentum=momentum,
-                      lr=optimizer.param_groups[0]["lr"], images_per_s=len(losses) * args.batch_size / (time.time() - start))
-        if dist_env.is_main and (warning := common.collapse_warning(record["embedding_std"], args.proj_dim)):
-            print(warning)
-        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            record["knn_top1"] = knn()
-        common.check_finite(record["loss"], epoch, step, record["lr"], raw_model)  # weights too, once an epoch
-        if dist_env.is_main:
-            common.save_checkpoint(state(epoch=epoch + 1, step=step), checkpoint_path)
-            common.keep_snapshots(checkpoint_path, epoch + 1, args.save_every, args.keep)
-            common.log_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if v is not None))
-    if dist_env.is_main and record.get("knn_top1") is not None:
-        print(f"k-NN top-1 (k=20) on the val split: {100 * record['knn_top1']:.2f}%")
-    if dist_env.world_size > 1:
-        torch.distributed.destroy_process_group()
+            # v3: m rises from 0.99 to 1 on a half cosine (as BYOL's), at the step count after this step: the keys
+            # settle as training ends. v2: fixed.
+            momentum = common.cosine_schedule(run.step + 1, total_steps, args.momentum, 1.0) if v3 else args.momentum
+            momentum_update(model, momentum)
+            run.step_done(loss, z)  # progress, divergence and SIGTERM stops
+        run.epoch_done(momentum=momentum)  # k-NN, checkpoint, log
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -105,12 +105,8 @@ def load_encoder(args, drop_path=0.0, random_init=False):
         saved = checkpoint.get("args", {})  # the run's pixels (--mean, --std, --grayscale-input): probe as it trained
         args.mean, args.std = args.mean or saved.get("mean"), args.std or saved.get("std")
         args.grayscale_input = args.grayscale_input or saved.get("grayscale_input", False)
-    else:
-        state = common.read_torch_file(args.checkpoint)
-        state = state.get("encoder", state) if isinstance(state, dict) else state
-        if not isinstance(state, dict):
-            raise common.UserError(f"{args.checkpoint} holds no state_dict")
-        state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head."))}  # a supervised classifier
+    else:  # a torchvision / timm-named state_dict, or an official file as --init reads it
+        state = common.encoder_state(common.read_torch_file(args.checkpoint), args.checkpoint)
         config = dict(arch=args.arch, image_size=args.image_size or common.default_image_size(args.data),
                       patch_size=args.patch_size)
     args.mean, args.std = args.mean or common.IMAGENET_MEAN, args.std or common.IMAGENET_STD  # older runs, state_dicts
@@ -122,18 +118,8 @@ def load_encoder(args, drop_path=0.0, random_init=False):
     if config["arch"].startswith("vit"):
         config["drop_path"] = drop_path
     encoder = common.build_encoder(**config)
-    try:
-        if not random_init:
-            encoder.load_state_dict(state)
-    except RuntimeError as error:  # name the first mismatch only: the full message lists every key
-        expected = encoder.state_dict()
-        problems = ([f"{k} missing" for k in expected if k not in state] + [f"unexpected {k}" for k in state if k not in expected]
-                    + [f"{k} is {list(state[k].shape)}, not {list(v.shape)}" for k, v in expected.items()
-                       if k in state and getattr(state[k], "shape", None) != v.shape])
-        detail = f"{problems[0]} ({len(problems)} keys differ)" if problems else str(error).splitlines()[0][:200]
-        raise common.UserError(f"{args.checkpoint} does not fit a {config['arch']}: {detail}; is --arch right?") from None
-    if not common.all_finite(state):  # a diverged run's weights would give normal-looking, meaningless numbers
-        raise common.UserError(f"{args.checkpoint}: the encoder has non-finite (NaN or inf) weights; its run diverged")
+    if not random_init:
+        common.load_weights(encoder, state, args.checkpoint, config["arch"])  # one line per mismatch, finite weights
     return encoder, image_size
 
 
@@ -151,7 +137,7 @@ class Readout(nn.Module):
         if self.n == 1 and not self.avgpool:
             return self.encoder(images)
         outputs = []  # a block returns (tokens, attention): keep the tokens of the last n blocks
-        hooks = [block.register_forward_hook(lambda module, inputs, out: outputs.append(out[0])) for block in self.encoder.blocks[-self.n:]]
+        hooks = [block.register_forward_hook(lambda module, inputs, out: outputs.append(out)) for block in self.encoder.blocks[-self.n:]]
         self.encoder(images)
         for hook in hooks:
             hook.remove()
@@ -406,12 +392,16 @@ def run_finetune(args, train_set, labels, val_set, dist_env, recipe, scratch=Fal
     return mean_std(runs)
 
 
+def normalize(mean, std):
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+
+
 def finetune_transform(image_size, recipe, args):
     if recipe == "plain":
-        return v2.Compose(train_augmentation(image_size, args) + common.to_normalized_tensor(args.mean, args.std))
+        return v2.Compose(train_augmentation(image_size, args) + normalize(args.mean, args.std))
     # MAE's timm pipeline: rand-m9-mstd0.5-inc1 (torchvision's RandAugment has no magnitude noise),
     # then random erasing of 25% of the images with per-pixel noise (re_mode 'pixel')
-    return v2.Compose(train_augmentation(image_size, args) + [v2.RandAugment(num_ops=2, magnitude=9), *common.to_normalized_tensor(args.mean, args.std),
+    return v2.Compose(train_augmentation(image_size, args) + [v2.RandAugment(num_ops=2, magnitude=9), *normalize(args.mean, args.std),
                                                         v2.RandomErasing(0.25, value="random")])
 
 
@@ -498,7 +488,7 @@ def main(args):
             if max(args.k) > len(subset) // num_classes:
                 say(f"(k-NN: k above the {len(subset) // num_classes} labelled training images per class skipped)")
             return run_knn(train_x[subset], train_y[subset], val_x, val_y, args, num_classes)
-        augment = v2.Compose(train_augmentation(image_size, args) + common.to_normalized_tensor(args.mean, args.std))
+        augment = v2.Compose(train_augmentation(image_size, args) + normalize(args.mean, args.std))
         train_aug = common.build_dataset(args.data, "train", augment, args.data_root)
         on_the_fly = linear_on_the_fly(model, train_aug, args, num_classes, dist_env) if args.augment else None
         return run_linear(train_x, train_y, val_x, val_y, args, num_classes, on_the_fly)
