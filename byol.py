@@ -15,7 +15,8 @@ Each epoch logs embedding_std (SimSiam §4.1; ≈ 1/√d healthy, → 0 collapse
         --proj-hidden 256 --proj-dim 64 --pred-hidden 256 --base-lr 4 --tau-base 0.99 --warmup-epochs 2 --knn-every 2
         # CPU, ~2 min: k-NN 25.8 -> 22.4% (epoch 4: chasing a random target) -> 31.0% (epoch 14) -> 29.8%
     python byol.py --data shapes:32:5000:2000 --arch vit_nano --patch-size 8 --batch-size 64 --proj-hidden 512 \
-        --proj-dim 128 --pred-hidden 512 --base-lr 4 --tau-base 0.99 --epochs 6 --warmup-epochs 1 --knn-every 1 --workers 0
+        --proj-dim 128 --pred-hidden 512 --base-lr 4 --tau-base 0.99 --epochs 6 --warmup-epochs 1 --knn-every 1 \
+        --workers 0
         # benchmarks/learning.py's recipe, ~5 min on one core: linear probe 29.5 -> 42.1% (+12.7 ± 1.2, 3 seeds)
     torchrun --nproc_per_node=8 byol.py --data /imagenet                                      # paper recipe
 
@@ -48,7 +49,8 @@ def get_args_parser():
     g.add_argument("--pred-hidden", type=common.positive_int, default=4096,
                    help="predictor hidden width (the predictor maps z to z's width)")
     g.add_argument("--tau-base", type=float, default=0.996, help="target EMA rate τ at step 0; rises to 1 on a cosine "
-                   "(§3.3). Lower it for short runs (0.99; 0.9 for a few hundred steps on CPU): the target follows faster")
+                   "(§3.3). Lower it for short runs (0.99; 0.9 for a few hundred steps on CPU): the target follows "
+                   "faster")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=common.positive_int, default=1000, help="training epochs; the official presets "
                    "(configs/byol.py) for 300 epochs are --base-lr 0.3 --weight-decay 1e-6 --tau-base 0.99 (100: 0.45, "
@@ -111,8 +113,10 @@ def training_step(model, views, args):
 
 # ----------------------------------------------------------------------------- loop
 def augmentations(args):
-    """Asymmetric views (Table 6): view 1 always blurred, never solarised; view 2 rarely blurred, sometimes solarised."""
-    views = [common.View(args.image_size, tuple(args.crop_scale), (0.4, 0.4, 0.2, 0.1), blur, solarize, interpolation="bicubic")
+    """Asymmetric views (Table 6): view 1 always blurred, never solarised; view 2 rarely blurred, sometimes
+    solarised."""
+    views = [common.View(args.image_size, tuple(args.crop_scale), (0.4, 0.4, 0.2, 0.1), blur, solarize,
+                         interpolation="bicubic")
              for blur, solarize in ((1.0, 0.0), (0.1, 0.2))]  # bicubic resize, as the official utils/dataset.py
     return common.domain_views(common.MultiView(views), args)  # --no-flip, --no-color, ... (default: the paper's)
 

@@ -73,7 +73,8 @@ def default_image_size(spec):
 def make_loader(dataset, batch_size, dist_env, workers, train=True, on_device=True):
     """Per-rank loader. Training uses a DistributedSampler even alone, so that set_epoch makes the order a function of
     the epoch (a resumed run replays it). Views of data that fits in memory are made on the device (DeviceLoader)."""
-    if train and on_device and all(isinstance(view, View) for view in dataset.transform.transforms):
+    views = dataset.transform.transforms if isinstance(dataset.transform, MultiView) else [None]
+    if train and on_device and all(isinstance(view, View) for view in views):
         data = in_memory(dataset, workers, dist_env.device)
         if data is not None:
             if dist_env.is_main:
@@ -490,7 +491,8 @@ def report_bad_images(dataset, dist_env):
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if dist_env.is_main and bad is not None and bad.any():
         first = dataset.samples[int(bad.nonzero()[0])][0]
-        tqdm.write(f"skipped {int(bad.sum())} unreadable images so far (replaced by the next readable one; first: {first})")
+        tqdm.write(f"skipped {int(bad.sum())} unreadable images so far (replaced by the next readable one; first: "
+                   f"{first})")
 
 
 # ----------------------------------------------------------------------------- augmentation on the device
@@ -505,11 +507,13 @@ def crop_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), device="cpu"):
     fits = (w <= width) & (h <= height) & (w > 0) & (h > 0)
     first = fits.float().argmax(1, keepdim=True)
     w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
-    x0, y0 = (torch.rand(n, device=device) * (width - w + 1)).floor(), (torch.rand(n, device=device) * (height - h + 1)).floor()
+    x0 = (torch.rand(n, device=device) * (width - w + 1)).floor()
+    y0 = (torch.rand(n, device=device) * (height - h + 1)).floor()
     fallback_w = min(width, round(height * ratio[1]))
     fallback_h = min(height, round(fallback_w / ratio[0]))
-    fallback = torch.tensor([(width - fallback_w) // 2, (height - fallback_h) // 2, fallback_w, fallback_h], device=device)
-    return torch.where(fits.any(1, keepdim=True), torch.stack([x0, y0, w, h], 1), fallback.float()).unbind(1)
+    fallback = torch.tensor([(width - fallback_w) // 2, (height - fallback_h) // 2, fallback_w, fallback_h],
+                            device=device, dtype=torch.float)
+    return torch.where(fits.any(1, keepdim=True), torch.stack([x0, y0, w, h], 1), fallback).unbind(1)
 
 
 def grayscale(x):
@@ -644,7 +648,8 @@ class DeviceLoader:
 
 
 # ----------------------------------------------------------------------------- weights from a file: --init, probe.py
-WRAPPERS, PREFIXES = ("teacher", "student", "state_dict", "model"), ("module.", "backbone.", "base_encoder.", "encoder.")
+WRAPPERS = ("teacher", "student", "state_dict", "model")
+PREFIXES = ("module.", "backbone.", "base_encoder.", "encoder.")
 
 
 def encoder_state(saved, name):
@@ -667,12 +672,13 @@ def load_weights(encoder, state, name, arch):
     mask token, and resizing position embeddings; any other mismatch or a non-finite weight is one line."""
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head.", "fc_norm.", "decoder", "mask_token"))}
     expected = encoder.state_dict()
-    if "pos_embed" in state and "pos_embed" in expected and state["pos_embed"].shape[1] != expected["pos_embed"].shape[1]:
-        grid = math.isqrt(expected["pos_embed"].shape[1] - 1)  # trained at another image size: resize the grid
-        state["pos_embed"] = torch.cat([state["pos_embed"][:, :1], resize_pos_embed(state["pos_embed"][:, 1:], grid, grid)], 1)
+    pos, pos_here = state.get("pos_embed"), expected.get("pos_embed")
+    if pos is not None and pos_here is not None and pos.shape[1] != pos_here.shape[1]:  # trained at another size
+        grid = math.isqrt(pos_here.shape[1] - 1)
+        state["pos_embed"] = torch.cat([pos[:, :1], resize_pos_embed(pos[:, 1:], grid, grid)], 1)  # CLS slot kept
     problems = ([f"{k} is {list(state[k].shape)} in the file, {list(v.shape)} here" for k, v in expected.items()
-                 if k in state and state[k].shape != v.shape]
-                + [f"{k} is missing" for k in expected if k not in state] + [f"{k} is unexpected" for k in state if k not in expected])
+                 if k in state and state[k].shape != v.shape] + [f"{k} is missing" for k in expected if k not in state]
+                + [f"{k} is unexpected" for k in state if k not in expected])
     if problems:
         raise UserError(f"{name} does not fit a {arch}: {problems[0]} ({len(problems)} keys differ); check --arch, "
                         "--patch-size and, for a 224-px ResNet, an --image-size above 64 (the 7x7 stem)")
@@ -699,7 +705,8 @@ def extract_features(encoder, loader, dist_env):
         features.append(encoder(images.to(dist_env.device, non_blocking=True)).float())
         labels.append(targets.to(dist_env.device))
     indices = torch.tensor(list(iter(loader.sampler)), device=dist_env.device)
-    features, labels, indices = (all_gather(t, keep_grad=False) for t in (torch.cat(features), torch.cat(labels), indices))
+    features, labels = torch.cat(features), torch.cat(labels)
+    features, labels, indices = (all_gather(t, keep_grad=False) for t in (features, labels, indices))
     out_features = torch.empty(len(loader.dataset), features.shape[1], device=features.device)
     out_labels = torch.empty(len(loader.dataset), dtype=torch.long, device=features.device)
     out_features[indices], out_labels[indices] = features, labels  # padded duplicates rewrite equal values
@@ -726,7 +733,8 @@ def knn_monitor(encoder, args, batch_size, dist_env, k=20):
     if not has_val(data):
         return None
     transform = eval_transform(args.image_size, args.mean, args.std, args.grayscale_input)
-    datasets = [build_dataset(data, split, transform, args.data_root, args.skip_bad_images) for split in ("train", "val")]
+    build = lambda split: build_dataset(data, split, transform, args.data_root, args.skip_bad_images)
+    datasets = [build("train"), build("val")]
     classes = [len(getattr(dataset, "classes", ())) for dataset in datasets]
     if classes[0] == 1 < classes[1]:
         if dist_env.is_main:  # every train image would vote for one class: the accuracy would mean nothing
@@ -763,46 +771,52 @@ def data_args(parser, crop_scale=None):
     """The data flags of every method; the domain switches leave the method's views as the default. crop_scale: the
     method's crop area range, where it has no crop flag of its own (MoCo: --crop-min; DINO: --*-crops-scale)."""
     g = parser.add_argument_group("data")
-    g.add_argument("--data", required=True, help="shapes[:SIZE[:N[:V]]], cifar10, cifar100, stl10, or an ImageFolder root")
-    g.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
-    g.add_argument("--image-size", type=positive_int, default=None,
-                   help="crop size (DINO: of the global crops; default: 224 for folders, 32 CIFAR, 96 STL-10)")
-    g.add_argument("--workers", type=non_negative_int, default=min(8, os.cpu_count()), help="data-loading processes per GPU")
-    g.add_argument("--cpu-augment", action="store_true", help="augment in DataLoader workers even if the data fits on the device")
+    add = g.add_argument
+    add("--data", required=True, help="shapes[:SIZE[:N[:V]]], cifar10, cifar100, stl10, or an ImageFolder root")
+    add("--data-root", default="data", help="where torchvision datasets are downloaded")
+    add("--image-size", type=positive_int, default=None,
+        help="crop size (DINO: of the global crops; default: 224 for folders, 32 CIFAR, 96 STL-10)")
+    add("--workers", type=non_negative_int, default=min(8, os.cpu_count()), help="data-loading processes per GPU")
+    add("--cpu-augment", action="store_true", help="augment in DataLoader workers even if the data fits on the device")
     if crop_scale:
-        g.add_argument("--crop-scale", type=float, nargs=2, default=crop_scale, metavar=("MIN", "MAX"),
-                       help="area range of the random crops; raise MIN where a small crop loses the signal (a lesion)")
-    g.add_argument("--no-flip", action="store_true", help="no horizontal flip (where left and right differ: text, X-rays)")
-    g.add_argument("--no-color", action="store_true",
-                   help="no colour jitter, grayscale or solarize (where colour is the signal: stains, spectra)")
-    g.add_argument("--grayscale-input", action="store_true", help="every image as one channel repeated 3 times (X-rays)")
-    g.add_argument("--mean", type=float, nargs="+", default=IMAGENET_MEAN, help="per-channel normalisation mean (1 or 3 "
-                   "values) of the views and the k-NN monitor; keep ImageNet's with --init ImageNet weights")
-    g.add_argument("--std", type=float, nargs="+", default=IMAGENET_STD, help="per-channel normalisation std (1 or 3 values)")
-    g.add_argument("--val", default="", help="labelled data for the k-NN monitor when --data has no labels (any --data "
-                   "form with a val split: DIR/train/<class>/ + DIR/val/<class>/, shapes, cifar10, ...; default: --data)")
-    g.add_argument("--skip-bad-images", action="store_true", help="replace unreadable images by the next readable one and "
-                   "count them each epoch (default: stop with one line naming the file)")
+        add("--crop-scale", type=float, nargs=2, default=crop_scale, metavar=("MIN", "MAX"),
+            help="area range of the random crops; raise MIN where a small crop loses the signal (a lesion)")
+    add("--no-flip", action="store_true", help="no horizontal flip (where left and right differ: text, X-rays)")
+    add("--no-color", action="store_true", help="no colour jitter, grayscale or solarize (where colour is the signal)")
+    add("--grayscale-input", action="store_true", help="every image as one channel repeated 3 times (X-rays, CT)")
+    add("--mean", type=float, nargs="+", default=IMAGENET_MEAN, help="normalisation mean (1 or 3 values) of the views "
+        "and the k-NN monitor; keep ImageNet's with --init ImageNet weights")
+    add("--std", type=float, nargs="+", default=IMAGENET_STD, help="normalisation std (1 or 3 values)")
+    add("--val", default="", help="labelled data for the k-NN monitor when --data has none (any --data form with a "
+        "val split: DIR/train/<class>/ + DIR/val/<class>/, shapes, cifar10, ...; default: --data)")
+    add("--skip-bad-images", action="store_true", help="replace an unreadable image by the next readable one and count "
+        "them each epoch (default: stop with one line naming the file)")
     return g
 
 
 def run_args(parser, method):
     """The flags of a run, the same in every method."""
     g = parser.add_argument_group("run")
-    g.add_argument("--output-dir", default=f"runs/{method}", help="checkpoint.pth and log.jsonl; resumes from it if present")
-    g.add_argument("--resume", default="", help="resume from this checkpoint instead of OUTPUT_DIR/checkpoint.pth")
-    g.add_argument("--save-every", type=non_negative_int, default=0,
-                   help="also keep OUTPUT_DIR/checkpoint_EPOCH.pth every N epochs (0: off)")
-    g.add_argument("--keep", type=non_negative_int, default=0, help="with --save-every: keep only the last K snapshots (0: all)")
-    g.add_argument("--knn-every", type=non_negative_int, default=10,
-                   help="k-NN monitor on the val split every N epochs, at random init and at the end (0: off)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of every epoch's augmentations")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps, then faster)")
+    add = g.add_argument
+    add("--output-dir", default=f"runs/{method}", help="checkpoint.pth and log.jsonl; resumes from it if present")
+    add("--resume", default="", help="resume from this checkpoint instead of OUTPUT_DIR/checkpoint.pth")
+    add("--save-every", type=non_negative_int, default=0, help="keep OUTPUT_DIR/checkpoint_EPOCH.pth every N epochs")
+    add("--keep", type=non_negative_int, default=0, help="with --save-every: keep only the last K snapshots (0: all)")
+    add("--knn-every", type=non_negative_int, default=10,
+        help="k-NN monitor on the val split every N epochs, at random init and at the end (0: off)")
+    add("--seed", type=int, default=0, help="seed of the initialisation and of every epoch's augmentations")
+    add("--compile", action="store_true", help="torch.compile the model (slow first steps, then faster)")
     return g
 
 
+# Flags that may differ when a run resumes: where it runs and what it reports, not what it computes. --epochs may grow
+# (or shrink to no less than the epochs done): the lr schedule then follows the new length.
+MAY_CHANGE_ON_RESUME = ("epochs", "output_dir", "resume", "workers", "cpu_augment", "compile", "knn_every",
+                        "save_every", "keep", "data_root", "attention_maps", "visualize", "val", "skip_bad_images")
+
+
 class Run:
-    """What every main() repeats, once: the start checks, the loader, resume, SyncBN / DDP / compile, the k-NN monitor,
+    """What every main() repeats, once: start checks, the loader, resume, SyncBN / DDP / compile, the k-NN monitor,
     per-epoch seeding, mid-epoch resume, progress, the divergence and SIGTERM stops, and each epoch's record, k-NN,
     checkpoint, snapshots and log. main() keeps the method: views, model, optimizer, schedules and the step."""
 
@@ -821,7 +835,7 @@ class Run:
             print(*text, flush=True)
 
     def loader(self, views):
-        """The training split with these views; this rank's share of every global batch."""
+        """The training split with these views: this rank's share of every global batch."""
         args = self.args
         self.dataset = build_dataset(args.data, "pretrain", views, args.data_root, args.skip_bad_images)
         loader = make_loader(self.dataset, args.batch_size // self.world_size, self.dist, args.workers,
@@ -831,11 +845,12 @@ class Run:
         return loader
 
     def prepare(self, model, optimizer, encoder, sync_bn, encoder_config=None):
-        """Resume this run from its checkpoint if it has one, then return the model to train: SyncBatchNorm (sync_bn,
-        CUDA only), DDP, --compile. encoder: what the k-NN monitor reads and the checkpoint exports for probe.py."""
+        """Resume the run from its checkpoint, if it has one; return the model to train: SyncBatchNorm (sync_bn, CUDA
+        only), DDP, --compile. encoder: what the k-NN monitor reads and the checkpoint exports for probe.py."""
         args, cuda = self.args, self.device.type == "cuda"
         self.model, self.optimizer, self.encoder = model, optimizer, encoder
-        self.encoder_config = encoder_config or dict(arch=args.arch, image_size=args.image_size, patch_size=args.patch_size)
+        self.encoder_config = encoder_config or dict(arch=args.arch, image_size=args.image_size,
+                                                     patch_size=args.patch_size)
         self.channels_last = cuda and args.arch.startswith("resnet")
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -853,7 +868,7 @@ class Run:
                 self.trained = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             elif sync_bn:  # torch's SyncBatchNorm is CUDA-only
                 self.say("note: SyncBatchNorm needs CUDA; on CPU each rank normalises with its own batch statistics")
-            self.trained = nn.parallel.DistributedDataParallel(self.trained, device_ids=[self.device.index] if cuda else None)
+            self.trained = nn.parallel.DistributedDataParallel(self.trained, [self.device.index] if cuda else None)
         if args.compile:
             self.trained = torch.compile(self.trained)  # checkpoints keep saving `model`: plain names
         if args.knn_every and self.step == 0 and (knn := self.knn()) is not None:  # a fresh run
@@ -908,8 +923,13 @@ class Run:
         self.z_dim, steps = z.shape[1], len(self.sums["loss"])
         self.bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{self.lr:.3g}",
                              img_s=f"{steps * self.args.batch_size / (time.time() - self.start):.0f}")
-        if self.preempted(self.dist) and self.step % self.steps_per_epoch:  # at an epoch's end, its own save comes first
-            state = self.state(epoch=self.epoch, rng=rng_state())  # with every rank's RNG: an exact resume mid-epoch
+        if self.preempted(self.dist) and self.step % self.steps_per_epoch:  # at an epoch's end its save comes first
+            cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+            rng = {"cpu": torch.get_rng_state(), "cuda": cuda}
+            rngs = [rng] * self.world_size
+            if self.world_size > 1:  # every rank's RNG (their seeds differ), for an exact resume mid-epoch
+                dist.all_gather_object(rngs, rng)
+            state = self.state(epoch=self.epoch, rng=rngs)
             if self.is_main:
                 save_checkpoint(state, self.path)
             if self.world_size > 1:
@@ -931,7 +951,8 @@ class Run:
             save_checkpoint(self.state(epoch=self.epoch + 1), self.path)
             keep_snapshots(self.path, self.epoch + 1, args.save_every, args.keep)
             log_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if v is not None))
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                           if v is not None))
             if warning := collapse_warning(record["embedding_std"], self.z_dim):
                 print(warning, flush=True)
         self.record = record
@@ -957,8 +978,8 @@ class Run:
         finite_weights = not weights or all_finite(self.model.state_dict())
         if not (math.isfinite(loss) and finite_weights):
             raise UserError(f"the run diverged ({f'loss {loss}' if finite_weights else 'non-finite weights'}) at epoch "
-                            f"{self.epoch + 1}, step {self.step}, lr {self.lr:.3g}; nothing was saved (the last checkpoint "
-                            "is intact): try a lower --base-lr or a longer --warmup-epochs")
+                            f"{self.epoch + 1}, step {self.step}, lr {self.lr:.3g}; nothing was saved (the last "
+                            "checkpoint is intact): try a lower --base-lr or a longer --warmup-epochs")
 
 
 def check_flags(args, dist_env):
@@ -991,12 +1012,6 @@ def check_flags(args, dist_env):
             os.remove(os.path.join(args.output_dir, ".writable"))
         except OSError as error:
             raise UserError(f"--output-dir {args.output_dir} is not writable ({error.strerror or error})") from None
-
-
-# Flags that may differ when a run resumes: where it runs and what it reports, not what it computes. --epochs may grow
-# (or shrink to no less than the epochs done): the lr schedule then follows the new length.
-MAY_CHANGE_ON_RESUME = ("epochs", "output_dir", "resume", "workers", "cpu_augment", "compile", "knn_every",
-                        "save_every", "keep", "data_root", "attention_maps", "visualize", "val", "skip_bad_images")
 
 
 def check_same_run(checkpoint, args, path):
@@ -1034,20 +1049,20 @@ def log_jsonl(path, record):
 
 
 def keep_snapshots(path, epoch, every, keep):
-    """--save-every N: a numbered copy of checkpoint.pth every N epochs (a hard link: no extra disk until the rolling
-    checkpoint moves on); --keep K: only the last K numbered copies stay."""
+    """--save-every N: checkpoint_EPOCH.pth every N epochs, a hard link (no extra disk until the rolling checkpoint
+    moves on); --keep K: only the last K of them stay."""
     if not every or epoch % every:
         return
-    stem = os.path.splitext(path)[0] + "_"  # OUTPUT_DIR/checkpoint_
+    folder, prefix = os.path.split(os.path.splitext(path)[0] + "_")  # OUTPUT_DIR, checkpoint_
+    snapshot = os.path.join(folder, f"{prefix}{epoch:04d}.pth")
     try:
-        os.link(path, f"{stem}{epoch:04d}.tmp")
+        os.link(path, snapshot + ".tmp")
     except OSError:  # file systems without hard links
-        shutil.copyfile(path, f"{stem}{epoch:04d}.tmp")
-    os.replace(f"{stem}{epoch:04d}.tmp", f"{stem}{epoch:04d}.pth")
-    folder, prefix = os.path.split(stem)
-    snapshots = sorted(name for name in os.listdir(folder or ".")
+        shutil.copyfile(path, snapshot + ".tmp")
+    os.replace(snapshot + ".tmp", snapshot)
+    snapshots = sorted((int(name[len(prefix):-4]), name) for name in os.listdir(folder or ".")
                        if name.startswith(prefix) and name.endswith(".pth") and name[len(prefix):-4].isdigit())
-    for name in snapshots[:-keep] if keep else []:
+    for _, name in snapshots[:-keep] if keep else []:
         os.remove(os.path.join(folder, name))
 
 
@@ -1071,16 +1086,6 @@ class Preemption:
         flag = torch.tensor([float(self.signalled)], device=dist_env.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
-
-
-def rng_state():
-    """Every rank's RNG state (their seeds differ), gathered so that rank 0 saves all of them."""
-    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    if not (dist.is_available() and dist.is_initialized()):
-        return [state]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
 
 
 def error_line(script, error):

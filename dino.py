@@ -46,30 +46,31 @@ def get_args_parser():
     g.add_argument("--local-crops", type=common.non_negative_int, default=8, help="local crops per image, at 96/224 of "
                    "the global size (official: 2x224 + 8x96; the paper's best uses 10; 0 disables multi-crop, then use "
                    "--global-crops-scale 0.14 1)")
-    g.add_argument("--global-crops-scale", type=float, nargs=2, default=(0.4, 1.0), help="area range of the global crops")
-    g.add_argument("--local-crops-scale", type=float, nargs=2, default=(0.05, 0.4), help="area range of the local crops")
+    g.add_argument("--global-crops-scale", type=float, nargs=2, default=(0.4, 1.0), help="global crops' area range")
+    g.add_argument("--local-crops-scale", type=float, nargs=2, default=(0.05, 0.4), help="local crops' area range")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="vit_small", choices=common.ARCHS, help="encoder, the same for student and teacher")
+    g.add_argument("--arch", default="vit_small", choices=common.ARCHS, help="encoder of student and teacher")
     g.add_argument("--patch-size", type=common.positive_int, default=16,
                    help="ViT patch size (8 gives sharper attention maps, 4x the cost)")
     g.add_argument("--init", default="", help="continued pre-training: the encoder starts from a torchvision ResNet or "
                    "timm-named ViT state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; "
                    "student and teacher start from it, the heads fresh")
-    g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the student ViT (the teacher has none)")
+    g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the student ViT (not the teacher)")
     g.add_argument("--head-hidden", type=common.positive_int, default=2048, help="hidden width of the 3-layer head MLP")
     g.add_argument("--head-bottleneck", type=common.positive_int, default=256,
                    help="L2-normalised bottleneck before the last layer")
     g.add_argument("--out-dim", type=common.positive_int, default=65536,
                    help="K, the softmax width; large values (65k) work well on ImageNet")
     g.add_argument("--norm-last-layer", action=argparse.BooleanOptionalAction, default=True,
-                   help="weight-normalise the head's last layer with its norm fixed at 1; the official runs turn it off "
-                        "(a trained norm) for ViT-S, which performs better but can be unstable, and keep it for ViT-B")
+                   help="weight-normalise the head's last layer with its norm fixed at 1; the official runs turn it "
+                        "off (a trained norm) for ViT-S, which performs better but can be unstable, and keep it for "
+                        "ViT-B")
     g = p.add_argument_group("objective")
     g.add_argument("--student-temp", type=common.positive_float, default=0.1, help="τ_s")
     g.add_argument("--warmup-teacher-temp", type=common.positive_float, default=0.04,
                    help="τ_t at epoch 0; lower it if the loss does not decrease")
-    g.add_argument("--teacher-temp", type=common.positive_float, default=0.04, help="τ_t after the warm-up; above 0.07 "
-                   "is unstable (the boosted run: 0.07, warmed up over 30 epochs)")
+    g.add_argument("--teacher-temp", type=common.positive_float, default=0.04, help="τ_t after the warm-up; above "
+                   "0.07 is unstable (the boosted run: 0.07, warmed up over 30 epochs)")
     g.add_argument("--warmup-teacher-temp-epochs", type=common.non_negative_int, default=0, help="linear τ_t warm-up")
     g.add_argument("--center-momentum", type=float, default=0.9, help="m in c <- m c + (1 - m) mean(teacher output)")
     g.add_argument("--momentum-teacher", type=float, default=0.996,
@@ -77,7 +78,8 @@ def get_args_parser():
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=common.positive_int, default=100, help="training epochs (300-800 for the paper's "
                    "best). On a ResNet the official README uses SGD: --arch resnet50 --optimizer sgd --base-lr 0.03 "
-                   "--weight-decay 1e-4 --weight-decay-end 1e-4 --global-crops-scale 0.14 1 --local-crops-scale 0.05 0.14")
+                   "--weight-decay 1e-4 --weight-decay-end 1e-4 --global-crops-scale 0.14 1 "
+                   "--local-crops-scale 0.05 0.14")
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
                    help="AdamW for ViTs; SGD (momentum 0.9) for ResNets")
     g.add_argument("--warmup-epochs", type=common.non_negative_int, default=10, help="linear lr warm-up")
@@ -136,7 +138,8 @@ class MultiCropNetwork(nn.Module):
         self.backbone, self.head = backbone, head
 
     def forward(self, crops):
-        features = [self.backbone(torch.cat(list(same))) for _, same in itertools.groupby(crops, key=lambda c: c.shape[-2:])]
+        same_size = itertools.groupby(crops, key=lambda c: c.shape[-2:])
+        features = [self.backbone(torch.cat(list(group))) for _, group in same_size]
         return self.head(torch.cat(features))                                    # (V·B, K)
 
 
@@ -164,7 +167,8 @@ def dino_loss(student_out, teacher_out, center, teacher_temp, student_temp=0.1):
     # Centre then sharpen the teacher: subtracting c stops one dimension dominating, τ_t < τ_s
     # (0.04-0.07 vs 0.1) stops the uniform solution that centering alone would drift to (§3.1).
     teacher = F.softmax((teacher_out.float() - center) / teacher_temp, dim=-1).detach().chunk(2)  # 2 x (B, K)
-    student = F.log_softmax(student_out.float() / student_temp, dim=-1).chunk(len(student_out) // len(teacher[0]))  # V x (B, K)
+    student = F.log_softmax(student_out.float() / student_temp, dim=-1)
+    student = student.chunk(len(student_out) // len(teacher[0]))                                       # V x (B, K)
     terms = [-(p_t * log_p_s).sum(-1).mean() for i, p_t in enumerate(teacher)
              for v, log_p_s in enumerate(student) if v != i]  # a crop is never its own target
     return sum(terms) / len(terms)
@@ -197,7 +201,8 @@ def schedules(step, total_steps, steps_per_epoch, lr, args):
     warmup = args.warmup_epochs * steps_per_epoch
     # Warm-up as the official utils.cosine_scheduler, np.linspace(0, lr, warmup): the peak comes at the
     # last warm-up step (then the cosine starts from it again).
-    return dict(lr=lr * step / max(1, warmup - 1) if step < warmup else common.cosine_schedule(step, total_steps, lr, args.min_lr, warmup),
+    cosine = common.cosine_schedule(step, total_steps, lr, args.min_lr, warmup)
+    return dict(lr=lr * step / max(1, warmup - 1) if step < warmup else cosine,
                 weight_decay=common.cosine_schedule(step, total_steps, args.weight_decay, args.weight_decay_end),
                 momentum=common.cosine_schedule(step, total_steps, args.momentum_teacher, 1.0))
 
@@ -245,7 +250,7 @@ def augmentations(args):
     global1 = common.View(size, global_scale, blur=1.0, interpolation="bicubic")  # bicubic, as the official code
     global2 = common.View(size, global_scale, blur=0.1, solarize=0.2, interpolation="bicubic")
     local = common.View(local_size, local_scale, blur=0.5, interpolation="bicubic")
-    return common.domain_views(common.MultiView([global1, global2] + [local] * args.local_crops), args)  # --no-flip, ...
+    return common.domain_views(common.MultiView([global1, global2] + [local] * args.local_crops), args)  # --no-flip
 
 
 def build_model(args):
@@ -258,18 +263,25 @@ def build_model(args):
 
 
 @torch.no_grad()
-def save_attention_maps(backbone, images, path, mean, std):
-    """One PNG grid: a row per image, the image then the last block's CLS -> patch attention of each head, upsampled
-    (nearest) and overlaid in red on the image."""
-    backbone.eval()
+def cls_attention(backbone, images):
+    """(B, heads, L): the last block's attention from the CLS token to each patch, recomputed from that block's input
+    (the fused attention kernel of the forward pass never forms the softmax)."""
     last, inputs = backbone.blocks[-1], []
-    hook = last.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))  # the last block's input
+    hook = last.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
     backbone(images)
     hook.remove()
     x = last.norm1(inputs[0])                                                   # (B, 1 + L, D)
     B, N, D = x.shape
     q, k, _ = last.attn.qkv(x).reshape(B, N, 3, last.attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, D/h)
-    attention = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)[:, :, 0, 1:]  # (B, h, L): the CLS row
+    return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)[:, :, 0, 1:]  # the CLS row, without CLS
+
+
+@torch.no_grad()
+def save_attention_maps(backbone, images, path, mean, std):
+    """One PNG grid: a row per image, the image then each head's CLS attention, upsampled (nearest) and overlaid in
+    red on the image."""
+    backbone.eval()
+    attention = cls_attention(backbone, images)                                 # (B, heads, L)
     grid = images.shape[-1] // backbone.patch_size
     maps = attention.reshape(*attention.shape[:2], grid, grid)                  # (B, heads, g, g)
     maps = F.interpolate(maps, scale_factor=backbone.patch_size, mode="nearest")  # (B, heads, H, W)
@@ -300,8 +312,8 @@ def main(args):
         optimizer = torch.optim.AdamW(groups, lr=lr, fused=run.device.type == "cuda")
     if args.attention_maps and run.is_main:  # a few fixed images (val if there is one)
         transform = common.eval_transform(args.image_size, args.mean, args.std, args.grayscale_input)
-        shown = common.build_dataset(args.data, "val" if common.has_val(args.data) else "train", transform, args.data_root,
-                                     args.skip_bad_images)
+        split = "val" if common.has_val(args.data) else "train"
+        shown = common.build_dataset(args.data, split, transform, args.data_root, args.skip_bad_images)
         shown = torch.stack([shown[i][0] for i in range(min(4, len(shown)))]).to(run.device)
     # The teacher's backbone is what the paper evaluates: the k-NN monitor reads it and the checkpoint exports it.
     # ResNets: global-batch BN (SyncBN), as the official code; ViTs have none.
@@ -328,8 +340,8 @@ def main(args):
             run.step_done(loss, teacher_out, teacher_entropy=entropy)  # progress, divergence and SIGTERM stops
         run.epoch_done(teacher_temp=teacher_temperature(epoch, args), momentum=values["momentum"])  # k-NN, checkpoint
         if run.is_main and run.due(args.attention_maps):
-            save_attention_maps(model.teacher.backbone, shown, os.path.join(args.output_dir, "attention",
-                                                                            f"epoch{epoch + 1:04d}.png"), args.mean, args.std)
+            path = os.path.join(args.output_dir, "attention", f"epoch{epoch + 1:04d}.png")
+            save_attention_maps(model.teacher.backbone, shown, path, args.mean, args.std)
     run.finish()
 
 

@@ -56,8 +56,8 @@ def get_args_parser():
     g.add_argument("--mask-ratio", type=float, default=0.75, help="share of patches removed; 0.75 is best for both "
                    "fine-tuning and linear probing (Fig. 5), BERT's 0.15 is far too easy for images")
     g.add_argument("--decoder-dim", type=common.positive_int, default=512, help="decoder width (Table 1b: 512)")
-    g.add_argument("--decoder-depth", type=common.positive_int, default=8, help="decoder blocks; a deep decoder matters "
-                   "for linear probing (Table 1a: 8), 1 block is enough for fine-tuning")
+    g.add_argument("--decoder-depth", type=common.positive_int, default=8, help="decoder blocks; a deep decoder "
+                   "matters for linear probing (Table 1a: 8), 1 block is enough for fine-tuning")
     g.add_argument("--decoder-heads", type=common.positive_int, default=16, help="decoder attention heads")
     g.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
                    help="predict per-patch standardised pixels (Table 1c: better than raw pixels); "
@@ -67,11 +67,12 @@ def get_args_parser():
                    help="training epochs (1600 for the paper's best; longer keeps helping)")
     g.add_argument("--warmup-epochs", type=common.non_negative_int, default=40, help="linear lr warm-up")
     g.add_argument("--batch-size", type=common.positive_int, default=4096, help="global batch, split over the GPUs")
-    g.add_argument("--base-lr", type=float, default=1.5e-4, help="lr = base-lr × batch-size / 256 (AdamW, β = (0.9, 0.95))")
+    g.add_argument("--base-lr", type=float, default=1.5e-4, help="lr = base-lr × batch-size / 256 (AdamW)")
     g.add_argument("--weight-decay", type=float, default=0.05, help="not on biases and norm parameters")
     g = common.run_args(p, "mae")  # --output-dir, --resume, --knn-every, --seed, --compile, ...
     g.add_argument("--visualize", type=common.non_negative_int, default=20, help="every N epochs and at the end, write "
-                   "OUTPUT_DIR/reconstruction_EPOCH.png: original | masked | reconstruction of 8 fixed val images (0: off)")
+                   "OUTPUT_DIR/reconstruction_EPOCH.png: original | masked | reconstruction of 8 fixed val images "
+                   "(0: off)")
     return p
 
 
@@ -101,7 +102,7 @@ def random_masking(x, mask_ratio, noise=None):
     if noise is None:
         noise = torch.rand(B, L, device=x.device)
     ids_shuffle = noise.argsort(dim=1)                                         # (B, L): small noise first = kept
-    ids_restore = ids_shuffle.argsort(dim=1)                                   # (B, L): each token's place in the shuffle
+    ids_restore = ids_shuffle.argsort(dim=1)                                   # (B, L): each token's place in it
     kept = x.gather(1, ids_shuffle[:, :len_keep, None].expand(-1, -1, D))      # (B, L_keep, D)
     mask = (ids_restore >= len_keep).float()                                   # (B, L), image order: 1 = removed
     return kept, mask, ids_restore
@@ -117,7 +118,8 @@ class MAE(nn.Module):
         self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))  # one shared, learned vector
         self.register_buffer("decoder_pos_embed", common.sincos_pos_embed(decoder_dim, grid)[None], persistent=False)
-        self.decoder_blocks = nn.ModuleList(common.Block(decoder_dim, decoder_heads, 4.0, 0.0) for _ in range(decoder_depth))
+        self.decoder_blocks = nn.ModuleList(common.Block(decoder_dim, decoder_heads, 4.0, 0.0)
+                                            for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, p * p * 3)  # one patch's pixels
         # The official initialisation (after the JAX ViT): Xavier-uniform for every linear map, the
@@ -186,7 +188,7 @@ def visualize(model, imgs, noise, args, path):
     if args.norm_pix_loss:
         pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
     mask = mask[..., None]                                                     # (n, L, 1)
-    masked = unpatchify(target * (1 - mask), args.patch_size)                  # 0 = the mean colour after de-normalising
+    masked = unpatchify(target * (1 - mask), args.patch_size)                  # 0: the mean colour, de-normalised
     reconstruction = unpatchify(target * (1 - mask) + pred * mask, args.patch_size)
     rows = torch.stack([imgs, masked, reconstruction], dim=1).flatten(0, 1)    # (3n, 3, H, W): row-major triplets
     mean, std = (torch.tensor(s, device=imgs.device).view(1, 3, 1, 1) for s in (args.mean, args.std))
@@ -197,17 +199,19 @@ def visualize(model, imgs, noise, args, path):
 # ----------------------------------------------------------------------------- loop
 def augmentations(args):
     """Masking is the augmentation, so only crop (0.2-1, bicubic) and flip: no colour, no blur."""
-    views = common.MultiView([common.View(args.image_size, tuple(args.crop_scale), blur=0.0, jitter_prob=0.0, grayscale_prob=0.0,
-                                          interpolation="bicubic")])
+    view = common.View(args.image_size, tuple(args.crop_scale), blur=0.0, jitter_prob=0.0, grayscale_prob=0.0,
+                       interpolation="bicubic")
+    views = common.MultiView([view])
     return common.domain_views(views, args)  # --no-flip, --grayscale-input, --mean/--std
 
 
 def build_model(args):
     encoder = common.build_encoder(args.arch, args.image_size, args.patch_size, sincos=True)
     if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:
-        raise common.UserError(f"--decoder-dim {args.decoder_dim} must be a multiple of 4 and of --decoder-heads {args.decoder_heads}")
+        raise common.UserError(f"--decoder-dim {args.decoder_dim} must be a multiple of 4 and of --decoder-heads "
+                               f"{args.decoder_heads}")
     model = MAE(encoder, args.decoder_dim, args.decoder_depth, args.decoder_heads)
-    common.load_encoder_weights(model.encoder, args)  # --init: after MAE's own init, which would overwrite it; decoder fresh
+    common.load_encoder_weights(model.encoder, args)  # --init: after MAE's own init, which would overwrite it
     return model
 
 
@@ -215,8 +219,8 @@ def main(args):
     run = common.Run(args, "mae")  # torchrun's ranks, start checks, OUTPUT_DIR
     num_patches = (args.image_size // args.patch_size) ** 2
     if not 0 < args.mask_ratio < 1 or int(num_patches * (1 - args.mask_ratio)) < 1:
-        raise common.UserError(f"--mask-ratio {args.mask_ratio} must be in (0, 1) and keep at least one of {num_patches} "
-                               "patches")
+        raise common.UserError(f"--mask-ratio {args.mask_ratio} must be in (0, 1) and keep at least one of "
+                               f"{num_patches} patches")
     loader = run.loader(augmentations(args))
     torch.manual_seed(args.seed)
     model = build_model(args).to(run.device)
@@ -225,8 +229,8 @@ def main(args):
                                   fused=run.device.type == "cuda")  # β2 = 0.95 as in iGPT (§A.1)
     if args.visualize and run.is_main:  # the same 8 images and the same masks every time
         transform = common.eval_transform(args.image_size, args.mean, args.std, args.grayscale_input)
-        shown = common.build_dataset(args.data, "val" if common.has_val(args.data) else "train", transform, args.data_root,
-                                     args.skip_bad_images)
+        split = "val" if common.has_val(args.data) else "train"
+        shown = common.build_dataset(args.data, split, transform, args.data_root, args.skip_bad_images)
         shown = torch.stack([shown[i][0] for i in range(min(8, len(shown)))]).to(run.device)
         noise = torch.rand(len(shown), num_patches, generator=torch.Generator().manual_seed(0)).to(run.device)
     # No BatchNorm anywhere in MAE: nothing to synchronise but gradients.
@@ -246,7 +250,8 @@ def main(args):
         run.epoch_done()  # k-NN, checkpoint, log
         if run.is_main and run.due(args.visualize):
             with torch.autocast(run.device.type, torch.bfloat16, enabled=run.device.type == "cuda"):
-                visualize(model, shown, noise, args, os.path.join(args.output_dir, f"reconstruction_{epoch + 1:04d}.png"))
+                path = os.path.join(args.output_dir, f"reconstruction_{epoch + 1:04d}.png")
+                visualize(model, shown, noise, args, path)
     run.finish()
 
 

@@ -20,7 +20,7 @@ stays inside one BN batch and changes nothing: query and key share its statistic
         # --optimizer adamw --weight-decay 0.1 --momentum 0.99, as v3; the paper's SGD is a ResNet's): linear
         # 50.2 -> 64.8% (+14.6 ± 3.1; k-NN 55.1 -> 51.5); with SGD (--base-lr 1) no gain (+1.1 ± 5.3), nor for
         # lightly's MoCo v2 at those settings (+2.0 ± 5.0)
-    torchrun --nproc_per_node=8 moco.py --data /imagenet                   # v3 ViT-S/16 (12 heads), 300 ep -> 73.2% linear
+    torchrun --nproc_per_node=8 moco.py --data /imagenet                   # v3 ViT-S/16 (12 heads), 300 ep -> 73.2%
     torchrun --nproc_per_node=8 moco.py --data /imagenet --arch resnet50   # v3 R-50, LARS, τ 1.0, 100 ep -> 68.9%
     torchrun --nproc_per_node=8 moco.py --data /imagenet --version v2      # v2 R-50, batch 256, 200 ep -> 67.5%
 """
@@ -56,17 +56,20 @@ class RecipeParser(argparse.ArgumentParser):  # --version picks the method; unse
 
 
 def get_args_parser():
-    p = RecipeParser("moco.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = RecipeParser("moco.py", description=__doc__.split("\n\n")[0],
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     def recipe_flag(group, name, text, **kw):  # default=SUPPRESS: unset, the attribute comes from RECIPES
         per_recipe = ", ".join(f"{family}: {recipe[name]}" for family, recipe in RECIPES.items())
         kw.setdefault("type", type(RECIPES["v2"][name]))
-        group.add_argument("--" + name.replace("_", "-"), help=f"{text} ({per_recipe})", default=argparse.SUPPRESS, **kw)
+        group.add_argument("--" + name.replace("_", "-"), help=f"{text} ({per_recipe})", default=argparse.SUPPRESS,
+                           **kw)
     g = common.data_args(p)  # --data, --image-size, --workers, the domain switches, ...
     recipe_flag(g, "crop_min", "smallest crop area of RandomResizedCrop")
     g = p.add_argument_group("method")
     g.add_argument("--version", default="v3", choices=["v3", "v2"], help="the method; it sets the recipe defaults")
-    g.add_argument("--arch", default=argparse.SUPPRESS, choices=common.ARCHS, help="encoder (v3: vit_small, v2: resnet50)")
+    g.add_argument("--arch", default=argparse.SUPPRESS, choices=common.ARCHS,
+                   help="encoder (v3: vit_small, v2: resnet50)")
     g.add_argument("--patch-size", type=common.positive_int, default=16, help="ViT patch size")
     g.add_argument("--init", default="", help="continued pre-training: the encoder starts from a torchvision ResNet or "
                    "timm-named ViT state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; "
@@ -74,13 +77,14 @@ def get_args_parser():
     g.add_argument("--stop-grad-conv1", action=argparse.BooleanOptionalAction, default=True,
                    help="ViT: freeze the patch projection at its random init (v3 §4.2: stable training)")
     recipe_flag(g, "proj_hidden", "hidden width of the projector and predictor MLPs", type=common.positive_int)
-    recipe_flag(g, "proj_dim", "output width of projector and predictor (the space of q and k)", type=common.positive_int)
-    recipe_flag(g, "temperature", "τ of the softmax; v3 found 0.2 best for ViT and 1.0 for ResNet", type=common.positive_float)
+    recipe_flag(g, "proj_dim", "output width of projector and predictor (the space of q, k)", type=common.positive_int)
+    recipe_flag(g, "temperature", "τ of the softmax; v3: 0.2 best for ViT, 1.0 for ResNet", type=common.positive_float)
     recipe_flag(g, "momentum", "key encoder momentum m (v3: start of the cosine rise to 1; v2: fixed)")
     recipe_flag(g, "queue_size", "v2: number of queued negative keys K, a multiple of --batch-size (v3 has none)")
     g = p.add_argument_group("optimisation")
-    recipe_flag(g, "epochs", "training epochs; v3 ResNet-50 (CONFIG.md): 100 -> 68.9%%, 300 with --base-lr 0.3 -> 72.8%%, "
-                "1000 with --base-lr 0.3 --weight-decay 1.5e-6 --momentum 0.996 -> 74.6%%", type=common.positive_int)
+    recipe_flag(g, "epochs", "training epochs; v3 ResNet-50 (CONFIG.md): 100 -> 68.9%%, 300 with --base-lr 0.3 -> "
+                "72.8%%, 1000 with --base-lr 0.3 --weight-decay 1.5e-6 --momentum 0.996 -> 74.6%%",
+                type=common.positive_int)
     recipe_flag(g, "warmup_epochs", "linear lr warm-up, then cosine decay to 0", type=common.non_negative_int)
     recipe_flag(g, "batch_size", "global batch, split over the GPUs", type=common.positive_int)
     recipe_flag(g, "optimizer", "LARS (trust 0.001) and SGD use momentum 0.9", choices=["adamw", "lars", "sgd"])
@@ -110,7 +114,7 @@ class MoCo(nn.Module):
 def momentum_update(model, momentum):
     """θk ← m·θk + (1 − m)·θq for encoder and projector (the predictor has no key-side twin)."""
     online = [*model.encoder.parameters(), *model.projector.parameters()]  # the order of Sequential(encoder, projector)
-    torch._foreach_lerp_(list(model.momentum_encoder.parameters()), online, 1 - momentum)  # θk + (1 − m)(θq − θk)
+    torch._foreach_lerp_(list(model.momentum_encoder.parameters()), online, 1 - momentum)  # θk += (1−m)(θq − θk)
 
 
 # ----------------------------------------------------------------------------- objective

@@ -1,29 +1,10 @@
-"""How good is a saved encoder, and did its pre-training help? k-NN, linear probe and fine-tuning.
+"""How good is a saved encoder, and did its pre-training help? k-NN, linear probe and fine-tuning on labelled data,
+mean ± std over seeds, printed as each protocol ends and written as JSON (the protocols and their costs: README).
 
     python probe.py runs/simclr/checkpoint.pth --data shapes --protocol all --baselines
     python probe.py resnet50.pth --arch resnet50 --data /imagenet --protocol linear   # plain state_dict
-    torchrun --nproc_per_node=8 probe.py runs/dino/checkpoint.pth --data /imagenet --protocol linear --n-last-blocks 4 --augment
-    torchrun --nproc_per_node=8 probe.py runs/mae/checkpoint.pth --data /imagenet --protocol finetune --label-fraction 0.01
-
-- knn: weighted k-NN on L2-normalised features (Wu et al. 2018 as in DINO: vote exp(s/T), T = 0.07).
-  Cost: one forward pass over train + val.
-- linear: frozen encoder, a linear classifier behind a BatchNorm without affine (MAE §A.2: an affine
-  map of the features, so it changes conditioning, not capacity). Default: features of centre crops
-  computed once and cached (cost: one forward pass; the head trains in seconds). --augment trains it
-  on RandomResizedCrop + flip views instead, as the official linear evals do (cost: --linear-epochs
-  forward passes per seed). ViT readout: the CLS token; --n-last-blocks 4 and --avgpool-patchtokens
-  are DINO's (eval_linear.py). The lr is chosen on 10% of the *training* labels held out (cached
-  features), never on the val split, then the head is retrained on all of them for each seed.
-- finetune: end to end, AdamW with layer-wise lr decay (layer i of L at lr × decay^(L − i)), label
-  smoothing 0.1. ViTs: MAE's recipe (fine-tuning §A.3: global pool + fc_norm, RandAugment, random
-  erasing, MixUp/CutMix, drop path); ResNets: a plain one (crop + flip). Cost: --finetune-epochs
-  forward + backward passes per seed (about 3 forward passes each). --trainable-blocks N: last N only.
-- --baselines: the same protocols on the same architecture at random init, and fine-tuned from
-  scratch: did pre-training help? (It should beat scratch by more than a couple of points.)
---label-fraction 0.01 / 0.1 keeps that share of each class's training labels (seeded): the
-semi-supervised protocol. Reported: top-1, top-5 and macro-F1 on the val split (mean ± std over
---seeds), printed as each protocol ends, and written as JSON with the settings. Under torchrun each
-rank embeds its shard of the data and trains on its share of every global batch; rank 0 reports.
+    torchrun --nproc_per_node=8 probe.py runs/dino/checkpoint.pth --data /imagenet --n-last-blocks 4 --augment
+    torchrun --nproc_per_node=8 probe.py runs/mae/checkpoint.pth --data /imagenet --protocol finetune
 """
 import argparse
 import json
@@ -41,92 +22,91 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 import common
-from common import knn_classify  # noqa: F401  (the k-NN rule lives in common.py: methods monitor with it)
+from common import knn_classify  # noqa: F401  (the k-NN rule lives in common.py: the methods monitor with it)
 
 
 def get_args_parser():
     p = argparse.ArgumentParser("probe.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", help="a checkpoint of this project's methods, or a plain state_dict with --arch")
-    p.add_argument("--data", required=True, help="shapes[:SIZE[:N[:V]]], cifar10, cifar100, stl10, or an ImageFolder root with train/ and val/")
-    p.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
-    p.add_argument("--protocol", nargs="+", default=["all"], choices=["knn", "linear", "finetune", "all"],
-                   help="one or more; all = knn + linear + finetune. Cost in passes over the train split: knn and "
-                        "cached linear 1 forward, --augment linear epochs x seeds forwards, finetune epochs x seeds x ~3")
-    p.add_argument("--baselines", action="store_true", help="also run the protocols at random init and fine-tune from scratch (doubles the cost)")
-    p.add_argument("--arch", default=None, choices=common.ARCHS, help="only for a plain torchvision/timm-named state_dict")
-    p.add_argument("--patch-size", type=common.positive_int, default=16, help="ViT patch size, with --arch")
-    p.add_argument("--image-size", type=common.positive_int, default=None, help="default: the checkpoint's training size")
-    p.add_argument("--mean", type=float, nargs=3, default=None, help="normalisation mean (default: the checkpoint run's --mean; ImageNet's for a state_dict)")
-    p.add_argument("--std", type=float, nargs=3, default=None, help="normalisation std (default: the checkpoint run's --std; ImageNet's for a state_dict)")
-    p.add_argument("--grayscale-input", action="store_true", help="one channel repeated 3 times (default: on if the checkpoint's run had it)")
-    p.add_argument("--label-fraction", type=float, default=1.0, help="share of training labels per class (0.01, 0.1: semi-supervised)")
-    p.add_argument("--seeds", type=common.positive_int, default=3, help="linear/fine-tune repeats (and label subsets): mean ± std; the random-init baseline is one draw for k-NN/linear, one per seed for fine-tune")
-    p.add_argument("--batch-size", type=common.positive_int, default=256, help="feature extraction batch per rank")
-    p.add_argument("--workers", type=common.non_negative_int, default=min(8, os.cpu_count()), help="data-loading processes per rank")
-    p.add_argument("--output", default=None, help="results JSON (default: next to the checkpoint, named by data, protocols and label fraction)")
-    p.add_argument("--plot", default=None, choices=["pca", "tsne"], help="a 2-D map of the val features coloured by label, next to the JSON "
-                   "(needs matplotlib; tsne also scikit-learn)")
-    g = p.add_argument_group("k-NN")
-    g.add_argument("--k", type=common.positive_int, nargs="+", default=[10, 20, 100, 200], help="neighbour counts reported (those above the labelled images per class are skipped)")
-    g.add_argument("--knn-temperature", type=common.positive_float, default=0.07, help="T in the exp(s/T) vote")
-    g = p.add_argument_group("linear")
-    g.add_argument("--linear-epochs", type=common.positive_int, default=100, help="DINO: 100; MAE: 90")
-    g.add_argument("--linear-batch-size", type=common.positive_int, default=None, help="global; default 1024 (DINO) capped at a tenth of the labelled images")
-    g.add_argument("--linear-lr", type=float, default=None, help="SGD lr; default: chosen from 0.01-3 on held-out training labels")
-    g.add_argument("--no-linear-bn", action="store_true", help="drop the BatchNorm (no affine) in front of the classifier (DINO has none)")
-    g.add_argument("--n-last-blocks", type=common.positive_int, default=1, help="ViT: concatenate the normalised CLS tokens of the last N blocks (DINO: 4 for ViT-S)")
-    g.add_argument("--avgpool-patchtokens", action="store_true", help="ViT: also the mean of the last block's patch tokens (DINO: for ViT-B, with N = 1)")
-    g.add_argument("--augment", action="store_true", help="train the head on RandomResizedCrop + flip views, not cached centre crops "
-                   "(the official evals; costs --linear-epochs forward passes per seed)")
-    g = p.add_argument_group("fine-tune")
-    g.add_argument("--recipe", default=None, choices=["mae", "plain"],
-                   help="mae (ViTs, the default for them): global pool + fc_norm, head std 2e-5, RandAugment m9 n2 (torchvision's: "
-                        "no mstd 0.5 noise), random erasing 0.25, MixUp 0.8 / CutMix 1.0; plain (ResNets): crop + flip")
-    g.add_argument("--finetune-epochs", type=common.positive_int, default=100, help="MAE: 100 for ViT-B, 50 for ViT-L")
-    g.add_argument("--finetune-batch-size", type=common.positive_int, default=None, help="global; default 1024 (MAE) capped at a tenth of the labelled images")
-    g.add_argument("--finetune-base-lr", type=float, default=5e-4, help="AdamW lr = base × batch / 256 (MAE). With a few thousand labels or fewer raise it (or the epochs): AdamW moves "
-                   "a weight by about lr per step (1000 shapes images: 30 epochs at 5e-4 stayed at chance, 20 at 5e-3 learned)")
-    g.add_argument("--finetune-weight-decay", type=float, default=0.05, help="AdamW weight decay (MAE)")
-    g.add_argument("--finetune-warmup-epochs", type=common.non_negative_int, default=5, help="linear lr warm-up (MAE)")
-    g.add_argument("--layer-decay", type=float, default=0.65, help="layer-wise lr decay (MAE: 0.65 ViT-B, 0.75 ViT-L; 1 = off; from scratch: off)")
-    g.add_argument("--drop-path", type=float, default=0.1, help="ViT stochastic depth while fine-tuning (MAE: 0.1, 0.2 for ViT-L)")
-    g.add_argument("--trainable-blocks", type=int, default=-1, help="fine-tune only the last N blocks/stages (-1: all)")
+    add, i, f = p.add_argument, common.positive_int, float
+    add("checkpoint", help="a checkpoint of this project's methods, or a plain state_dict with --arch")
+    add("--data", required=True, help="shapes[:SIZE[:N[:V]]], cifar10, cifar100, stl10, or DIR/{train,val}/<class>")
+    add("--data-root", default="data", help="where torchvision datasets are downloaded")
+    add("--protocol", nargs="+", default=["all"], choices=["knn", "linear", "finetune", "all"], help="one or more "
+        "(costs, in passes over the train split: knn, linear 1; linear --augment epochs x seeds; finetune ~3 x that)")
+    add("--baselines", action="store_true", help="also at random init, and fine-tuned from scratch (2x the cost)")
+    add("--arch", default=None, choices=common.ARCHS, help="only for a plain torchvision/timm-named state_dict")
+    add("--patch-size", type=i, default=16, help="ViT patch size, with --arch")
+    add("--image-size", type=i, default=None, help="default: the checkpoint's training size")
+    add("--mean", type=f, nargs=3, default=None, help="default: the run's --mean (ImageNet's for a state_dict)")
+    add("--std", type=f, nargs=3, default=None, help="default: the run's --std (ImageNet's for a state_dict)")
+    add("--grayscale-input", action="store_true", help="one channel repeated 3 times (default: as the run did)")
+    add("--label-fraction", type=f, default=1.0, help="share of the training labels per class (0.01, 0.1)")
+    add("--seeds", type=i, default=3, help="linear / fine-tune repeats, each its own label subset: mean ± std")
+    add("--batch-size", type=i, default=256, help="feature extraction batch per rank")
+    add("--workers", type=common.non_negative_int, default=min(8, os.cpu_count()), help="loader processes per rank")
+    add("--output", default=None, help="the JSON (default: by the checkpoint, named by data, protocols, fraction)")
+    add("--plot", default=None, choices=["pca", "tsne"], help="a 2-D map of the val features by label, by the JSON "
+        "(needs matplotlib; tsne also scikit-learn)")
+    add = p.add_argument_group("k-NN").add_argument
+    add("--k", type=i, nargs="+", default=[10, 20, 100, 200], help="neighbours (above the images per class: skipped)")
+    add("--knn-temperature", type=common.positive_float, default=0.07, help="T in the exp(s/T) vote")
+    add = p.add_argument_group("linear").add_argument
+    add("--linear-epochs", type=i, default=100, help="DINO: 100; MAE: 90")
+    add("--linear-batch-size", type=i, default=None, help="global; default 1024 (DINO), at most a tenth of the labels")
+    add("--linear-lr", type=f, default=None, help="SGD lr; default: chosen from 0.01-3 on held-out training labels")
+    add("--no-linear-bn", action="store_true", help="no BatchNorm (no affine) before the classifier (as DINO)")
+    add("--n-last-blocks", type=i, default=1, help="ViT: the normalised CLS of the last N blocks (DINO: 4 for ViT-S)")
+    add("--avgpool-patchtokens", action="store_true", help="ViT: and the mean patch token (DINO: ViT-B, with N = 1)")
+    add("--augment", action="store_true", help="train on crop + flip views, not cached centre crops (official evals)")
+    add = p.add_argument_group("fine-tune").add_argument
+    add("--recipe", default=None, choices=["mae", "plain"], help="mae (ViT default: global pool + fc_norm, RandAugment "
+        "m9 n2, random erasing 0.25, MixUp 0.8 / CutMix 1.0), plain (ResNet default: crop + flip)")
+    add("--finetune-epochs", type=i, default=100, help="MAE: 100 for ViT-B, 50 for ViT-L")
+    add("--finetune-batch-size", type=i, default=None, help="global; default 1024 (MAE), at most a tenth of the labels")
+    add("--finetune-base-lr", type=f, default=5e-4, help="AdamW lr = base × batch / 256 (MAE). With a few thousand "
+        "labels raise it: AdamW moves a weight by about lr per step (1000 shapes images: 30 epochs at 5e-4 stayed at "
+        "chance, 20 at 5e-3 learned)")
+    add("--finetune-weight-decay", type=f, default=0.05, help="AdamW weight decay (MAE)")
+    add("--finetune-warmup-epochs", type=common.non_negative_int, default=5, help="linear lr warm-up (MAE)")
+    add("--layer-decay", type=f, default=0.65, help="layer-wise lr decay (MAE: 0.65 ViT-B, 0.75 ViT-L; scratch: off)")
+    add("--drop-path", type=f, default=0.1, help="ViT stochastic depth (MAE: 0.1, 0.2 for ViT-L)")
+    add("--trainable-blocks", type=int, default=-1, help="fine-tune only the last N blocks / stages (-1: all)")
     return p
 
 
 # ----------------------------------------------------------------------------- encoder
 def load_encoder(args, drop_path=0.0, random_init=False):
-    """(encoder, image_size) from a project checkpoint, or from a plain state_dict and --arch;
-    random_init: the same architecture, not loaded (the baselines)."""
+    """(encoder, image_size) from a project checkpoint, or from a plain state_dict and --arch; random_init: the same
+    architecture, not loaded (the baselines)."""
     if args.arch is None:
         checkpoint = common.load_checkpoint(args.checkpoint)
         config, state = dict(checkpoint["encoder_config"]), checkpoint["encoder"]
         saved = checkpoint.get("args", {})  # the run's pixels (--mean, --std, --grayscale-input): probe as it trained
         args.mean, args.std = args.mean or saved.get("mean"), args.std or saved.get("std")
         args.grayscale_input = args.grayscale_input or saved.get("grayscale_input", False)
-    else:  # a torchvision / timm-named state_dict, or an official file as --init reads it
+    else:  # a torchvision / timm-named state_dict, or an official file, unwrapped as --init unwraps it
         state = common.encoder_state(common.read_torch_file(args.checkpoint), args.checkpoint)
         config = dict(arch=args.arch, image_size=args.image_size or common.default_image_size(args.data),
                       patch_size=args.patch_size)
     args.mean, args.std = args.mean or common.IMAGENET_MEAN, args.std or common.IMAGENET_STD  # older runs, state_dicts
     image_size = args.image_size or config["image_size"]
     if config["arch"].startswith("resnet") and hasattr(state.get("conv1.weight"), "shape"):
-        # The stem follows the weights, not the data: a 224-px ResNet (7x7/2 conv + max-pool) probed
-        # on 32 px CIFAR keeps its stem, and a CIFAR one (3x3/1) keeps its own at any size.
+        # The stem follows the weights, not the data: a 224-px ResNet (7x7/2 conv + max-pool) probed on 32 px CIFAR
+        # keeps its stem, and a CIFAR one (3x3/1) keeps its own at any size.
         config["image_size"] = 224 if state["conv1.weight"].shape[-1] == 7 else 32
     if config["arch"].startswith("vit"):
         config["drop_path"] = drop_path
     encoder = common.build_encoder(**config)
     if not random_init:
-        common.load_weights(encoder, state, args.checkpoint, config["arch"])  # one line per mismatch, finite weights
+        common.load_weights(encoder, state, args.checkpoint, config["arch"])  # a mismatch or a NaN: one line
     return encoder, image_size
 
 
 class Readout(nn.Module):
-    """The features a linear probe sees. ResNets: the pooled features. ViTs: the CLS token through
-    the final norm; DINO's eval_linear.py concatenates it over the last n blocks (each through the
-    final norm) and, with avgpool, the mean of the last block's normalised patch tokens."""
+    """The features a linear probe sees. ResNets: the pooled features. ViTs: the CLS token through the final norm;
+    DINO's eval_linear.py concatenates it over the last n blocks (each through the final norm) and, with avgpool,
+    the mean of the last block's normalised patch tokens."""
 
     def __init__(self, encoder, n_last_blocks=1, avgpool=False):
         super().__init__()
@@ -136,18 +116,19 @@ class Readout(nn.Module):
     def forward(self, images):
         if self.n == 1 and not self.avgpool:
             return self.encoder(images)
-        outputs = []  # a block returns (tokens, attention): keep the tokens of the last n blocks
-        hooks = [block.register_forward_hook(lambda module, inputs, out: outputs.append(out)) for block in self.encoder.blocks[-self.n:]]
+        outputs = []  # the tokens of the last n blocks
+        hooks = [block.register_forward_hook(lambda module, inputs, out: outputs.append(out))
+                 for block in self.encoder.blocks[-self.n:]]
         self.encoder(images)
         for hook in hooks:
             hook.remove()
         tokens = [self.encoder.norm(x) for x in outputs]  # n x (B, 1 + L, D)
-        return torch.cat([x[:, 0] for x in tokens] + [tokens[-1][:, 1:].mean(1)] * self.avgpool, dim=1)  # (B, D(n + avgpool))
+        return torch.cat([x[:, 0] for x in tokens] + [tokens[-1][:, 1:].mean(1)] * self.avgpool, dim=1)  # (B, D·(n+avg))
 
 
 class Classifier(nn.Module):
-    """Encoder + linear head for fine-tuning. global_pool (MAE's models_vit.py): the mean of the patch
-    tokens through a new fc_norm replaces the CLS token through the final norm, which is dropped."""
+    """Encoder + linear head for fine-tuning. global_pool (MAE's models_vit.py): the mean of the patch tokens through
+    a new fc_norm replaces the CLS token through the final norm, which is dropped."""
 
     def __init__(self, encoder, num_classes, global_pool=False):
         super().__init__()
@@ -162,28 +143,22 @@ class Classifier(nn.Module):
     def forward(self, images):
         if not self.global_pool:
             return self.head(self.encoder(images))
-        tokens = self.encoder.forward_tokens(self.encoder.embed(images))  # (B, 1 + L, D), no final norm
-        return self.head(tokens[:, 1:].mean(1))
-
-
-def layer_ids(encoder):
-    """[(name, parameter, depth index)] and the head's index H: 0 = stem (patch embedding, CLS,
-    positions), 1..H-1 = ViT blocks / ResNet stages, and the ViT's final norm shares the head's H
-    (MAE's util/lr_decay.py, after BEiT): the last block trains at lr × decay, the norm at lr."""
-    if isinstance(encoder, common.VisionTransformer):
-        head = len(encoder.blocks) + 1
-        return [(n, p, int(n.split(".")[1]) + 1 if n.startswith("blocks.") else (head if n.startswith("norm") else 0))
-                for n, p in encoder.named_parameters()], head
-    return [(n, p, int(n[5]) if n.startswith("layer") else 0) for n, p in encoder.named_parameters()], 5  # layer1..4 -> 1..4
+        return self.head(self.encoder.forward_tokens(self.encoder.embed(images))[:, 1:].mean(1))  # no final norm
 
 
 def finetune_param_groups(encoder, classifier, layer_decay, weight_decay, trainable_blocks=-1):
-    """AdamW groups with lr scale decay^(H − i) for layer i; no weight decay on biases, norms, the CLS
-    token and the position embedding (MAE / timm). trainable_blocks N >= 0 freezes all but the last N."""
-    ids, head = layer_ids(encoder)
+    """AdamW groups at lr scale decay^(H − i) for layer i (MAE's util/lr_decay.py, after BEiT): 0 = stem (patch
+    embedding, CLS, positions), 1..H-1 = ViT blocks / ResNet stages, H = the head and a ViT's final norm. No weight
+    decay on biases, norms, the CLS token and the positions (MAE / timm); trainable_blocks N >= 0: the last N only."""
+    if isinstance(encoder, common.VisionTransformer):
+        head = len(encoder.blocks) + 1
+        depth = lambda n: int(n.split(".")[1]) + 1 if n.startswith("blocks.") else (head if n.startswith("norm") else 0)
+    else:
+        head, depth = 5, lambda n: int(n[5]) if n.startswith("layer") else 0  # layer1..4 -> 1..4
     frozen_below = head - trainable_blocks if trainable_blocks >= 0 else 0
     groups = {}
-    for name, p, i in ids + [("head." + n, p, head) for n, p in classifier.named_parameters()]:
+    for name, p, i in [(n, p, depth(n)) for n, p in encoder.named_parameters()] + [
+            ("head." + n, p, head) for n, p in classifier.named_parameters()]:
         p.requires_grad = i >= frozen_below
         if p.requires_grad:
             decay = p.ndim > 1 and name not in ("cls_token", "pos_embed")
@@ -210,8 +185,7 @@ def balanced_subset(labels, fraction, seed):
     """Indices of `fraction` of every class (at least one image each), drawn with this seed."""
     if fraction >= 1:
         return torch.arange(len(labels))
-    generator = torch.Generator().manual_seed(seed)
-    keep = []
+    generator, keep = torch.Generator().manual_seed(seed), []
     for c in labels.unique():
         members = (labels == c).nonzero().flatten()
         keep.append(members[torch.randperm(len(members), generator=generator)[:max(1, round(fraction * len(members)))]])
@@ -219,7 +193,7 @@ def balanced_subset(labels, fraction, seed):
 
 
 def mean_std(runs):
-    """{'top1': [..]} over seeds -> {'top1': mean, 'top1_std': std}."""
+    """[{'top1': ..}, ..] over seeds -> {'top1': mean, 'top1_std': std}."""
     out = {}
     for key in runs[0]:
         values = torch.tensor([r[key] for r in runs])
@@ -228,24 +202,33 @@ def mean_std(runs):
 
 
 def global_batch(requested, num_images, world_size):
-    """The global batch: as asked (at most the labelled set), or 1024 (DINO, MAE) capped at a tenth of
-    it, since an epoch of one step learns nothing; a multiple of the ranks, which share it equally."""
+    """As asked (at most the labelled set), or 1024 (DINO, MAE) capped at a tenth of it, since an epoch of one step
+    learns nothing; a multiple of the ranks, which share it equally."""
     batch = min(requested, num_images) if requested else max(8, min(1024, num_images // 10))
     return max(world_size, batch - batch % world_size)
 
 
-def train_augmentation(image_size, args):
-    pixels = [v2.ToImage(), *([v2.Grayscale(3)] if args.grayscale_input else [])]
-    # CIFAR-style pad-and-crop for small images: RandomResizedCrop's 8% crops leave 16-32 px images nothing to see
-    if image_size <= 64:
-        return pixels + [v2.RandomCrop(image_size, padding=image_size // 8), v2.RandomHorizontalFlip()]
-    return pixels + [v2.RandomResizedCrop(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.RandomHorizontalFlip()]
+def train_augmentation(image_size, args, rand_augment=False):
+    """Crop + flip, as normalised tensors; small images get CIFAR's pad-and-crop (RandomResizedCrop's 8% crops leave a
+    16-32 px image nothing to see). rand_augment: MAE's fine-tuning views (timm's rand-m9-mstd0.5-inc1, here
+    torchvision's RandAugment without the magnitude noise, then random erasing of 25% of the images, pixel noise)."""
+    crop = (v2.RandomCrop(image_size, padding=image_size // 8) if image_size <= 64 else
+            v2.RandomResizedCrop(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True))
+    return v2.Compose([v2.ToImage(), *([v2.Grayscale(3)] if args.grayscale_input else []), crop, v2.RandomHorizontalFlip(),
+                       *([v2.RandAugment(num_ops=2, magnitude=9)] if rand_augment else []),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(args.mean, args.std),
+                       *([v2.RandomErasing(0.25, value="random")] if rand_augment else [])])
+
+
+def finetune_transform(image_size, recipe, args):
+    return train_augmentation(image_size, args, rand_augment=recipe == "mae")
 
 
 def train_loader(dataset, indices, batch_size, dist_env, workers, seed):
     """Each rank loads batch_size / world_size images of every global batch, from its own shard."""
     subset = torch.utils.data.Subset(dataset, indices.tolist())
-    sampler = torch.utils.data.DistributedSampler(subset, dist_env.world_size, dist_env.rank, shuffle=True, seed=seed, drop_last=True)
+    sampler = torch.utils.data.DistributedSampler(subset, dist_env.world_size, dist_env.rank, shuffle=True, seed=seed,
+                                                  drop_last=True)
     return torch.utils.data.DataLoader(subset, batch_size // dist_env.world_size, sampler=sampler, num_workers=workers,
                                        drop_last=True, pin_memory=dist_env.device.type == "cuda")
 
@@ -259,10 +242,8 @@ def embed_split(model, dataset, args, dist_env, desc):
 
 
 def labels_of(dataset):
-    if hasattr(dataset, "targets"):
-        return list(dataset.targets)
-    if hasattr(dataset, "labels"):
-        return list(dataset.labels)
+    if hasattr(dataset, "targets") or hasattr(dataset, "labels"):
+        return list(getattr(dataset, "targets", getattr(dataset, "labels", None)))
     return [dataset[i][1] for i in range(len(dataset))]  # shapes: labels are cheap to render
 
 
@@ -270,21 +251,20 @@ def labels_of(dataset):
 def run_knn(train_x, train_y, val_x, val_y, args, num_classes):
     # k above the images per class would let other classes outvote every class (k = 200 of 256 images): skipped
     ks = [k for k in args.k if k <= len(train_x) // num_classes] or [min(min(args.k), len(train_x))]
-    return {f"k={k}": metrics(knn_classify(train_x, train_y, val_x, k, args.knn_temperature, num_classes), val_y) for k in ks}
+    return {f"k={k}": metrics(knn_classify(train_x, train_y, val_x, k, args.knn_temperature, num_classes), val_y)
+            for k in ks}
 
 
-def train_linear(batches, steps_per_epoch, dim, num_classes, lr, epochs, seed, batch_normalize, device, distributed=False):
-    """A linear classifier: SGD, momentum 0.9, cosine lr, no weight decay. batches(epoch) yields the
-    epoch's (features, labels): cached (every rank the whole batch) or this rank's share (DDP)."""
+def train_linear(batches, steps_per_epoch, dim, num_classes, lr, epochs, seed, batch_normalize, device, ddp=False):
+    """A linear classifier: SGD, momentum 0.9, cosine lr, no weight decay. batches(epoch) yields the epoch's
+    (features, labels): cached (every rank the whole batch) or this rank's share (DDP)."""
     torch.manual_seed(seed)
     head = nn.Linear(dim, num_classes)
-    if batch_normalize:
-        head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), head)
-    head = head.to(device)
-    model = DistributedDataParallel(head) if distributed else head
-    optimizer = torch.optim.SGD(head.parameters(), lr, momentum=0.9)
-    step = 0
-    for epoch in tqdm(range(epochs), desc=f"linear head, lr {lr:g}, seed {seed}", disable=dist.is_initialized() and dist.get_rank() > 0, leave=False):
+    head = (nn.Sequential(nn.BatchNorm1d(dim, affine=False), head) if batch_normalize else head).to(device)
+    model = DistributedDataParallel(head) if ddp else head
+    optimizer, step = torch.optim.SGD(head.parameters(), lr, momentum=0.9), 0
+    for epoch in tqdm(range(epochs), desc=f"linear head, lr {lr:g}, seed {seed}", leave=False,
+                      disable=dist.is_initialized() and dist.get_rank() > 0):
         for x, y in batches(epoch):
             optimizer.param_groups[0]["lr"] = common.cosine_schedule(step, epochs * steps_per_epoch, lr, 0.0)
             loss = F.cross_entropy(model(x), y)
@@ -299,22 +279,21 @@ def run_linear(train_x, train_y, val_x, val_y, args, num_classes, on_the_fly=Non
     """Cached features; with on_the_fly(indices, lr, seed) -> head, the head trains on augmented views."""
     def fit(x, y, lr, seed):
         batch = global_batch(args.linear_batch_size, len(x), 1)
-        def batches(epoch):  # a last batch of one is dropped: BatchNorm needs more than one sample
-            return [(x[b], y[b]) for b in torch.randperm(len(x), device=x.device).split(batch) if len(b) > 1]
-        return train_linear(batches, math.ceil(len(x) / batch), x.shape[1], num_classes, lr, args.linear_epochs, seed, not args.no_linear_bn, x.device)
+        batches = lambda epoch: [(x[b], y[b]) for b in torch.randperm(len(x), device=x.device).split(batch)
+                                 if len(b) > 1]  # a last batch of one is dropped: BatchNorm needs two samples
+        return train_linear(batches, math.ceil(len(x) / batch), x.shape[1], num_classes, lr, args.linear_epochs, seed,
+                            not args.no_linear_bn, x.device)
 
     runs, chosen = [], []
     for seed in range(args.seeds):
         subset = balanced_subset(train_y.cpu(), args.label_fraction, seed)
-        x, y = train_x[subset], train_y[subset]
-        lr = args.linear_lr
-        if lr is None:  # select on held-out training labels (cached features, also for --augment): the val split stays unseen
+        x, y, lr = train_x[subset], train_y[subset], args.linear_lr
+        if lr is None:  # chosen on held-out training labels (cached features, --augment too): val stays unseen
             held_out = torch.zeros(len(y), dtype=torch.bool)
             held_out[balanced_subset(y.cpu(), 0.1, seed + 1000)] = True
             held_out = held_out.to(y.device)
-            def held_out_top1(candidate):
-                head = fit(x[~held_out], y[~held_out], candidate, seed)
-                return (head(x[held_out]).argmax(1) == y[held_out]).float().mean().item()
+            held_out_top1 = lambda candidate: (fit(x[~held_out], y[~held_out], candidate, seed)(x[held_out]).argmax(1)
+                                               == y[held_out]).float().mean().item()
             lr = max([0.01, 0.03, 0.1, 0.3, 1.0, 3.0], key=held_out_top1)
         head = fit(x, y, lr, seed) if on_the_fly is None else on_the_fly(subset, lr, seed)
         with torch.no_grad():
@@ -324,25 +303,27 @@ def run_linear(train_x, train_y, val_x, val_y, args, num_classes, on_the_fly=Non
 
 
 def linear_on_the_fly(readout, train_set, args, num_classes, dist_env):
-    """--augment: each step embeds fresh views through the frozen encoder; each rank embeds its share
-    of the global batch and DDP averages the head's gradients."""
+    """--augment: each step embeds fresh views through the frozen encoder; each rank embeds its share of the global
+    batch and DDP averages the head's gradients."""
     def train(indices, lr, seed):
-        loader = train_loader(train_set, indices, global_batch(args.linear_batch_size, len(indices), dist_env.world_size),
-                              dist_env, args.workers, seed)
+        batch = global_batch(args.linear_batch_size, len(indices), dist_env.world_size)
+        loader = train_loader(train_set, indices, batch, dist_env, args.workers, seed)
+
         def batches(epoch):
             loader.sampler.set_epoch(epoch)
-            for images, labels in tqdm(loader, desc=f"linear --augment seed {seed} epoch {epoch + 1}", disable=not dist_env.is_main, leave=False):
+            for images, labels in tqdm(loader, desc=f"linear --augment seed {seed} epoch {epoch + 1}", leave=False,
+                                       disable=not dist_env.is_main):
                 with torch.no_grad():
                     features = readout(images.to(dist_env.device, non_blocking=True))
                 yield features, labels.to(dist_env.device)
-        return train_linear(batches, len(loader), readout.dim, num_classes, lr, args.linear_epochs, seed, not args.no_linear_bn,
-                            dist_env.device, distributed=dist_env.world_size > 1)
+        return train_linear(batches, len(loader), readout.dim, num_classes, lr, args.linear_epochs, seed,
+                            not args.no_linear_bn, dist_env.device, ddp=dist_env.world_size > 1)
     return train
 
 
 def finetune_step(model, optimizer, images, targets):
-    """targets: labels, or MixUp/CutMix's soft (B, C) targets. A rank's loss is the mean over its own
-    images and DDP averages the gradients: the same step as one process on the global batch."""
+    """targets: labels, or MixUp/CutMix's soft (B, C) targets. A rank's loss is the mean over its own images and DDP
+    averages the gradients: the same step as one process on the global batch."""
     with torch.autocast(images.device.type, torch.bfloat16, enabled=images.device.type == "cuda"):
         loss = F.cross_entropy(model(images), targets, label_smoothing=0.1)
     optimizer.zero_grad(set_to_none=True)
@@ -360,18 +341,19 @@ def run_finetune(args, train_set, labels, val_set, dist_env, recipe, scratch=Fal
         if dist_env.world_size > 1 and device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # ResNets: BN statistics over the global batch
         # From scratch: no layer decay, which assumes lower layers that are already good.
-        optimizer_groups = finetune_param_groups(model.encoder, model.head, 1.0 if scratch else args.layer_decay,
-                                                 args.finetune_weight_decay, args.trainable_blocks)
+        groups = finetune_param_groups(model.encoder, model.head, 1.0 if scratch else args.layer_decay,
+                                       args.finetune_weight_decay, args.trainable_blocks)
         subset = balanced_subset(labels, args.label_fraction, seed)
         batch = global_batch(args.finetune_batch_size, len(subset), dist_env.world_size)
         loader = train_loader(train_set, subset, batch, dist_env, args.workers, seed)
         lr = args.finetune_base_lr * batch / 256
-        optimizer = torch.optim.AdamW(optimizer_groups, lr=lr)
+        optimizer = torch.optim.AdamW(groups, lr=lr)
         trained = DistributedDataParallel(model) if dist_env.world_size > 1 else model
         # MAE (timm's Mixup): MixUp α 0.8 or CutMix α 1.0, one of them per batch (switch prob 0.5)
         mix = v2.RandomChoice([v2.MixUp(alpha=0.8, num_classes=num_classes), v2.CutMix(alpha=1.0, num_classes=num_classes)])
         total, step = args.finetune_epochs * len(loader), 0
-        bar = tqdm(total=total, desc=f"fine-tune{' from scratch' if scratch else ''} seed {seed}", disable=not dist_env.is_main, leave=False)
+        bar = tqdm(total=total, desc=f"fine-tune{' from scratch' if scratch else ''} seed {seed}", leave=False,
+                   disable=not dist_env.is_main)
         for epoch in range(args.finetune_epochs):
             loader.sampler.set_epoch(epoch)
             model.train()
@@ -380,7 +362,8 @@ def run_finetune(args, train_set, labels, val_set, dist_env, recipe, scratch=Fal
                     module.eval()
             for images, targets in loader:
                 for group in optimizer.param_groups:
-                    group["lr"] = group["scale"] * common.cosine_schedule(step, total, lr, 1e-6, args.finetune_warmup_epochs * len(loader))
+                    warmup = args.finetune_warmup_epochs * len(loader)
+                    group["lr"] = group["scale"] * common.cosine_schedule(step, total, lr, 1e-6, warmup)
                 images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
                 if recipe == "mae":
                     images, targets = mix(images, targets)
@@ -392,29 +375,18 @@ def run_finetune(args, train_set, labels, val_set, dist_env, recipe, scratch=Fal
     return mean_std(runs)
 
 
-def normalize(mean, std):
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-
-
-def finetune_transform(image_size, recipe, args):
-    if recipe == "plain":
-        return v2.Compose(train_augmentation(image_size, args) + normalize(args.mean, args.std))
-    # MAE's timm pipeline: rand-m9-mstd0.5-inc1 (torchvision's RandAugment has no magnitude noise),
-    # then random erasing of 25% of the images with per-pixel noise (re_mode 'pixel')
-    return v2.Compose(train_augmentation(image_size, args) + [v2.RandAugment(num_ops=2, magnitude=9), *normalize(args.mean, args.std),
-                                                        v2.RandomErasing(0.25, value="random")])
-
-
 # ----------------------------------------------------------------------------- report
 def difference(a, b):
     """a − b: means subtract, the seeds' spreads combine (std = sqrt(std_a² + std_b²)); k-NN's dict of k likewise."""
-    return {k: difference(a[k], b[k]) if isinstance(a[k], dict) else math.hypot(a[k], b[k]) if k.endswith("_std") else a[k] - b[k]
-            for k in a if k != "lr"}
+    return {k: difference(a[k], b[k]) if isinstance(a[k], dict) else math.hypot(a[k], b[k]) if k.endswith("_std")
+            else a[k] - b[k] for k in a if k != "lr"}
 
 
 def row(name, result, seconds=None, signed=False):
-    cell = lambda key: f"{result[key]:{'+' if signed else ''}.2f}" + (f" ± {result[key + '_std']:.2f}" if key + "_std" in result else "")
-    return f"{name:<56}{cell('top1'):>16}{cell('top5'):>16}{cell('macro_f1'):>16}" + (f"{seconds:>9.0f} s" if seconds is not None else "")
+    cell = lambda key: (f"{result[key]:{'+' if signed else ''}.2f}"
+                        + (f" ± {result[key + '_std']:.2f}" if key + "_std" in result else ""))
+    return (f"{name:<56}{cell('top1'):>16}{cell('top5'):>16}{cell('macro_f1'):>16}"
+            + (f"{seconds:>9.0f} s" if seconds is not None else ""))
 
 
 def plot_features(x, y, method, path):
@@ -429,7 +401,7 @@ def plot_features(x, y, method, path):
         _, _, components = torch.pca_lowrank(x, q=2)  # centres x itself
         xy = ((x - x.mean(0)) @ components).cpu().numpy()  # (N, 2)
     fig, ax = plt.subplots(figsize=(6, 6))
-    points = ax.scatter(xy[:, 0], xy[:, 1], c=y.cpu().numpy(), cmap="tab10" if int(y.max()) < 10 else "nipy_spectral", s=4)
+    points = ax.scatter(xy[:, 0], xy[:, 1], c=y.cpu().numpy(), s=4, cmap="tab10" if int(y.max()) < 10 else "nipy_spectral")
     fig.colorbar(points, ax=ax, label="class")
     ax.set(title=f"{dict(pca='PCA', tsne='t-SNE')[method]} of the val features, coloured by label", xticks=[], yticks=[])
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -444,7 +416,8 @@ def main(args):
         __import__("matplotlib") if args.plot else None
         __import__("sklearn") if args.plot == "tsne" else None
     except ImportError as error:
-        raise common.UserError(f"--plot {args.plot} needs {error.name}: pip install matplotlib scikit-learn (or --plot pca)") from None
+        raise common.UserError(f"--plot {args.plot} needs {error.name}: pip install matplotlib scikit-learn (or --plot "
+                               "pca)") from None
     protocols = ["knn", "linear", "finetune"] if "all" in args.protocol else list(dict.fromkeys(args.protocol))
     dist_env = common.init_distributed()
     device, say = dist_env.device, print if dist_env.is_main else (lambda *_, **__: None)
@@ -459,21 +432,25 @@ def main(args):
     train_set, val_set = (common.build_dataset(args.data, split, transform, args.data_root) for split in ("train", "val"))
     labels = torch.tensor(labels_of(train_set))
     num_classes = int(labels.max()) + 1
-    readout = ("CLS" if args.n_last_blocks == 1 else f"CLS of {args.n_last_blocks} blocks") + " + avg patch" * args.avgpool_patchtokens if vit else "avg pool"
+    readout = "avg pool" if not vit else (("CLS" if args.n_last_blocks == 1 else f"CLS of {args.n_last_blocks} blocks")
+                                          + " + avg patch" * args.avgpool_patchtokens)
     names = {"knn": f"k-NN {{}} (DINO, T {args.knn_temperature:g})",
-             "linear": f"linear, {readout}, {'augmented' if args.augment else 'cached'} ({'DINO' if vit and readout != 'CLS' else 'MAE §A.2'})",
+             "linear": f"linear, {readout}, {'augmented' if args.augment else 'cached'} "
+                       f"({'DINO' if vit and readout != 'CLS' else 'MAE §A.2'})",
              "finetune": f"fine-tune, {'MAE §A.3' if recipe == 'mae' else 'plain'} recipe"}
-    settings = {**vars(args), "protocol": protocols, "recipe": recipe, "readout": readout, "image_size": image_size, "world_size": dist_env.world_size}
+    settings = {**vars(args), "protocol": protocols, "recipe": recipe, "readout": readout, "image_size": image_size,
+                "world_size": dist_env.world_size}
     results = {"checkpoint": args.checkpoint, "data": args.data, "label_fraction": args.label_fraction, "settings": settings}
     baselines, differences = {}, {}
     say(f"{'protocol (paper)':<56}{'top-1':>16}{'top-5':>16}{'macro-F1':>16}{'time':>11}")
 
     features = {}  # "checkpoint" / "random init" -> (readout, train_x, train_y, val_x, val_y), extracted once
+
     def features_of(which):
         if which not in features:
             torch.manual_seed(0)
-            model = Readout(encoder if which == "checkpoint" else load_encoder(args, random_init=True)[0], args.n_last_blocks,
-                            args.avgpool_patchtokens).to(device).eval()
+            model = Readout(encoder if which == "checkpoint" else load_encoder(args, random_init=True)[0],
+                            args.n_last_blocks, args.avgpool_patchtokens).to(device).eval()
             features[which] = (model, *embed_split(model, train_set, args, dist_env, f"{which}: train features"),
                                *embed_split(model, val_set, args, dist_env, f"{which}: val features"))
         return features[which]
@@ -488,13 +465,12 @@ def main(args):
             if max(args.k) > len(subset) // num_classes:
                 say(f"(k-NN: k above the {len(subset) // num_classes} labelled training images per class skipped)")
             return run_knn(train_x[subset], train_y[subset], val_x, val_y, args, num_classes)
-        augment = v2.Compose(train_augmentation(image_size, args) + normalize(args.mean, args.std))
-        train_aug = common.build_dataset(args.data, "train", augment, args.data_root)
+        train_aug = common.build_dataset(args.data, "train", train_augmentation(image_size, args), args.data_root)
         on_the_fly = linear_on_the_fly(model, train_aug, args, num_classes, dist_env) if args.augment else None
         return run_linear(train_x, train_y, val_x, val_y, args, num_classes, on_the_fly)
 
     for protocol in protocols:  # each result is printed as soon as it is known, with its wall-clock time
-        rows = lambda result: result.items() if protocol == "knn" else [("", result)]  # noqa: E731  (k-NN: a row per k)
+        rows = lambda result: result.items() if protocol == "knn" else [("", result)]  # k-NN: a row per k
         start = time.time()
         results[protocol] = run(protocol, "checkpoint")
         for k, result in rows(results[protocol]):
@@ -504,13 +480,14 @@ def main(args):
             baselines[protocol] = run(protocol, "random init")
             differences[protocol] = difference(results[protocol], baselines[protocol])
             for (k, baseline), (_, delta) in zip(rows(baselines[protocol]), rows(differences[protocol])):
-                say(row(f"  {'from scratch' if protocol == 'finetune' else 'random init'} {k}", baseline, time.time() - start))
+                say(row(f"  {'from scratch' if protocol == 'finetune' else 'random init'} {k}", baseline,
+                        time.time() - start))
                 say(row(f"  difference {k}", delta, signed=True))
     if args.baselines:
         results.update(baselines=baselines, difference=differences)
 
-    output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"probe_{os.path.basename(args.data.rstrip('/'))}"
-                                         f"_{'+'.join(protocols)}_labels{args.label_fraction:g}.json".replace(":", "_"))
+    name = f"probe_{os.path.basename(args.data.rstrip('/'))}_{'+'.join(protocols)}_labels{args.label_fraction:g}.json"
+    output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), name.replace(":", "_"))
     if dist_env.is_main:
         with open(output, "w") as f:
             json.dump(results, f, indent=2)

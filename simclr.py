@@ -32,7 +32,7 @@ def get_args_parser():
     p = argparse.ArgumentParser("simclr.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = common.data_args(p, crop_scale=(0.08, 1.0))  # --data, --image-size, --workers, the domain switches, ...
-    g.add_argument("--color-jitter", type=float, default=1.0, help="jitter strength s (§B.5); the paper uses 0.5 on CIFAR")
+    g.add_argument("--color-jitter", type=float, default=1.0, help="jitter strength s (§B.5; CIFAR: 0.5)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet50", choices=common.ARCHS, help="encoder")
     g.add_argument("--patch-size", type=common.positive_int, default=16, help="ViT patch size")
@@ -44,7 +44,7 @@ def get_args_parser():
     g.add_argument("--temperature", type=common.positive_float, default=0.1,
                    help="τ in NT-Xent; 0.1 is best for batch 4096 with LARS (Table 5)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=common.positive_int, default=100, help="training epochs (1000 for the paper's best)")
+    g.add_argument("--epochs", type=common.positive_int, default=100, help="training epochs (the paper's best: 1000)")
     g.add_argument("--warmup-epochs", type=common.non_negative_int, default=10, help="linear lr warm-up")
     g.add_argument("--batch-size", type=common.positive_int, default=4096, help="global batch, split over the GPUs")
     g.add_argument("--base-lr", type=float, default=0.3, help="lr = base-lr × batch-size / 256 (LARS)")

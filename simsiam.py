@@ -43,7 +43,8 @@ def get_args_parser():
     g.add_argument("--init", default="", help="continued pre-training: the encoder starts from a torchvision ResNet or "
                    "timm-named ViT state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; "
                    "projector and predictor start fresh")
-    g.add_argument("--proj-hidden", type=common.positive_int, default=2048, help="projector hidden width (3 layers, BN after each)")
+    g.add_argument("--proj-hidden", type=common.positive_int, default=2048,
+                   help="projector hidden width (3 layers, BN after each)")
     g.add_argument("--proj-dim", type=common.positive_int, default=2048, help="projector output width (z)")
     g.add_argument("--pred-hidden", type=common.positive_int, default=512,
                    help="predictor bottleneck width (the predictor maps z to z's width)")
@@ -69,7 +70,7 @@ class SimSiam(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.projector = common.mlp([encoder.embed_dim, proj_hidden, proj_hidden, proj_dim], last_bn=True)
-        self.predictor = common.mlp([proj_dim, pred_hidden, proj_dim], last_bn=False, last_bias=True)  # official: with bias
+        self.predictor = common.mlp([proj_dim, pred_hidden, proj_dim], last_bn=False, last_bias=True)  # official
 
     def forward(self, x1, x2):
         """Predictions p = h(f(x)) and projections z = f(x) of both views.
@@ -99,7 +100,8 @@ def training_step(model, views, args):
 # ----------------------------------------------------------------------------- loop
 def augmentations(args):
     """MoCo v2's views, the same recipe for both (official code): crop 0.2-1, jitter not strengthened."""
-    views = common.MultiView([common.View(args.image_size, tuple(args.crop_scale), jitter=(0.4, 0.4, 0.4, 0.1), blur=0.5)] * 2)
+    view = common.View(args.image_size, tuple(args.crop_scale), jitter=(0.4, 0.4, 0.4, 0.1), blur=0.5)
+    views = common.MultiView([view] * 2)
     return common.domain_views(views, args)  # --no-flip, --no-color, ... (default: the paper's)
 
 
@@ -118,7 +120,8 @@ def main(args):
     torch.manual_seed(args.seed)
     model = build_model(args).to(run.device)
     lr = args.base_lr * args.batch_size / 256  # linear scaling rule (§3, baseline settings)
-    optimizer = torch.optim.SGD([{"params": [*model.encoder.parameters(), *model.projector.parameters()], "fix_lr": False},
+    encoder_and_projector = [*model.encoder.parameters(), *model.projector.parameters()]
+    optimizer = torch.optim.SGD([{"params": encoder_and_projector, "fix_lr": False},
                                  {"params": model.predictor.parameters(), "fix_lr": args.fix_pred_lr}],
                                 lr=lr, momentum=0.9, weight_decay=args.weight_decay)
     # SyncBN: BN statistics over the global batch of each view, as in the paper; per-GPU statistics of small shards

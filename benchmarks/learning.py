@@ -34,6 +34,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
+import shapes  # noqa: E402
 
 # ----------------------------------------------------------------------------- recipes
 # Every method: vit_nano (width 128, 4 blocks, 4 heads), patch 8 at 32 px (16 patches + CLS), batch
@@ -143,7 +144,7 @@ def flag_list(flags):
 
 
 def steps_per_epoch(data, batch_size):
-    size = common.shapes_spec(data)[1] if data.split(":")[0] == "shapes" else len(common.build_dataset(data, "pretrain"))
+    size = shapes.spec(data)[1] if data.split(":")[0] == "shapes" else len(common.build_dataset(data, "pretrain"))
     return size // batch_size
 
 

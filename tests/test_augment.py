@@ -8,6 +8,7 @@ import torchvision
 from torchvision.transforms import v2
 
 import common
+import shapes
 import mae
 
 
@@ -52,7 +53,7 @@ def views_statistics(views):
                                   mae.augmentations(mae.get_args_parser().parse_args(["--data", "shapes", "--image-size", "24"])).transforms[0], common.View(12, scale=(0.05, 0.4), blur=1.0)],
                          ids=["simclr", "byol-view2", "mae", "dino-local"])
 def test_same_distribution_as_torchvision_pipeline(view):
-    image = common.Shapes("train", 32, 1)[0][0]
+    image = shapes.Shapes("train", 32, 1)[0][0]
     torch.manual_seed(0)
     reference = views_statistics(torch.stack([view(image) for _ in range(1500)]))
     images = v2.functional.pil_to_tensor(image)[None].expand(1500, -1, -1, -1)

@@ -8,11 +8,12 @@ import torchvision
 from torchvision.transforms import v2
 
 import common
+import shapes
 
 
 def test_shapes_is_deterministic_labelled_and_split():
-    train, val = common.Shapes("train", 32, 50), common.Shapes("val", 32, 10)
-    a, b = train[7], common.Shapes("train", 32, 50)[7]
+    train, val = shapes.Shapes("train", 32, 50), shapes.Shapes("val", 32, 10)
+    a, b = train[7], shapes.Shapes("train", 32, 50)[7]
     assert np.array_equal(np.array(a[0]), np.array(b[0])) and a[1] == b[1]
     assert a[0].size == (32, 32) and a[0].mode == "RGB"
     assert not np.array_equal(np.array(train[0][0]), np.array(val[0][0]))
@@ -23,7 +24,7 @@ def test_shapes_is_deterministic_labelled_and_split():
 
 
 def test_two_views_shapes():
-    image = common.Shapes("train", 32, 1)[0][0]
+    image = shapes.Shapes("train", 32, 1)[0][0]
     views = common.MultiView([common.View(32)] * 2)(image)
     assert [v.shape for v in views] == [(3, 32, 32)] * 2 and views[0].dtype == torch.float32
     assert not torch.equal(views[0], views[1])
@@ -51,12 +52,12 @@ def test_vit_uses_timm_names_and_runs_on_token_subsets():
     tokens = vit.embed(x)  # (2, 16, 128)
     assert vit.forward_tokens(tokens[:, :4]).shape == (2, 5, 128)
     assert vit(torch.randn(2, 3, 16, 16)).shape == (2, 128)  # position embedding interpolated
-    attention = vit.last_attention(x)
-    assert attention.shape == (2, 4, 17, 17)
-    torch.testing.assert_close(attention.sum(-1), torch.ones(2, 4, 17))
-    vit.eval()  # the explicit-softmax path equals the fused kernel
+    vit.eval()  # the fused attention kernel computes softmax(q kᵀ / √d) v, per head
     block = vit.blocks[0]
-    torch.testing.assert_close(block.attn(tokens, True)[0], block.attn(tokens)[0], atol=1e-5, rtol=1e-5)
+    q, k, v = block.attn.qkv(tokens).reshape(2, 16, 3, 4, 32).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, d)
+    explicit = (q @ k.transpose(-2, -1) / 32 ** 0.5).softmax(-1) @ v  # (B, h, N, d)
+    expected = block.attn.proj(explicit.transpose(1, 2).reshape(2, 16, 128))
+    torch.testing.assert_close(block.attn(tokens), expected, atol=1e-5, rtol=1e-5)
     fixed = common.build_encoder("vit_nano", 32, 8, sincos=True)
     assert not fixed.pos_embed.requires_grad and fixed.pos_embed[0, 0].abs().sum() == 0
 
@@ -146,7 +147,7 @@ def test_eval_transform_is_bicubic_and_features_are_fp32(monkeypatch):
     resize = [t for t in common.eval_transform(224).transforms if isinstance(t, v2.Resize)][0]
     assert resize.interpolation == v2.InterpolationMode.BICUBIC and resize.size == [256]
     monkeypatch.setattr(torch, "autocast", lambda *a, **k: (_ for _ in ()).throw(AssertionError("autocast entered")))
-    dataset = common.Shapes("val", 16, 8, transform=common.eval_transform(16))
+    dataset = shapes.Shapes("val", 16, 8, transform=common.eval_transform(16))
     loader = common.make_loader(dataset, 4, common.DistEnv(), 0, train=False)
     features, labels = common.extract_features(common.build_encoder("vit_nano", 16, 8), loader, common.DistEnv())
     assert features.dtype == torch.float32 and features.shape == (8, 128) and labels.shape == (8,)

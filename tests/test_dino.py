@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import torchvision
 
 import common
+import shapes
 import dino
 from helpers import ROOT, assert_same_step, run_script, short_run
 
@@ -188,7 +189,7 @@ def test_teacher_gets_no_gradient_last_layer_is_frozen_in_epoch_one_and_resume_i
 def test_multi_crop_shapes_at_32_and_224_px():
     args = dino.get_args_parser().parse_args(["--data", "shapes", "--image-size", "32", *NANO])
     model = dino.build_model(args)
-    image = common.Shapes("train", 32, 1)[0][0]
+    image = shapes.Shapes("train", 32, 1)[0][0]
     multi_crop = lambda *flags: dino.augmentations(dino.get_args_parser().parse_args(["--data", "shapes", *flags]))  # noqa: E731
     for size, patch, local in ((32, 8, 16), (224, 16, 96)):
         crops = multi_crop("--image-size", str(size), "--patch-size", str(patch), "--local-crops", "3")(image.resize((size, size)))
@@ -256,3 +257,21 @@ def test_short_run_trains_and_writes_attention_maps(tmp_path):
     files = sorted(p.name for p in (tmp_path / "attention").iterdir())
     assert files == ["epoch0002.png"]
     assert torchvision.io.read_image(str(tmp_path / "attention" / files[0])).shape[-2:] == (4 * 33 + 1, 5 * 33 + 1)
+
+
+def test_attention_maps_show_the_last_blocks_cls_attention():
+    """The maps' attention, recomputed by a hook (the fused kernel never forms it), equals softmax(q kᵀ / √d) of the
+    last block on its own input, written out here block by block; each CLS row sums to 1 with the CLS entry."""
+    torch.manual_seed(0)
+    vit = common.build_encoder("vit_nano", 32, 8).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        x = torch.cat([(vit.cls_token + vit.pos_embed[:, :1]).expand(2, -1, -1), vit.embed(images)], 1)  # (2, 17, 128)
+        for block in vit.blocks[:-1]:
+            x = block(x)
+        last = vit.blocks[-1]
+        q, k, _ = last.attn.qkv(last.norm1(x)).reshape(2, 17, 3, 4, 32).permute(2, 0, 3, 1, 4)  # 3 x (2, 4, 17, 32)
+        full = (q @ k.transpose(-2, -1) / math.sqrt(32)).softmax(-1)  # (2, 4, 17, 17)
+    attention = dino.cls_attention(vit, images)
+    torch.testing.assert_close(attention, full[:, :, 0, 1:])
+    assert attention.shape == (2, 4, 16) and (attention.sum(-1) < 1).all()  # the rest is the CLS token's own share

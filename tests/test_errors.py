@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import common
+import shapes
 from helpers import error_line, run_script
 
 TINY = ["--arch", "resnet18", "--batch-size", "8", "--epochs", "1", "--knn-every", "0", "--workers", "0"]
@@ -39,7 +40,7 @@ def test_corrupt_image_is_named(tmp_path, workers):
     for c in ("a", "b"):
         (tmp_path / "data" / "train" / c).mkdir(parents=True)
         for i in range(4):
-            common.Shapes().__getitem__(i)[0].save(tmp_path / "data" / "train" / c / f"{i}.png")
+            shapes.Shapes().__getitem__(i)[0].save(tmp_path / "data" / "train" / c / f"{i}.png")
     (tmp_path / "data" / "train" / "b" / "broken.jpg").write_bytes(b"not a jpeg at all")
     flags = ["--data", str(tmp_path / "data"), *TINY[:-1], workers, "--knn-every", "1", "--output-dir", str(tmp_path / "o")]
     # --workers 0 raises in this process; 1 raises in a worker, whose traceback must still end as one line

@@ -201,7 +201,7 @@ def test_bad_flags_exit_with_one_line_and_resume_checks_the_version(tmp_path):
     config = dict(arch="resnet18", image_size=16, patch_size=16)
     common.save_checkpoint(dict(method="moco", encoder_config=config, encoder={}, args={"version": "v2"}),
                            str(tmp_path / "checkpoint.pth"))
-    with pytest.raises(common.UserError, match="holds MoCo v2"):
+    with pytest.raises(common.UserError, match=re.escape("is a run with other flags: --version v2 (now v3)")):
         moco.main(parse("--arch", "resnet18", "--batch-size", "16", "--workers", "0", "--output-dir", str(tmp_path)))
 
 

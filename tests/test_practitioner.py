@@ -10,6 +10,7 @@ import torchvision
 from PIL import Image
 
 import common
+import shapes
 from helpers import ROOT, error_line, run_script
 
 METHODS = ("simclr", "moco", "byol", "simsiam", "mae", "dino")
@@ -224,7 +225,7 @@ def test_probe_normalises_as_the_run_did(tmp_path):
 def write_images(folder, count, start=0, ext="png"):
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(start, start + count):
-        common.Shapes(image_size=16).__getitem__(i)[0].save(folder / f"{i}.{ext}")
+        shapes.Shapes(image_size=16).__getitem__(i)[0].save(folder / f"{i}.{ext}")
 
 
 def test_flat_and_nested_folders_are_unlabelled(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common
+import shapes
 import probe
 from helpers import ROOT, assert_same_step, run_script
 
@@ -177,7 +178,7 @@ def test_dino_readouts_concatenate_normalised_tokens():
         x = torch.cat([(encoder.cls_token + encoder.pos_embed[:, :1]).expand(3, -1, -1), encoder.embed(images)], 1)  # (B, 1 + L, D)
         outputs = []
         for block in encoder.blocks:
-            x = block(x)[0]
+            x = block(x)
             outputs.append(encoder.norm(x))  # DINO's get_intermediate_layers: each through the final norm
         last4 = probe.Readout(encoder, n_last_blocks=4)(images)
         avgpool = probe.Readout(encoder, avgpool=True)(images)
@@ -205,7 +206,7 @@ def test_mae_classifier_pools_patch_tokens_through_fc_norm():
     assert "RandAugment" in names and names[-1] == "RandomErasing" and transform.transforms[-1].p == 0.25
     rand_augment = transform.transforms[names.index("RandAugment")]
     assert (rand_augment.num_ops, rand_augment.magnitude) == (2, 9)
-    assert transform(common.Shapes("train", 16, 1)[0][0]).shape == (3, 16, 16)
+    assert transform(shapes.Shapes("train", 16, 1)[0][0]).shape == (3, 16, 16)
 
 
 def test_batches_are_capped_at_the_labelled_set():

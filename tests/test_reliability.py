@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import common
+import shapes
 import simclr
 from helpers import assert_same_state, run_script
 from test_errors import user_error
@@ -207,7 +208,7 @@ def image_folder(root, splits):
         for name in classes:
             (root / split / name).mkdir(parents=True)
             for i in range(2):
-                common.Shapes(image_size=16).__getitem__(i)[0].save(root / split / name / f"{i}.png")
+                shapes.Shapes(image_size=16).__getitem__(i)[0].save(root / split / name / f"{i}.png")
 
 
 def test_val_classes_are_mapped_by_name(tmp_path):
@@ -238,14 +239,14 @@ def test_16_bit_png_keeps_its_values(tmp_path):
 
 
 def test_image_over_the_size_limit_is_named(tmp_path, monkeypatch):
-    common.Shapes(image_size=64).__getitem__(0)[0].save(tmp_path / "huge.png")
+    shapes.Shapes(image_size=64).__getitem__(0)[0].save(tmp_path / "huge.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 4)  # a decompression bomb: over twice the limit
     with pytest.raises(common.UserError, match="cannot read image .*huge.png.*exceeds limit"):
         common.read_image(tmp_path / "huge.png")
 
 
 def test_in_memory_path_is_capped_by_decoded_bytes(monkeypatch, capsys):
-    dataset = common.Shapes(image_size=16, num_images=64, transform=common.View(16))
+    dataset = shapes.Shapes(image_size=16, num_images=64, transform=common.MultiView([common.View(16)]))
     monkeypatch.setattr(common, "free_memory", lambda device: 2 * 64 * 3 * 16 * 16 - 1)  # just too little
     loader = common.make_loader(dataset, 8, common.DistEnv(), 0)
     assert isinstance(loader, torch.utils.data.DataLoader) and "DataLoader workers" in capsys.readouterr().out
