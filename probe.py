@@ -123,7 +123,7 @@ class Readout(nn.Module):
         for hook in hooks:
             hook.remove()
         tokens = [self.encoder.norm(x) for x in outputs]  # n x (B, 1 + L, D)
-        return torch.cat([x[:, 0] for x in tokens] + [tokens[-1][:, 1:].mean(1)] * self.avgpool, dim=1)  # (B, D·(n+avg))
+        return torch.cat([x[:, 0] for x in tokens] + [tokens[-1][:, 1:].mean(1)] * self.avgpool, dim=1)  # (B, D(n+a))
 
 
 class Classifier(nn.Module):
@@ -138,7 +138,7 @@ class Classifier(nn.Module):
             encoder.norm = nn.Identity()  # unused, it would leave DDP waiting for its gradients
             nn.init.trunc_normal_(linear.weight, std=2e-5)  # MAE: a near-zero head, so early steps keep the features
             nn.init.zeros_(linear.bias)
-        self.head = nn.Sequential(nn.LayerNorm(encoder.embed_dim, eps=1e-6), linear) if global_pool else nn.Sequential(linear)
+        self.head = nn.Sequential(*[nn.LayerNorm(encoder.embed_dim, eps=1e-6)] * global_pool, linear)  # fc_norm, fc
 
     def forward(self, images):
         if not self.global_pool:
@@ -214,14 +214,10 @@ def train_augmentation(image_size, args, rand_augment=False):
     torchvision's RandAugment without the magnitude noise, then random erasing of 25% of the images, pixel noise)."""
     crop = (v2.RandomCrop(image_size, padding=image_size // 8) if image_size <= 64 else
             v2.RandomResizedCrop(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True))
-    return v2.Compose([v2.ToImage(), *([v2.Grayscale(3)] if args.grayscale_input else []), crop, v2.RandomHorizontalFlip(),
+    return v2.Compose([v2.ToImage(), *[v2.Grayscale(3)] * args.grayscale_input, crop, v2.RandomHorizontalFlip(),
                        *([v2.RandAugment(num_ops=2, magnitude=9)] if rand_augment else []),
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(args.mean, args.std),
                        *([v2.RandomErasing(0.25, value="random")] if rand_augment else [])])
-
-
-def finetune_transform(image_size, recipe, args):
-    return train_augmentation(image_size, args, rand_augment=recipe == "mae")
 
 
 def train_loader(dataset, indices, batch_size, dist_env, workers, seed):
@@ -350,7 +346,8 @@ def run_finetune(args, train_set, labels, val_set, dist_env, recipe, scratch=Fal
         optimizer = torch.optim.AdamW(groups, lr=lr)
         trained = DistributedDataParallel(model) if dist_env.world_size > 1 else model
         # MAE (timm's Mixup): MixUp α 0.8 or CutMix α 1.0, one of them per batch (switch prob 0.5)
-        mix = v2.RandomChoice([v2.MixUp(alpha=0.8, num_classes=num_classes), v2.CutMix(alpha=1.0, num_classes=num_classes)])
+        mix = v2.RandomChoice([v2.MixUp(alpha=0.8, num_classes=num_classes),
+                               v2.CutMix(alpha=1.0, num_classes=num_classes)])
         total, step = args.finetune_epochs * len(loader), 0
         bar = tqdm(total=total, desc=f"fine-tune{' from scratch' if scratch else ''} seed {seed}", leave=False,
                    disable=not dist_env.is_main)
@@ -358,7 +355,8 @@ def run_finetune(args, train_set, labels, val_set, dist_env, recipe, scratch=Fal
             loader.sampler.set_epoch(epoch)
             model.train()
             for module in model.modules():  # frozen BN layers keep their statistics
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in module.parameters()):
+                frozen = not any(p.requires_grad for p in module.parameters())
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and frozen:
                     module.eval()
             for images, targets in loader:
                 for group in optimizer.param_groups:
@@ -377,7 +375,7 @@ def run_finetune(args, train_set, labels, val_set, dist_env, recipe, scratch=Fal
 
 # ----------------------------------------------------------------------------- report
 def difference(a, b):
-    """a − b: means subtract, the seeds' spreads combine (std = sqrt(std_a² + std_b²)); k-NN's dict of k likewise."""
+    """a − b: the means subtract, the seeds' spreads combine (std = sqrt(std_a² + std_b²)); k-NN's dict likewise."""
     return {k: difference(a[k], b[k]) if isinstance(a[k], dict) else math.hypot(a[k], b[k]) if k.endswith("_std")
             else a[k] - b[k] for k in a if k != "lr"}
 
@@ -401,9 +399,10 @@ def plot_features(x, y, method, path):
         _, _, components = torch.pca_lowrank(x, q=2)  # centres x itself
         xy = ((x - x.mean(0)) @ components).cpu().numpy()  # (N, 2)
     fig, ax = plt.subplots(figsize=(6, 6))
-    points = ax.scatter(xy[:, 0], xy[:, 1], c=y.cpu().numpy(), s=4, cmap="tab10" if int(y.max()) < 10 else "nipy_spectral")
+    cmap = "tab10" if int(y.max()) < 10 else "nipy_spectral"
+    points = ax.scatter(xy[:, 0], xy[:, 1], c=y.cpu().numpy(), s=4, cmap=cmap)
     fig.colorbar(points, ax=ax, label="class")
-    ax.set(title=f"{dict(pca='PCA', tsne='t-SNE')[method]} of the val features, coloured by label", xticks=[], yticks=[])
+    ax.set(title=f"{dict(pca='PCA', tsne='t-SNE')[method]} of the val features, by label", xticks=[], yticks=[])
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
@@ -429,7 +428,8 @@ def main(args):
     if vit and args.n_last_blocks > len(encoder.blocks):
         raise common.UserError(f"--n-last-blocks {args.n_last_blocks}: the ViT has {len(encoder.blocks)} blocks")
     transform = common.eval_transform(image_size, args.mean, args.std, args.grayscale_input)
-    train_set, val_set = (common.build_dataset(args.data, split, transform, args.data_root) for split in ("train", "val"))
+    build = lambda split, views=transform: common.build_dataset(args.data, split, views, args.data_root)
+    train_set, val_set = build("train"), build("val")
     labels = torch.tensor(labels_of(train_set))
     num_classes = int(labels.max()) + 1
     readout = "avg pool" if not vit else (("CLS" if args.n_last_blocks == 1 else f"CLS of {args.n_last_blocks} blocks")
@@ -440,7 +440,7 @@ def main(args):
              "finetune": f"fine-tune, {'MAE §A.3' if recipe == 'mae' else 'plain'} recipe"}
     settings = {**vars(args), "protocol": protocols, "recipe": recipe, "readout": readout, "image_size": image_size,
                 "world_size": dist_env.world_size}
-    results = {"checkpoint": args.checkpoint, "data": args.data, "label_fraction": args.label_fraction, "settings": settings}
+    results = dict(checkpoint=args.checkpoint, data=args.data, label_fraction=args.label_fraction, settings=settings)
     baselines, differences = {}, {}
     say(f"{'protocol (paper)':<56}{'top-1':>16}{'top-5':>16}{'macro-F1':>16}{'time':>11}")
 
@@ -457,7 +457,7 @@ def main(args):
 
     def run(protocol, which):
         if protocol == "finetune":
-            train_aug = common.build_dataset(args.data, "train", finetune_transform(image_size, recipe, args), args.data_root)
+            train_aug = build("train", train_augmentation(image_size, args, rand_augment=recipe == "mae"))
             return run_finetune(args, train_aug, labels, val_set, dist_env, recipe, scratch=which != "checkpoint")
         model, train_x, train_y, val_x, val_y = features_of(which)
         if protocol == "knn":
@@ -465,7 +465,7 @@ def main(args):
             if max(args.k) > len(subset) // num_classes:
                 say(f"(k-NN: k above the {len(subset) // num_classes} labelled training images per class skipped)")
             return run_knn(train_x[subset], train_y[subset], val_x, val_y, args, num_classes)
-        train_aug = common.build_dataset(args.data, "train", train_augmentation(image_size, args), args.data_root)
+        train_aug = build("train", train_augmentation(image_size, args))
         on_the_fly = linear_on_the_fly(model, train_aug, args, num_classes, dist_env) if args.augment else None
         return run_linear(train_x, train_y, val_x, val_y, args, num_classes, on_the_fly)
 

@@ -1,7 +1,6 @@
 """BYOL: the loss is the paper's formula, no gradient reaches the target network, the target is the EMA
 of the online network on the paper's τ schedule, one DDP step equals one big-batch step, resume is
 exact (target included), and a short run learns something a random encoder does not know."""
-import json
 import math
 
 import pytest
@@ -11,12 +10,8 @@ import torchvision
 
 import byol
 import common
-from helpers import assert_same_state, assert_same_step, ddp_vs_single_process, error_line, run_script, short_run, straight_and_preempted
+from helpers import assert_same_state, assert_same_step, ddp_vs_single_process, error_line, run_script, straight_and_preempted
 
-# CPU scale: vit_nano at 32 px, small heads; τ_base 0.9 so that the target moves within 124 steps.
-QUICK = ["--data", "shapes:32:1000:2000", "--arch", "vit_nano", "--patch-size", "8", "--epochs", "2", "--batch-size", "32",
-         "--proj-hidden", "256", "--proj-dim", "64", "--pred-hidden", "256", "--base-lr", "8", "--tau-base", "0.9",
-         "--warmup-epochs", "1", "--workers", "2"]
 TINY = ["--arch", "vit_nano", "--patch-size", "4", "--proj-hidden", "32", "--proj-dim", "16", "--pred-hidden", "32"]
 
 
@@ -113,18 +108,3 @@ def test_tau_base_out_of_range(tmp_path):
     line = error_line(run_script("byol.py", "--data", "shapes:16:64", *TINY, "--tau-base", "1.5", "--batch-size", "8",
                                  "--knn-every", "0", "--workers", "0", "--output-dir", str(tmp_path)))
     assert "--tau-base 1.5 is not in [0, 1]" in line
-
-
-def test_short_run_trains_without_collapse(tmp_path):
-    log, checkpoint, _ = short_run("byol", QUICK + ["--knn-every", "2"], tmp_path)
-    random_init, trained = log[0]["knn_top1"], log[-1]["knn_top1"]
-    # A plumbing run (62 steps): k-NN 0.258 -> 0.250, no collapse (a collapsed encoder sits at chance, 0.10). BYOL
-    # first dips (the online net chases a random target), then climbs: that it learns is test_learning.py's, at
-    # the benchmark's 468 steps on the linear probe.
-    assert trained > 0.2, (random_init, trained)
-    assert all(record["embedding_std"] > 0.5 / 8 for record in log[1:])  # logged every epoch; healthy ≈ 1/sqrt(64)
-    assert checkpoint["encoder_config"] == dict(arch="vit_nano", image_size=32, patch_size=8)
-    assert checkpoint["encoder"].keys() == common.build_encoder("vit_nano", 32, 8).state_dict().keys()  # the online f
-    probe = run_script("probe.py", str(tmp_path / "checkpoint.pth"), "--data", "shapes:32:1000", "--protocol", "knn",
-                       "--workers", "0", "--output", str(tmp_path / "probe.json"))
-    assert probe.returncode == 0, probe.stderr

@@ -10,12 +10,8 @@ import torchvision
 
 import common
 import simsiam
-from helpers import assert_same_step, ddp_vs_single_process, error_line, run_script, short_run
+from helpers import assert_same_step, ddp_vs_single_process, error_line, run_script
 
-# CPU scale: vit_nano at 32 px, small heads, the paper's lr rule (0.05 × 64/256); 4 epochs of 1000 images.
-QUICK = ["--data", "shapes:32:1000:2000", "--arch", "vit_nano", "--patch-size", "8", "--epochs", "8", "--batch-size", "64",
-         "--proj-hidden", "256", "--proj-dim", "256", "--pred-hidden", "64", "--base-lr", "1", "--warmup-epochs", "1",
-         "--workers", "2"]
 TINY = ["--arch", "vit_nano", "--patch-size", "4", "--proj-hidden", "32", "--proj-dim", "16", "--pred-hidden", "8"]
 
 
@@ -122,17 +118,3 @@ def test_one_image_per_gpu_is_a_user_error(tmp_path):
     line = error_line(run_script("simsiam.py", "--data", "shapes:16:64", *TINY, "--batch-size", "1", "--epochs", "1",
                                  "--knn-every", "0", "--workers", "0", "--output-dir", str(tmp_path)))
     assert "at least 2 images per process" in line
-
-
-def test_short_run_beats_random_init_knn(tmp_path):
-    log, checkpoint, _ = short_run("simsiam", QUICK + ["--knn-every", "8"], tmp_path)
-    random_init, trained = log[0]["knn_top1"], log[-1]["knn_top1"]
-    # k-NN measured on 2 CPU cores (2000 val images, so ±0.01; chance 0.10). This run (seed 0): 0.258 -> 0.340;
-    # seed 1: 0.266 -> 0.289; 12 epochs: 0.258 -> 0.292; 16 epochs: 0.317, 0.375, 0.380, 0.390 at epochs 4, 8, 12,
-    # 16. A 120-step run varies a lot from seed to seed, but every one gained. The paper's lr (base 0.05, i.e.
-    # 0.0125 at batch 64) moved nothing in 60 steps (0.258 -> 0.245): base-lr 2 is what lets SimSiam learn here.
-    # Those were with a per-step cosine. With the official per-epoch cosine (issue 13) the lr stays higher for
-    # longer, and base-lr 2 gave 0.258 -> 0.282 (16 epochs: 0.2925); base-lr 1: 0.258 -> 0.3385 (this run, seed 0).
-    assert trained > random_init + 0.04, (random_init, trained)
-    assert all(record["embedding_std"] > 0.5 / 16 for record in log[1:])  # logged every epoch, healthy
-    assert checkpoint["encoder_config"] == dict(arch="vit_nano", image_size=32, patch_size=8)
