@@ -690,10 +690,12 @@ def load_encoder_weights(encoder, args):
     """--init PATH: the encoder starts from PATH: a checkpoint of this project (its encoder), a
     torchvision ResNet state_dict, or a timm-named ViT state_dict, which this ViT's names are. Official files
     are unwrapped: DINO's {'teacher': {'backbone.*'}}, MoCo v3's {'state_dict': {'module.base_encoder.*'}},
-    MAE's {'model': ...}. Classifier heads (fc, head, MAE fine-tuning's fc_norm) are dropped, position
-    embeddings resized to this image size; every other tensor must match, else one line names the first.
-    (MAE's decoder and mask token are dropped too: --init starts the encoder only.) Nothing is loaded when the
-    run resumes (--resume, or OUTPUT_DIR/checkpoint.pth exists): the checkpoint's weights replace these."""
+    MAE's {'model': ...}. Classifier heads (fc, head) are dropped, position embeddings resized to this image
+    size; every other tensor must match, else one line names the first. An MAE fine-tuned file (global pool)
+    has no final norm but fc_norm, a LayerNorm of the same width that its features were trained through: it
+    becomes the final norm (a file with both keeps norm). (MAE's decoder and mask token are dropped too:
+    --init starts the encoder only.) Nothing is loaded when the run resumes (--resume, or
+    OUTPUT_DIR/checkpoint.pth exists): the checkpoint's weights replace these."""
     path = args.init
     if not path or args.resume or os.path.exists(os.path.join(args.output_dir, "checkpoint.pth")):
         return
@@ -706,6 +708,8 @@ def load_encoder_weights(encoder, args):
     for prefix in PREFIXES:  # DDP's module.*, then the method's wrapper around the encoder
         if any(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if "fc_norm.weight" in state and "norm.weight" not in state:  # MAE fine-tuned with global pool (models_vit.py)
+        state = {"norm." + k[len("fc_norm."):] if k.startswith("fc_norm.") else k: v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head.", "fc_norm.", "decoder", "mask_token"))}
     expected = encoder.state_dict()
     if "pos_embed" in state and "pos_embed" in expected and state["pos_embed"].shape[1] != expected["pos_embed"].shape[1]:
