@@ -461,6 +461,8 @@ class ImageFiles(torchvision.datasets.ImageFolder):
         return ([""], {"": 0}) if self.unlabelled else super().find_classes(directory)  # "": root itself
 
     def __getitem__(self, index):
+        if index >= len(self.samples):
+            raise IndexError(index)  # the end of `for x in dataset` (the tries below wrap around)
         for tries in range(100):
             try:
                 return super().__getitem__((index + tries) % len(self.samples))
@@ -668,8 +670,11 @@ def encoder_state(saved, name):
 
 
 def load_weights(encoder, state, name, arch):
-    """Load state strictly, after dropping classifier heads (fc, head, MAE fine-tuning's fc_norm), MAE's decoder and
-    mask token, and resizing position embeddings; any other mismatch or a non-finite weight is one line."""
+    """Load state strictly, after dropping classifier heads (fc, head), MAE's decoder and mask token, and resizing
+    position embeddings; any other mismatch or a non-finite weight is one line. An MAE fine-tuned file (global pool)
+    has no final norm but fc_norm, the LayerNorm its features were trained through: it becomes the final norm."""
+    if "fc_norm.weight" in state and "norm.weight" not in state:  # MAE's models_vit.py with global_pool
+        state = {"norm." + k[len("fc_norm."):] if k.startswith("fc_norm.") else k: v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head.", "fc_norm.", "decoder", "mask_token"))}
     expected = encoder.state_dict()
     pos, pos_here = state.get("pos_embed"), expected.get("pos_embed")

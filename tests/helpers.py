@@ -1,4 +1,5 @@
 """Shared test plumbing: run a script as a user would, and compare one DDP step with one process."""
+import copy
 import json
 import os
 import runpy
@@ -92,3 +93,21 @@ def assert_same_state(a, b):
     assert a["model"].keys() == b["model"].keys()
     for name, tensor in a["model"].items():
         torch.testing.assert_close(b["model"][name], tensor, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def moved_online_and_its_ema(online, momentum_update, momentum=0.9):
+    """The network a target / key encoder / teacher must equal once the online weights have moved. At init the
+    two sides are equal, so a target that reads the online network passes any check made there. Here the online
+    weights (`online`: the method's averaged parts, e.g. nn.Sequential(encoder, projector)) move by noise, the
+    method's own momentum_update(momentum) runs, and the EMA is computed by hand from a copy of the starting
+    weights, name by name: ξ = m·ξ0 + (1 − m)·θ. Returns it in eval mode (BN running statistics)."""
+    ema = copy.deepcopy(online)  # ξ0: the target side starts equal to the online network
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    momentum_update(momentum)
+    theta = dict(online.named_parameters())
+    with torch.no_grad():
+        for name, xi in ema.named_parameters():
+            xi.copy_(momentum * xi + (1 - momentum) * theta[name])
+    return ema.eval()

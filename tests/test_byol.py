@@ -5,12 +5,14 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
 import byol
 import common
-from helpers import assert_same_state, assert_same_step, ddp_vs_single_process, error_line, run_script, straight_and_preempted
+from helpers import (assert_same_state, assert_same_step, ddp_vs_single_process, error_line, moved_online_and_its_ema,
+                     run_script, straight_and_preempted)
 
 TINY = ["--arch", "vit_nano", "--patch-size", "4", "--proj-hidden", "32", "--proj-dim", "16", "--pred-hidden", "32"]
 
@@ -80,6 +82,24 @@ def test_momentum_update_is_an_ema_of_the_online_network():
     byol.momentum_update(model, 1.0)  # τ = 1 (the last step): the target stops
     for xi, theta, after in zip(before, online, model.target.parameters()):
         torch.testing.assert_close(after, 0.99 * xi + 0.01 * theta)
+
+
+def test_the_target_side_is_the_ema_network_once_the_online_one_has_moved():
+    """The step's targets z' come from the EMA of the online f and g, not from the online network itself."""
+    model, args = tiny_model()
+    online = nn.Sequential(model.encoder, model.projector)
+    ema = moved_online_and_its_ema(online, lambda tau: byol.momentum_update(model, tau))
+    model.eval()
+    views = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)]
+    loss, z = byol.training_step(model, views, args)
+    with torch.no_grad():
+        p1, p2 = (model.predictor(online(x)) for x in views)
+
+        def loss_with(target):  # §3.1, each view's prediction against the other view's target projection
+            return sum((2 - 2 * F.cosine_similarity(p, target(x))).mean() for p, x in ((p1, views[1]), (p2, views[0])))
+        torch.testing.assert_close(z, ema(views[0]))  # the collapse signal: view 1's target projection
+        torch.testing.assert_close(loss, loss_with(ema))
+        assert (z - online(views[0])).abs().max() > 1e-2 and (loss - loss_with(online)).abs() > 1e-3  # they differ
 
 
 def test_resume_replays_training_exactly_and_tau_follows_the_schedule(tmp_path, monkeypatch):

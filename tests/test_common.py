@@ -46,7 +46,8 @@ def test_vit_uses_timm_names_and_runs_on_token_subsets():
     names = set(vit.state_dict())
     block = {f"blocks.0.{n}.{p}" for n in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2") for p in ("weight", "bias")}
     assert block <= names and {"cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight", "norm.bias"} <= names
-    assert len(names) == 2 + 2 + 2 + 4 * 12  # patch_embed, cls + pos, norm, 4 blocks of 12 and vit.pos_embed.shape == (1, 17, 128)
+    assert len(names) == 2 + 2 + 2 + 4 * 12  # patch_embed, cls + pos, norm, 4 blocks of 12
+    assert vit.pos_embed.shape == (1, 1 + 4 * 4, 128)  # CLS + a 4x4 grid of 8 px patches
     x = torch.randn(2, 3, 32, 32)
     assert vit(x).shape == (2, 128)
     tokens = vit.embed(x)  # (2, 16, 128)

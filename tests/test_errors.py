@@ -1,6 +1,7 @@
 """Bad input ends in one clear error line and a nonzero exit, and never harms a checkpoint."""
 import importlib
 import importlib.util
+import socket
 
 import pytest
 import torch
@@ -49,9 +50,18 @@ def test_corrupt_image_is_named(tmp_path, workers):
     assert "cannot read image" in line and "broken.jpg" in line
 
 
-def test_offline_download_fails_fast(tmp_path):
+def test_offline_download_fails_fast(tmp_path, monkeypatch):
+    """No network, whatever this machine has (the socket is blocked here): one line, not a hang or a traceback."""
+    attempts = []
+
+    def blocked(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network blocked by the test")
+    for owner, name in ((socket, "create_connection"), (socket, "getaddrinfo"), (socket.socket, "connect")):
+        monkeypatch.setattr(owner, name, blocked)
     line = user_error("simclr", "--data", "cifar10", "--data-root", str(tmp_path), *TINY, "--output-dir", str(tmp_path / "o"))
-    assert "could not load or download cifar10" in line
+    assert "could not load or download cifar10" in line and "network blocked by the test" in line
+    assert attempts  # the download did try, and the block answered it
 
 
 def test_dataset_smaller_than_a_batch(tmp_path):

@@ -3,6 +3,8 @@ and gets no gradient, one DDP step equals one big-batch step, resume is exact (q
 combinations are one clear error, and short runs of v3 (ViT) and v2 (ResNet + queue) learn."""
 import math
 import re
+import runpy
+import sys
 
 import pytest
 import torch
@@ -11,7 +13,8 @@ import torch.nn.functional as F
 
 import common
 import moco
-from helpers import assert_same_state, assert_same_step, ddp_vs_single_process, error_line, run_script, short_run, straight_and_preempted
+from helpers import (ROOT, assert_same_state, assert_same_step, ddp_vs_single_process, error_line,
+                     moved_online_and_its_ema, run_script, short_run, straight_and_preempted)
 
 
 def parse(*flags):
@@ -160,13 +163,93 @@ def test_key_side_gets_no_gradient_and_queue_advances(flags):
         torch.testing.assert_close(model.queue[:8], keys, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("flags", [TINY_V3, ["--version", "v2", *TINY_V3, "--queue-size", "16"]], ids=["v3", "v2"])
-def test_two_ranks_equal_one_process(tmp_path, flags):
-    # v3: keys gathered from both ranks; v2: keys shuffled across the ranks and back, and the same queue.
-    # Each rank's loss is the mean over its own queries (as in the official code); their average
-    # (what the harness saves) and DDP's average of the gradients are the 8-image step's.
-    single, ddp = ddp_vs_single_process("moco", tmp_path, *flags)
+@pytest.mark.parametrize("flags", [TINY_V3, TINY_V2], ids=["v3", "v2"])
+def test_keys_come_from_the_momentum_encoder_once_the_query_side_has_moved(flags):
+    """v3's keys (in the loss) and v2's keys (in the loss and in the queue) are the momentum encoder's: the EMA
+    of the query encoder and projector, not the query side itself."""
+    torch.manual_seed(0)
+    args = parse(*flags)
+    model = moco.build_model(args)
+    online = nn.Sequential(model.encoder, model.projector)
+    ema = moved_online_and_its_ema(online, lambda m: moco.momentum_update(model, m))
+    model.eval()  # BN running statistics: v2's shuffle changes nothing on one process
+    views = [torch.randn(8, 3, 16, 16) for _ in range(2)]
+    queue = model.queue.clone() if args.version == "v2" else None
+    loss, _ = moco.training_step(model, views, args)
+    with torch.no_grad():
+        q1, q2, tau = *(model.predictor(online(x)) for x in views), args.temperature
+
+        def loss_with(keys):  # v3: symmetrised, in-batch negatives; v2: view 1 queries, the queue as negatives
+            if args.version == "v3":
+                return moco.contrastive_loss(q1, keys(views[1]), tau) + moco.contrastive_loss(q2, keys(views[0]), tau)
+            return moco.contrastive_loss(q1, keys(views[1]), tau, queue)
+        torch.testing.assert_close(loss, loss_with(ema))
+        assert (loss - loss_with(online)).abs() > 1e-3  # the test can tell the two apart
+        if args.version == "v2":  # the keys entering the queue are the momentum encoder's too
+            torch.testing.assert_close(model.queue[:8], F.normalize(ema(views[1]), dim=1), atol=1e-5, rtol=1e-4)
+            assert (model.queue[:8] - F.normalize(online(views[1]), dim=1)).abs().max() > 1e-2
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    # v3: keys gathered from both ranks (v2: the next test). Each rank's loss is the mean over its own queries
+    # (as in the official code); their average (what the harness saves) and DDP's average of the gradients are
+    # the 8-image step's.
+    single, ddp = ddp_vs_single_process("moco", tmp_path, *TINY_V3)
     assert_same_step(single, ddp)
+
+
+# tests/ddp_step.py's step, with a forward pre-hook on the key encoder that keeps the batch it embeds; then each
+# rank saves that batch, its queue and its pointer.
+WATCH_THE_KEY_ENCODER = """import os, runpy, sys, torch
+sys.path.insert(0, os.getcwd())
+import moco
+seen, real_build = [], moco.build_model
+def build_and_watch(args):
+    model = real_build(args)
+    model.momentum_encoder.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].clone()))
+    return model
+moco.build_model = build_and_watch
+try:
+    sys.argv = ["tests/ddp_step.py", *sys.argv[1:]]
+    step = runpy.run_path("tests/ddp_step.py", run_name="__main__")
+finally:
+    moco.build_model = real_build
+raw, embedded = step["raw_model"], torch.cat(seen)
+with torch.no_grad():  # the keys of the global batch in image order, embedded here in one piece
+    keys = torch.nn.functional.normalize(raw.momentum_encoder(step["views"][1]), dim=1)
+torch.save(dict(seen=embedded, queue=raw.queue, ptr=raw.queue_ptr, keys_of=step["views"][1], keys=keys),
+           sys.argv[2] + ".rank" + os.environ.get("RANK", "0"))
+"""
+
+
+def test_v2_shuffles_keys_across_ranks_and_every_rank_keeps_the_same_queue(tmp_path, monkeypatch):
+    """MoCo v2 on 2 gloo ranks x 4 images against 1 process x 8 (a ResNet: BN in the encoder). The key encoder
+    of each rank must embed a shuffled share of the GLOBAL batch (shuffled BN, §3.3: per-GPU BN statistics
+    would otherwise be a shortcut), and every rank must enqueue the keys of the whole global batch, unshuffled:
+    each rank's queue and pointer equal the one process's. In eval mode (BN running statistics, as
+    ddp_step.py runs) the shuffle changes no number, so only the hook can see it."""
+    script = tmp_path / "watch_the_key_encoder.py"
+    script.write_text(WATCH_THE_KEY_ENCODER)
+    single, ddp = str(tmp_path / "single.pt"), str(tmp_path / "ddp.pt")
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", [str(script), "moco", single, *TINY_V2])
+    runpy.run_path(str(script), run_name="__main__")  # one process, in this one: no interpreter to start
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "moco", ddp,
+                        *TINY_V2, threads=1)
+    assert result.returncode == 0, result.stderr
+    assert_same_step(torch.load(single), torch.load(ddp))  # loss and gradients, as for v3
+    one = torch.load(single + ".rank0")
+    ranks = [torch.load(f"{ddp}.rank{rank}") for rank in range(2)]
+    batch = one["keys_of"]  # (8, 3, 32, 32): the global batch of the key view
+    # which image of the global batch each rank's key encoder embedded, in the order it did
+    drawn = [[int((batch - image).abs().flatten(1).amax(1).argmin()) for image in rank["seen"]] for rank in ranks]
+    assert all(torch.equal(rank["seen"][i], batch[j]) for rank, rows in zip(ranks, drawn) for i, j in enumerate(rows))
+    assert sorted(drawn[0] + drawn[1]) == list(range(8))  # the whole global batch, each image once
+    assert set(drawn[0]) != {0, 1, 2, 3}, drawn  # shuffled ACROSS the ranks: rank 0 embeds some of rank 1's images
+    torch.testing.assert_close(one["queue"][:8], one["keys"], atol=1e-5, rtol=1e-4)  # unshuffled: in image order
+    for rank in ranks:
+        assert rank["ptr"] == one["ptr"] == 8  # the 8 keys of the global batch entered, not this rank's 4
+        torch.testing.assert_close(rank["queue"], one["queue"], atol=1e-5, rtol=1e-4)
 
 
 def test_resume_replays_training_exactly_with_the_queue(tmp_path, monkeypatch):
@@ -176,6 +259,16 @@ def test_resume_replays_training_exactly_with_the_queue(tmp_path, monkeypatch):
     assert at_kill["epoch"] == 1 and at_kill["model"]["queue_ptr"] == 4 * 16 % 48
     assert resumed["epoch"] == 2 and resumed["step"] == 8
     assert_same_state(straight, resumed)  # queue and pointer included
+
+
+def test_v3_resume_replays_training_exactly_on_its_per_step_schedules(tmp_path, monkeypatch):
+    """v3 moves the lr and the key momentum every step: a resume must pick both up at the saved step."""
+    flags = ["--data", "shapes:16:64", *TINY_V3, "--batch-size", "16", "--epochs", "2", "--warmup-epochs", "1",
+             "--knn-every", "0", "--workers", "0"]
+    straight, at_kill, resumed = straight_and_preempted(moco, flags, tmp_path, monkeypatch)
+    assert at_kill["epoch"] == 1 and (resumed["epoch"], resumed["step"]) == (2, 8)
+    assert any(name.startswith("momentum_encoder.") for name in straight["model"])
+    assert_same_state(straight, resumed)  # the momentum encoder included
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -49,6 +49,9 @@ def official_vit_file(path, image_size=32, wrap="dino"):
         saved = {"state_dict": {**{f"module.base_encoder.{k}": v for k, v in {**state, **extra}.items()},
                                 **{f"module.momentum_encoder.{k}": v + 1 for k, v in state.items()},
                                 "module.predictor.0.weight": torch.zeros(4, 4)}}
+    elif wrap == "mae_finetuned":  # MAE fine-tuned with global pool: fc_norm (on the mean patch token), no norm
+        fc_norm = {"fc_norm.weight": state["norm.weight"] + 0.5, "fc_norm.bias": state["norm.bias"] - 0.5}
+        saved = {"model": {**{k: v for k, v in state.items() if not k.startswith("norm.")}, **fc_norm, **extra}}
     else:  # MAE: {'model': encoder + decoder}
         saved = {"model": {**state, "mask_token": torch.zeros(1, 1, 32), "decoder_embed.weight": torch.zeros(32, 128)}}
     torch.save(saved, path)
@@ -72,6 +75,31 @@ def test_init_loads_the_encoder_and_its_targets(method, tmp_path):
     encoder, copies = targets(method, module.build_model(args))
     for network in [encoder, *copies]:
         assert all(torch.equal(network.state_dict()[k], v) for k, v in weights.items())
+
+
+def test_init_from_an_mae_finetuned_file_takes_fc_norm_as_the_final_norm(tmp_path):
+    """MAE's fine-tuned files (global pool) have no norm.*, but fc_norm.*: the LayerNorm their features were
+    trained through becomes the final norm. Was refused: "norm.weight is missing". A file with both keeps its
+    norm; one with neither is refused in one line naming the missing key."""
+    weights = official_vit_file(tmp_path / "finetuned.pth", wrap="mae_finetuned")
+    saved = torch.load(tmp_path / "finetuned.pth")["model"]
+    module, args = parse("mae", "--data", "shapes:32:16:8", *TINY_VIT, "--init", str(tmp_path / "finetuned.pth"),
+                         "--output-dir", str(tmp_path / "run"))
+    args.image_size = 32
+    encoder = module.build_model(args).encoder
+    assert torch.equal(encoder.norm.weight, saved["fc_norm.weight"])
+    assert torch.equal(encoder.norm.bias, saved["fc_norm.bias"])
+    assert all(torch.equal(encoder.state_dict()[k], v) for k, v in weights.items() if not k.startswith("norm."))
+    both = {**weights, "fc_norm.weight": saved["fc_norm.weight"], "fc_norm.bias": saved["fc_norm.bias"]}
+    neither = {k: v for k, v in weights.items() if not k.startswith("norm.")}
+    for name, state in (("both", both), ("neither", neither)):
+        torch.save({"model": state}, tmp_path / f"{name}.pth")
+        args.init = str(tmp_path / f"{name}.pth")
+        if name == "both":
+            assert torch.equal(module.build_model(args).encoder.norm.weight, weights["norm.weight"])
+        else:
+            with pytest.raises(common.UserError, match="neither.pth does not fit this encoder: norm.weight is missing"):
+                module.build_model(args)
 
 
 def test_init_resizes_position_embeddings_and_drops_heads(tmp_path):

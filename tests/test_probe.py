@@ -4,8 +4,10 @@ import os
 import runpy
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import common
 import shapes
@@ -37,6 +39,21 @@ def test_linear_probe_finds_a_direction_knn_cannot_see():
     knn = probe.run_knn(x[:1500], y[:1500], x[1500:], y[1500:], args, 2)["k=20"]
     assert linear["top1"] > 97 and linear["top1_std"] < 2 and len(linear["lr"]) == 2
     assert knn["top1"] < 70
+
+
+def test_linear_lr_is_chosen_on_held_out_training_labels_never_on_val():
+    """The lr sweep reads 10% of the TRAINING labels held out, never the val split: with the val labels
+    permuted (chance accuracy at every lr) the chosen lr must not move. Selecting on val, it did."""
+    x, y = blobs(60, 4, 16, 3.0, 0)  # overlapping clusters: the lr matters at 2 epochs
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))
+    x, y = x[order], y[order]
+    args = probe.get_args_parser().parse_args(["c.pth", "--data", "shapes", "--seeds", "2", "--linear-epochs", "2"])
+    chosen = probe.run_linear(x[:160], y[:160], x[160:], y[160:], args, 4)
+    assert chosen["top1"] > 80
+    for seed in range(3):
+        permuted = y[160:][torch.randperm(80, generator=torch.Generator().manual_seed(seed))]
+        result = probe.run_linear(x[:160], y[:160], x[160:], permuted, args, 4)
+        assert result["lr"] == chosen["lr"] and result["top1"] < 50  # the same heads, scored on nonsense labels
 
 
 def test_balanced_subset_keeps_each_class_share():
@@ -207,6 +224,115 @@ def test_mae_classifier_pools_patch_tokens_through_fc_norm():
     rand_augment = transform.transforms[names.index("RandAugment")]
     assert (rand_augment.num_ops, rand_augment.magnitude) == (2, 9)
     assert transform(shapes.Shapes("train", 16, 1)[0][0]).shape == (3, 16, 16)
+
+
+def test_finetune_step_smooths_the_labels():
+    """Label smoothing 0.1 (MAE): the target is 0.9 × the label (one-hot, or MixUp/CutMix's soft mix) + 0.1/C."""
+    torch.manual_seed(0)
+    model, C = torch.nn.Linear(6, 5), 5
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the step moves nothing: the loss is of these weights
+    images, labels = torch.randn(4, 6), torch.tensor([0, 3, 3, 1])
+    soft = torch.softmax(torch.randn(4, C), dim=1)
+    for targets, dense in ((labels, torch.nn.functional.one_hot(labels, C).float()), (soft, soft)):
+        log_p = torch.log_softmax(model(images), dim=1)
+        expected = -((0.9 * dense + 0.1 / C) * log_p).sum(1).mean()
+        torch.testing.assert_close(probe.finetune_step(model, optimizer, images, targets), expected.detach())
+
+
+def tone_folder(root, train_per_class=20, val_per_class=10):
+    """Known structure: an ImageFolder of 16 px noisy images, dark or light by class. Any encoder separates
+    them, a random one too: a probe must score 100% on val."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for name, tone in (("dark", 60), ("light", 190)):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(tone + rng.normal(0, 25, (16, 16, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return str(root)
+
+
+def test_linear_augment_and_label_fraction_end_to_end(tmp_path, monkeypatch):
+    """--label-fraction 0.5 keeps 10 of each class's 20 training labels, for k-NN and for the linear probe (its
+    lr sweep too); --augment trains the final head on augmented views (pad-and-crop + flip at 16 px) through the
+    frozen encoder, not on the cached centre crops; on dark vs light images both score 100%."""
+    data, checkpoint = tone_folder(tmp_path / "tones"), save_checkpoint(tmp_path / "c.pth")
+    fits, real_train = [], probe.train_linear
+
+    def recording_train(batches, *args, **kwargs):  # keeps what each fit trains on in its first epoch
+        first_epoch = []
+        fits.append(first_epoch)
+
+        def watched(epoch):
+            for x, y in batches(epoch):
+                if epoch == 0:
+                    first_epoch.append((x.clone(), y.clone()))
+                yield x, y
+        return real_train(watched, *args, **kwargs)
+    monkeypatch.setattr(probe, "train_linear", recording_train)
+    flags = ["--protocol", "knn", "linear", "--augment", "--label-fraction", "0.5", "--seeds", "1",
+             "--linear-epochs", "3", "--k", "5", "15", "--workers", "0", "--output", str(tmp_path / "r.json")]
+    results = probe.main(probe.get_args_parser().parse_args([checkpoint, "--data", data, *flags]))
+    assert set(results["knn"]) == {"k=5"}  # k = 15 is above the 10 labelled images per class: skipped
+    assert results["knn"]["k=5"]["top1"] == results["linear"]["top1"] == 100
+    assert len(fits) == 6 + 1  # 6 candidate lrs on cached features, then the final head
+    for fit in fits[:6]:  # trained on 9 + 9 of the 10 + 10 labelled images (1 a class held out to choose the lr)
+        assert torch.bincount(torch.cat([y for _, y in fit])).tolist() == [9, 9]
+    encoder, _ = probe.load_encoder(probe.get_args_parser().parse_args([checkpoint, "--data", data]))
+    train_set = common.build_dataset(data, "train", common.eval_transform(16))
+    with torch.no_grad():  # (40, D): every training image's cached feature
+        cached = encoder.eval()(torch.stack([train_set[i][0] for i in range(len(train_set))]))
+    final = torch.cat([x for x, _ in fits[6]])
+    is_cached = [bool(((cached - row).abs().amax(1) < 1e-4).any()) for row in final]
+    assert sum(is_cached) < len(final) / 2, is_cached  # augmented views (a crop equals the centre one 1 time in 50)
+    assert len(final) == 16  # 2 batches of 8 of the 20 labelled images (the last, partial batch dropped)
+
+
+def test_finetune_recipes_layer_decay_and_scratch_baseline_end_to_end(tmp_path, monkeypatch):
+    """Fine-tuning as the loop runs it, 2 epochs on dark vs light images. The MAE recipe (a ViT's default): at every
+    step each parameter's lr is the schedule's × decay^(H − i) (H = 5 for 4 blocks), the targets are MixUp/CutMix
+    mixes, the weights start from the checkpoint. --baselines: from a random init, layer decay off (every lr the
+    schedule's). --recipe plain on the same ViT: the CLS token through the final norm, plain labels.
+    --label-fraction 0.5: 2 batches of 8 of the 20 labelled images an epoch."""
+    data = tone_folder(tmp_path / "tones")
+    checkpoint = save_checkpoint(tmp_path / "c.pth", seed=7)  # not the scratch baseline's init (seed 0)
+    steps, real_step = [], probe.finetune_step
+
+    def recording_step(model, optimizer, images, targets):
+        lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+        steps.append(dict(lr={n: lr_of[id(p)] for n, p in model.named_parameters() if id(p) in lr_of},
+                          images=len(images), targets=targets.clone(), final_norm=type(model.encoder.norm),
+                          patch=model.encoder.patch_embed.proj.weight.detach().clone()))
+        return real_step(model, optimizer, images, targets)
+    monkeypatch.setattr(probe, "finetune_step", recording_step)
+    flags = [checkpoint, "--data", data, "--protocol", "finetune", "--seeds", "1", "--finetune-epochs", "2",
+             "--finetune-warmup-epochs", "0", "--layer-decay", "0.5", "--label-fraction", "0.5", "--workers", "0"]
+    probe.main(probe.get_args_parser().parse_args(flags + ["--baselines", "--output", str(tmp_path / "mae.json")]))
+    assert len(steps) == 2 * 4 and all(step["images"] == 8 for step in steps)  # from the checkpoint, then from scratch
+
+    def depth(name):  # MAE's util/lr_decay.py: stem 0, block j at j + 1, the head (and the final norm) at H = 5
+        if name.startswith("encoder.blocks."):
+            return int(name.split(".")[2]) + 1
+        return 5 if name.startswith("head.") else 0
+    lr = 5e-4 * 8 / 256
+    saved = torch.load(checkpoint, weights_only=False)["encoder"]["patch_embed.proj.weight"]
+    for s, step in enumerate(steps[:4]):
+        scheduled = common.cosine_schedule(s, 4, lr, 1e-6)
+        assert step["lr"] == pytest.approx({name: scheduled * 0.5 ** (5 - depth(name)) for name in step["lr"]})
+        targets = step["targets"]  # soft: (B, C) rows that sum to 1
+        assert targets.shape == (8, 2) and targets.dtype == torch.float32
+        torch.testing.assert_close(targets.sum(1), torch.ones(8))
+    assert any(step["targets"].amax(1).min() < 0.99 for step in steps[:4])  # mixed, not one-hot
+    assert torch.equal(steps[0]["patch"], saved)
+    assert steps[0]["final_norm"] is torch.nn.Identity  # global pool: fc_norm replaces the final norm
+    for s, step in enumerate(steps[4:]):  # from scratch: a random init, and one lr for every layer
+        assert list(step["lr"].values()) == pytest.approx([common.cosine_schedule(s, 4, lr, 1e-6)] * len(step["lr"]))
+    assert not torch.equal(steps[4]["patch"], saved)
+
+    steps.clear()
+    probe.main(probe.get_args_parser().parse_args(flags + ["--recipe", "plain", "--output", str(tmp_path / "p.json")]))
+    assert len(steps) == 4 and all(step["final_norm"] is torch.nn.LayerNorm for step in steps)  # the CLS token, normed
+    assert all(step["targets"].dtype == torch.long and step["targets"].shape == (8,) for step in steps)  # no mixing
 
 
 def test_batches_are_capped_at_the_labelled_set():

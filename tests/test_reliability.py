@@ -158,17 +158,25 @@ except common.UserError as error:
 """
 
 
-def test_sigterm_on_one_rank_stops_all_ranks_at_the_same_step(tmp_path):
+def test_sigterm_on_one_rank_stops_all_ranks_at_the_same_step_and_resumes_exactly(tmp_path):
+    """2 gloo ranks, SIGTERM to rank 1 in step 3 of 8 (epoch 1 of 2): both stop at that step boundary and rank 0
+    saves; the same command resumes mid-epoch, to the end, bit-identical to a straight 2-rank run."""
     (tmp_path / "signal_one_rank.py").write_text(SIGNAL_ONE_RANK)
-    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(tmp_path / "signal_one_rank.py"),
-                        *RUN, *NANO, *HEADS["simclr"], "--data", "shapes:16:32", "--epochs", "2", "--output-dir", str(tmp_path / "o"),
-                        threads=1)
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    flags = [*RUN, *NANO, *HEADS["simclr"], "--data", "shapes:16:32", "--epochs", "2", "--output-dir"]
+    result = run_script(*torchrun, str(tmp_path / "signal_one_rank.py"), *flags, str(tmp_path / "o"), threads=1)
     assert result.returncode != 0
     stopped = [line for line in result.stderr.splitlines() if "stopped by SIGTERM" in line]
     assert len(stopped) == 1 and "at epoch 1, step 3" in stopped[0], result.stderr  # rank 0 agreed and saved, one line
     saved = torch.load(tmp_path / "o" / "checkpoint.pth", weights_only=False)
     assert (saved["epoch"], saved["step"]) == (0, 3)
     assert len(saved["rng"]) == 2 and not torch.equal(saved["rng"][0]["cpu"], saved["rng"][1]["cpu"])  # each rank resumes its own
+    for out in ("o", "straight"):  # the same command again resumes; a straight run for comparison
+        result = run_script(*torchrun, "simclr.py", *flags, str(tmp_path / out), threads=1)
+        assert result.returncode == 0, result.stderr
+    load = lambda out: torch.load(tmp_path / out / "checkpoint.pth", weights_only=False)  # noqa: E731
+    assert (load("o")["epoch"], load("o")["step"]) == (2, 8)
+    assert_same_state(load("straight"), load("o"))
 
 
 def test_a_second_sigterm_is_not_swallowed(sigterm_is_loud):
@@ -184,6 +192,9 @@ def test_save_every_keeps_numbered_snapshots(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "checkpoint_0002.pth", "checkpoint_0003.pth", "log.jsonl"]
     assert torch.load(tmp_path / "checkpoint_0002.pth", weights_only=False)["epoch"] == 2
     assert (tmp_path / "checkpoint_0003.pth").read_bytes() == (tmp_path / "checkpoint.pth").read_bytes()
+    # Hard links, no extra disk: the last snapshot IS the rolling checkpoint's file until the next save replaces it
+    inode = lambda name: os.stat(tmp_path / name).st_ino  # noqa: E731
+    assert inode("checkpoint_0003.pth") == inode("checkpoint.pth") != inode("checkpoint_0002.pth")
 
 
 def test_resume_with_other_flags_is_refused(tmp_path):
@@ -201,6 +212,27 @@ def test_resume_with_other_flags_is_refused(tmp_path):
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=False)["epoch"] == 2
     assert "already trained 2 epochs" in user_error("simclr", *RUN, *NANO, *HEADS["simclr"], "--epochs", "1",
                                                     "--data", "shapes:16:8", *out)
+
+
+def test_resume_from_a_path_with_the_monitor_added(tmp_path, monkeypatch):
+    """--resume PATH continues that run in another OUTPUT_DIR: its epoch 2 only, ending on the straight run's
+    weights. --val (with --knn-every) and --skip-bad-images change what a run reports or skips, not what it
+    computes: they may be added when it resumes."""
+    real_save = common.save_checkpoint
+
+    def save_and_keep(state, path):  # the straight run's epoch-1 checkpoint, kept aside
+        real_save(state, path)
+        if state["epoch"] == 1:
+            real_save(state, str(tmp_path / "epoch1.pth"))
+    monkeypatch.setattr(common, "save_checkpoint", save_and_keep)
+    train("simclr", "--epochs", "2", "--output-dir", str(tmp_path / "straight"))
+    monkeypatch.setattr(common, "save_checkpoint", real_save)
+    train("simclr", "--epochs", "2", "--resume", str(tmp_path / "epoch1.pth"), "--val", "shapes:16:16",
+          "--knn-every", "1", "--skip-bad-images", "--output-dir", str(tmp_path / "resumed"))
+    log = strict_json(tmp_path / "resumed" / "log.jsonl")
+    assert [record["epoch"] for record in log] == [2] and 0 <= log[0]["knn_top1"] <= 1
+    load = lambda out: torch.load(tmp_path / out / "checkpoint.pth", weights_only=False)  # noqa: E731
+    assert_same_state(load("straight"), load("resumed"))
 
 
 def image_folder(root, splits):

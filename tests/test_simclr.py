@@ -1,5 +1,6 @@
 """SimCLR: the loss is the paper's formula, one DDP step equals one big-batch step, resume is exact,
 and a short run learns something a random encoder does not know."""
+import math
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +46,16 @@ def test_official_heads_init_and_views():
     assert all(view.interpolation == "bicubic" for view in simclr.augmentations(args).transforms)
 
 
-def test_info_nce_prefers_aligned_views():
+def test_info_nce_prefers_aligned_views_and_needs_its_negatives():
+    torch.manual_seed(0)
     z = torch.randn(32, 8)
     assert simclr.info_nce(z, z + 0.01 * torch.randn_like(z), 0.1) < simclr.info_nce(z, torch.randn_like(z), 0.1)
+    # The same perfectly aligned pairs, spread over the sphere or all at one point: a loss without negatives scores
+    # both alike. At one point each anchor's 2N − 1 candidates all score as its positive does: log(2N − 1) per
+    # anchor, twice (loss_a + loss_b).
+    collapsed = torch.ones(32, 8)
+    torch.testing.assert_close(simclr.info_nce(collapsed, collapsed, 0.1), torch.tensor(2 * math.log(63)))
+    assert simclr.info_nce(z, z, 0.1) < 0.1 * simclr.info_nce(collapsed, collapsed, 0.1)  # measured 0.31 vs 8.29
 
 
 def test_two_ranks_equal_one_process(tmp_path):
