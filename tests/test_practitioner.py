@@ -98,7 +98,7 @@ def test_init_from_an_mae_finetuned_file_takes_fc_norm_as_the_final_norm(tmp_pat
         if name == "both":
             assert torch.equal(module.build_model(args).encoder.norm.weight, weights["norm.weight"])
         else:
-            with pytest.raises(common.UserError, match="neither.pth does not fit this encoder: norm.weight is missing"):
+            with pytest.raises(common.UserError, match="neither.pth does not fit a vit_nano: norm.weight is missing"):
                 module.build_model(args)
 
 
