@@ -1,6 +1,6 @@
 """What the method files share, and all they import: a method file plus this one is a project's whole copy.
-Part I, to read: data, views, backbones, DDP, schedules, LARS, checkpoints. Part II, to change: the built-in
-dataset, folder intake, augmentation on the device, --init weights, the k-NN monitor, the run harness."""
+Part I, to read: data, views, backbones, DDP, schedules, LARS, checkpoints. Part II, to change: folder intake,
+augmentation on the device, --init weights, the k-NN monitor, and the run harness that every main() drives."""
 import json
 import math
 import os
@@ -98,12 +98,11 @@ def blur_kernel(image_size):
 
 @dataclass
 class View:
-    """One random view (SimCLR §B.9, BYOL Table 6) as its parameters. Two executors draw from this distribution:
-    calling it runs torchvision on one PIL image (DataLoader workers); augment_batch runs it on a uint8 batch on
-    the device. jitter = (brightness, contrast, saturation, hue); BYOL's asymmetric pair is two Views."""
+    """One random view (SimCLR §B.9, BYOL Table 6), drawn by torchvision on one PIL image when called (DataLoader
+    workers) or by augment_batch on a uint8 batch on the device. BYOL's asymmetric pair is two Views."""
     size: int
     scale: tuple = (0.08, 1.0)
-    jitter: tuple = (0.4, 0.4, 0.2, 0.1)
+    jitter: tuple = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
     blur: float = 0.5  # probabilities of blur, solarize, jitter and grayscale
     solarize: float = 0.0
     jitter_prob: float = 0.8
@@ -148,8 +147,7 @@ def eval_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, grayscale_input=F
 
 
 def domain_views(views, args):
-    """A method's views with the domain switches of data_args (--no-flip, --no-color, --grayscale-input, --mean,
-    --std) applied to each View: where a view would destroy the signal, the switch turns it off on both paths."""
+    """The method's views with data_args' domain switches (--no-flip, --no-color, --grayscale-input, --mean, --std)."""
     colour_off = dict(jitter_prob=0.0, grayscale_prob=0.0, solarize=0.0) if args.no_color else {}
     return MultiView([replace(view, flip=0.0 if args.no_flip else view.flip, grayscale_input=args.grayscale_input,
                               mean=tuple(args.mean), std=tuple(args.std), **colour_off) for view in views.transforms])
@@ -193,9 +191,8 @@ def sincos_pos_embed(dim, grid_size):
 
 
 def resize_pos_embed(pos, h, w):
-    """(1, g*g, D) patch position embeddings -> (1, h*w, D) for another grid (DINO's local crops, --init weights of
-    another resolution) as DINO's interpolate_pos_encoding: scale factor (n + 0.1)/g, not size=(h, w). The values
-    differ (for a ViT-S/16's 96 px crops by a third of the largest entry), and official weights expect these."""
+    """(1, g*g, D) patch position embeddings -> (1, h*w, D) for another grid (DINO's local crops, --init weights) as
+    DINO's interpolate_pos_encoding: scale factor (n + 0.1)/g, not size=(h, w), whose values differ by a third."""
     grid = math.isqrt(pos.shape[1])
     if (h, w) == (grid, grid):
         return pos
@@ -209,9 +206,8 @@ VIT_SIZES = {"vit_nano": (128, 4, 4), "vit_tiny": (192, 12, 3),  # (width, depth
 
 
 class VisionTransformer(nn.Module):
-    """ViT with timm's parameter names: a saved state_dict loads into timm.create_model('vit_small_patch16_224',
-    num_classes=0) strictly. forward() returns the CLS feature; embed() + forward_tokens() let MAE run the blocks
-    on a subset of the patch tokens."""
+    """ViT with timm's names (a state_dict loads into timm's vit_small_patch16_224, num_classes=0, strictly); forward()
+    gives the CLS feature, embed() + forward_tokens() let MAE run the blocks on a subset of the patch tokens."""
 
     def __init__(self, image_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, drop_path=0.0,
                  sincos=False):
@@ -252,10 +248,9 @@ class VisionTransformer(nn.Module):
 
 def build_encoder(arch, image_size=224, patch_size=16, drop_path=0.0, sincos=False, num_heads=None,
                   zero_init_residual=False):
-    """Backbone without classifier, exposing .embed_dim. ResNets are torchvision's; at 64 px and below the 7x7/2 stem
-    + max-pool becomes a 3x3/1 stem (SimCLR's CIFAR variant: 4x early downsampling would leave a 32 px image 1x1
-    before the last stage). zero_init_residual: each residual block starts as the identity. num_heads: a ViT's head
-    count if not the usual (MoCo v3's ViT-S has 12, DINO's 6): no weight shows it, so it travels in encoder_config."""
+    """Backbone without classifier, exposing .embed_dim. At 64 px and below a ResNet's 7x7/2 stem + max-pool becomes
+    SimCLR's CIFAR stem, 3x3/1 (or a 32 px image is 1x1 before the last stage). num_heads: a ViT's head count if not
+    the usual (MoCo v3's ViT-S has 12): no weight shows it, so it travels in the checkpoint's encoder_config."""
     if arch in ("resnet18", "resnet34", "resnet50"):
         model = getattr(torchvision.models, arch)(zero_init_residual=zero_init_residual)
         if image_size <= 64:
@@ -274,8 +269,8 @@ ARCHS = ("resnet18", "resnet34", "resnet50", *VIT_SIZES)
 
 
 def mlp(dims, last_bn=True, last_affine=False, last_bias=False):
-    """Linear-BN-ReLU layers (SimCLR / BYOL / SimSiam / MoCo v3 heads), dims = (in, hidden, ..., out); no bias where
-    BN follows, nor on the last layer unless last_bias (SimSiam's predictor has one)."""
+    """Linear-BN-ReLU heads, dims = (in, hidden, ..., out); no bias where BN follows, nor on the last layer unless
+    last_bias (SimSiam's predictor has one)."""
     layers = []
     for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
         last = i == len(dims) - 2
@@ -300,8 +295,7 @@ class DistEnv:
 
 
 def init_distributed():
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one plain process.
-    NCCL on CUDA, gloo on CPU (which is how the tests run 2 ranks on a laptop)."""
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK, else one plain process. NCCL on CUDA, gloo on CPU (the tests)."""
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         return DistEnv(device=torch.device("cuda" if cuda else "cpu"))
@@ -313,8 +307,7 @@ def init_distributed():
 
 
 def all_gather(x, keep_grad):
-    """Concatenate x (N, ...) from every rank -> (world * N, ...), rank order. keep_grad=True back-propagates into
-    every rank's input (SimCLR's negatives); False is a constant (MoCo's keys)."""
+    """x (N, ...) of every rank -> (world·N, ...); keep_grad: gradients reach each rank's x (SimCLR), or not (MoCo)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x if keep_grad else x.detach()
     if keep_grad:
@@ -367,8 +360,7 @@ class LARS(torch.optim.Optimizer):
 
 
 def embedding_std(z):
-    """Collapse signal (SimSiam §4.1): the mean per-dimension std of the L2-normalised outputs, about 1/sqrt(d) when
-    they spread over the sphere, 0 when every image maps to one point."""
+    """Collapse signal (SimSiam §4.1): per-dimension std of the normalised z, ≈ 1/sqrt(d) spread, 0 collapsed."""
     return F.normalize(z.float(), dim=1).std(dim=0).mean().item()
 
 
@@ -406,7 +398,7 @@ def load_checkpoint(path, method=None):
     return checkpoint
 
 
-# ============================================================================== PART II: what one reads to change it
+# ========================================================================== PART II: what one reads to change it
 # ----------------------------------------------------------------------------- folder intake
 def folder_dataset(spec, train, transform, skip_bad):
     """DIR/{train,val}/<class>/*, class folders alone (train only), or images without class folders (unlabelled)."""

@@ -285,12 +285,13 @@ def benchmark_one(method, seed, args):
     encoders = (("random_init", init_path), ("trained", trained_path))
     for protocol in protocols:
         outputs = {name: os.path.join(out, f"{protocol}_{name}.json") for name, _ in encoders}
-        if protocol == "finetune" and args.threads >= 2:
-            # minutes each, mostly one thread's augmentations: both encoders side by side, each on half the
-            # threads (with --threads 2 one each, as a --threads 1 run fine-tunes)
+        if protocol == "finetune":
+            # minutes each, mostly one thread's augmentations: both encoders side by side, each on half the threads
+            # (at least one; what each computes does not depend on it running beside the other)
             with concurrent.futures.ThreadPoolExecutor(2) as pool:
-                runs = [pool.submit(run, probe_argv(path, args.data, protocol, outputs[name], args), args.threads // 2,
-                                    os.path.splitext(outputs[name])[0] + ".log") for name, path in encoders]
+                runs = [pool.submit(run, probe_argv(path, args.data, protocol, outputs[name], args),
+                                    max(1, args.threads // 2), os.path.splitext(outputs[name])[0] + ".log")
+                        for name, path in encoders]
                 for finished in runs:
                     finished.result()  # re-raises a failed fine-tune's error
             row[protocol] = {}

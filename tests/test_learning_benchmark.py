@@ -1,8 +1,7 @@
-"""benchmarks/learning.py end to end at a smoke scale: MAE (every readout: k-NN, linear, fine-tune),
-15 steps on 192 images; the numbers mean nothing, the plumbing is checked. The other methods differ
-only in their RECIPES flags and, for DINO, in which network is the encoder (the teacher backbone):
-every benchmark run checks its random init against the script's epoch-0 k-NN the same way. Also: --set
-(the sweeps' recipe overrides) and benchmarks/peer_lightly.py (the peer check; its run needs lightly)."""
+"""benchmarks/learning.py's report, from the MAE run of tests/test_learning.py (every readout: k-NN, linear,
+fine-tune); the other methods differ only in their RECIPES flags and, for DINO, in which network is the encoder (the
+teacher backbone): every benchmark run checks its random init against the script's epoch-0 k-NN the same way. Also:
+--set (the sweeps' recipe overrides) and benchmarks/peer_lightly.py (the peer check; its run needs lightly)."""
 import json
 import sys
 
@@ -13,13 +12,14 @@ from benchmarks.learning import RECIPES
 from helpers import run_script
 
 
-def test_learning_benchmark_smoke_run(tmp_path):
-    result = run_script("benchmarks/learning.py", "--methods", "mae", "--seeds", "0",
-                        "--data", "shapes:32:192:64", "--steps-scale", "0.004", "--linear-epochs", "2", "--finetune-epochs", "1",
-                        "--threads", "2", "--output-dir", str(tmp_path))
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    report = json.load(open(tmp_path / "results.json"))
-    assert list(report["summary"]) == ["mae"]
+@pytest.mark.background_runs("mae")
+def test_learning_benchmark_writes_its_report(benchmark_row, background):
+    """The MAE run of tests/test_learning.py, as `python benchmarks/learning.py` wrote and printed it: every readout
+    (k-NN, linear, fine-tune) summarised, tabled and printed."""
+    benchmark_row("mae")  # waits for the run
+    out, stdout = background.folder / "mae", (background.folder / "mae.log").read_text()
+    report = json.load(open(out / "results.json"))
+    assert list(report["summary"]) == ["mae"] and report["threads"] == 1
     for method, entry in report["summary"].items():
         assert list(entry["readouts"]) == ["knn", "linear", "finetune"]
         for r in entry["readouts"].values():
@@ -32,12 +32,12 @@ def test_learning_benchmark_smoke_run(tmp_path):
         assert run["knn"]["random_init"] == run["knn"]["logged_epoch0"]
         assert run["command"].startswith(f"python {RECIPES[run['method']]['script']} ")
         assert run["knn_curve"][0] == [0, run["knn"]["logged_epoch0"]] and len(run["knn_curve"]) >= 2
-    table = (tmp_path / "results.md").read_text()
+    table = (out / "results.md").read_text()
     assert "| method | steps | train min | readout | random init | trained | gain | gain / std |" in table
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| mae |")]
     assert [row[3] for row in rows[:3]] == ["knn", "linear", "finetune"] and len(rows) == 4  # + the per-run row
-    assert table in result.stdout  # printed as written
-    assert (tmp_path / "knn_vs_step.png").exists() or "matplotlib is not installed" in result.stdout
+    assert table in stdout  # printed as written
+    assert (out / "knn_vs_step.png").exists() or "matplotlib is not installed" in stdout
 
 
 def test_set_replaces_a_recipe_flag_or_its_warmup_share_for_one_run():
