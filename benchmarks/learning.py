@@ -52,7 +52,8 @@ RECIPES = {
         "proj_hidden": 512,   # paper: hidden = encoder width (2048 for R-50); 4x the 128-wide ViT
         "proj_dim": 128,      # paper
         "temperature": 0.2,   # paper 0.1 at batch 4096; small batches prefer a softer τ (Table 5 trend; measured 0.2)
-        "base_lr": 4,         # LARS lr 1 at batch 64 (measured: README quick start 28.6 -> 40.6%); 0.3 moves little in 1k steps
+        "base_lr": 4,         # LARS lr 1 at batch 64 (measured: README quick start 28.6 -> 40.6%); 0.3 moves little
+                              # in 1k steps
     }),
     "moco_v3": dict(script="moco.py", steps=1500, warmup=0.1, flags={  # paper: 40 of 300 epochs warm-up
         "version": "v3",
@@ -70,8 +71,9 @@ RECIPES = {
         "proj_dim": 128,      # paper
         "temperature": 0.2,   # paper
         "queue_size": 512,    # paper 65536 of 1.28M images (5%); 512 of 5000 keeps the queue this fresh (8 batches)
-        "optimizer": "adamw",  # paper: SGD, for a ResNet-50; a ViT trains with AdamW (MoCo v3, DeiT). Linear gain, seed 0:
-                              # SGD lr 0.25 -5.0 (lightly's MoCo v2 at the same settings: -3.0), lr 0.075 +6.6, AdamW +11.1
+        "optimizer": "adamw",  # paper: SGD, for a ResNet-50; a ViT trains with AdamW (MoCo v3, DeiT). Linear gain,
+                              # seed 0: SGD lr 0.25 -5.0 (lightly's MoCo v2 at the same settings: -3.0), lr 0.075 +6.6,
+                              # AdamW +11.1
         "base_lr": 4e-3,      # AdamW lr 1e-3 at batch 64, as the MoCo v3 recipe above
         "weight_decay": 0.1,  # MoCo v3's for AdamW (the paper's 1e-4 is SGD's)
         "momentum": 0.99,     # paper 0.999 over 1M steps; a 1k-step run needs an EMA horizon of ~100 steps
@@ -81,14 +83,16 @@ RECIPES = {
         "proj_dim": 128,      # paper 256
         "pred_hidden": 512,   # paper 4096
         "base_lr": 4,         # LARS lr 1 at batch 64 (measured on shapes: 2 and 8 did worse at 250 steps); paper 0.2
-        "tau_base": 0.99,     # paper 0.996 over 300k steps; ~100-step EMA horizon for 1k steps (cosine to 1, as the paper)
+        "tau_base": 0.99,     # paper 0.996 over 300k steps; ~100-step EMA horizon for 1k steps (cosine to 1, as the
+                              # paper)
     }),
     "simsiam": dict(script="simsiam.py", steps=1500, warmup=0.1, flags={  # paper: none at batch 512; here lr 0.25 from
         # step 0 made the gain a lottery (linear +23.0, +4.2, +9.2, seeds 0-2); one warm-up epoch: +11.3, +12.2, +10.1
         "proj_hidden": 512,   # paper 2048 (R-50 width)
         "proj_dim": 512,      # paper 2048 = hidden
         "pred_hidden": 128,   # paper: bottleneck 1/4 of proj_dim (512 of 2048)
-        "base_lr": 1,         # SGD lr 0.25 at batch 64 (simsiam.py's CPU recipe); the paper's 0.05 moves nothing in 1k steps.
+        "base_lr": 1,         # SGD lr 0.25 at batch 64 (simsiam.py's CPU recipe); the paper's 0.05 moves nothing in
+                              # 1k steps.
                               # 2 (lr 0.5, without warm-up, cosine per epoch) broke seed 2 (linear 31.6 -> 27.4)
         "weight_decay": 1e-4,  # paper
     }),
@@ -109,8 +113,9 @@ RECIPES = {
     # fine-tuning gain still grows at 1600 (Fig. 7). At 2000 steps (x 0.3: 589 on 2000 images) its k-NN was still
     # below its random init's (27.6 vs 30.9%) and fine-tuning gained +4.0 +- 3.5; at 4000 (1209): 34.3%, +16.1 +- 1.2.
     "mae": dict(script="mae.py", steps=4000, warmup=0.05, flags={  # paper: 40 of 800 epochs warm-up
-        "patch_size": 4,      # 64 patches, 16 visible (paper: 196, 49 visible). At patch 8 only 4 of 16 stay visible and
-                              # MAE hurt fine-tuning vs its random init (49.2 vs 53.7%); at 4: 61.1 vs 47.1% (seed 0)
+        "patch_size": 4,      # 64 patches, 16 visible (paper: 196, 49 visible). At patch 8 only 4 of 16 stay visible
+                              # and MAE hurt fine-tuning vs its random init (49.2 vs 53.7%); at 4: 61.1 vs 47.1%
+                              # (seed 0)
         "mask_ratio": 0.75,   # paper
         "decoder_dim": 64,    # paper 512 for a 1024-wide ViT-L: half the encoder width
         "decoder_depth": 2,   # paper 8; 2 of the encoder's 4 blocks
@@ -187,8 +192,8 @@ def random_init_checkpoint(method, argv, path):
     model = module.build_model(args)
     encoder = model.teacher.backbone if hasattr(model, "teacher") else model.encoder
     config = dict(arch=args.arch, image_size=args.image_size, patch_size=args.patch_size)
-    common.save_checkpoint(dict(method=argv[0][:-3], encoder_config=config, encoder=encoder.state_dict(), args=vars(args),
-                                epoch=0, step=0), path)
+    common.save_checkpoint(dict(method=argv[0][:-3], encoder_config=config, encoder=encoder.state_dict(),
+                                args=vars(args), epoch=0, step=0), path)
 
 
 def knn_top1(checkpoint_path, data):
@@ -197,7 +202,8 @@ def knn_top1(checkpoint_path, data):
     encoder = common.build_encoder(**checkpoint["encoder_config"])
     encoder.load_state_dict(checkpoint["encoder"])
     run = checkpoint.get("args", {})  # the run's normalisation, as its own monitor used
-    args = argparse.Namespace(data=data, val="", image_size=checkpoint["encoder_config"]["image_size"], data_root="data", workers=0,
+    args = argparse.Namespace(data=data, val="", image_size=checkpoint["encoder_config"]["image_size"],
+                              data_root="data", workers=0,
                               mean=run.get("mean", common.IMAGENET_MEAN), std=run.get("std", common.IMAGENET_STD),
                               grayscale_input=run.get("grayscale_input", False), skip_bad_images=False)
     return 100 * common.knn_monitor(encoder, args, 64, common.DistEnv())
@@ -230,7 +236,8 @@ def probe(checkpoint_path, data, protocol, output, args):
     # import per readout, and the rendered shapes are cached.
     print("  $ python " + " ".join(argv), flush=True)
     module = importlib.import_module("probe")
-    with open(os.path.splitext(output)[0] + ".log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    with open(os.path.splitext(output)[0] + ".log",
+              "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         module.main(module.get_args_parser().parse_args(argv[1:]))
     with open(output) as f:
         return top1(json.load(f), protocol)
@@ -253,7 +260,8 @@ def benchmark_one(method, seed, args):
     """Train METHOD with SEED, then read out the trained and the random-init encoder."""
     out = os.path.abspath(os.path.join(args.output_dir, f"{method}_seed{seed}"))
     os.makedirs(out, exist_ok=True)
-    argv, steps, epochs = method_command(method, args.data, seed, args.steps_scale, os.path.join(out, "train"), args.set)
+    argv, steps, epochs = method_command(method, args.data, seed, args.steps_scale, os.path.join(out, "train"),
+                                         args.set)
     row_path = os.path.join(out, "row.json")
     if args.reuse and os.path.exists(row_path):
         with open(row_path) as f:
@@ -272,15 +280,18 @@ def benchmark_one(method, seed, args):
 
     readout_start = time.time()
     row = dict(method=method, seed=seed, steps=steps, epochs=epochs, command="python " + " ".join(argv),
-               train_seconds=round(train_seconds, 1), images_per_s=round(sum(r["images_per_s"] for r in log[1:]) / max(1, len(log) - 1), 1),
-               knn_curve=[[r["epoch"] * steps // epochs, 100 * r["knn_top1"]] for r in log if r.get("knn_top1") is not None],
+               train_seconds=round(train_seconds, 1),
+               images_per_s=round(sum(r["images_per_s"] for r in log[1:]) / max(1, len(log) - 1), 1),
+               knn_curve=[[r["epoch"] * steps // epochs, 100 * r["knn_top1"]] for r in log
+                          if r.get("knn_top1") is not None],
                final_loss=log[-1].get("loss"))
     row["knn"] = dict(random_init=knn_top1(init_path, args.data), trained=knn_top1(trained_path, args.data))
     row["knn"]["logged_epoch0"] = 100 * log[0]["knn_top1"]  # the script's own random init: must be ours
     row["init_matches_log"] = abs(row["knn"]["random_init"] - row["knn"]["logged_epoch0"]) < 1e-6
     if not row["init_matches_log"]:
-        print(f"WARNING: {method} seed {seed}: random-init k-NN {row['knn']['random_init']:.2f} differs from the script's "
-              f"epoch-0 k-NN {row['knn']['logged_epoch0']:.2f}: not the same random encoder", flush=True)
+        print(f"WARNING: {method} seed {seed}: random-init k-NN {row['knn']['random_init']:.2f} "
+              f"differs from the script's epoch-0 k-NN {row['knn']['logged_epoch0']:.2f}: "
+              f"not the same random encoder", flush=True)
     protocols = ["linear"] + (["finetune"] if method == "mae" else [])
     encoders = (("random_init", init_path), ("trained", trained_path))
     for protocol in protocols:
@@ -341,21 +352,23 @@ def markdown(summary, rows, args):
     def cell(pair):
         mean, std = pair
         return f"{mean:.1f}" + (f" ± {std:.1f}" if std is not None else "")
-    lines = [f"Data `{args.data}`, vit_nano/8, batch 64, seeds {' '.join(map(str, args.seeds))}, steps × {args.steps_scale}, "
+    lines = [f"Data `{args.data}`, vit_nano/8, batch 64, seeds {' '.join(map(str, args.seeds))}, "
+             f"steps × {args.steps_scale}, "
              f"{args.threads} thread(s). Top-1 %, mean ± std over seeds; gain paired per seed.", "",
              "| method | steps | train min | readout | random init | trained | gain | gain / std |",
              "|---|---|---|---|---|---|---|---|"]
     for method, entry in summary.items():
         for readout, r in entry["readouts"].items():
             ratio = f"{r['gain_over_std']:.1f}" if r["gain_over_std"] is not None else "n/a"
-            lines.append(f"| {method} | {entry['steps']} | {entry['train_minutes']:.1f} | {readout} | {cell(r['random_init'])} | "
-                         f"{cell(r['trained'])} | {r['gain']:+.1f} | {ratio} |")
-    lines += ["", "| method | seed | steps | train s | img/s | " + " | ".join(f"{r} init → trained" for r in READOUTS) + " |",
+            lines.append(f"| {method} | {entry['steps']} | {entry['train_minutes']:.1f} | {readout} | "
+                         f"{cell(r['random_init'])} | {cell(r['trained'])} | {r['gain']:+.1f} | {ratio} |")
+    lines += ["", "| method | seed | steps | train s | img/s | "
+              + " | ".join(f"{r} init → trained" for r in READOUTS) + " |",
               "|---" * (5 + len(READOUTS)) + "|"]
     for r in rows:
         cells = [f"{r[k]['random_init']:.1f} → {r[k]['trained']:.1f}" if k in r else "" for k in READOUTS]
-        lines.append(f"| {r['method']} | {r['seed']} | {r['steps']} | {r['train_seconds']:.0f} | {r['images_per_s']:.0f} | "
-                     + " | ".join(cells) + " |")
+        lines.append(f"| {r['method']} | {r['seed']} | {r['steps']} | {r['train_seconds']:.0f} | "
+                     f"{r['images_per_s']:.0f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -398,18 +411,23 @@ def get_args_parser():
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--data", default="shapes:32:5000:2000",
                    help="shapes[:SIZE[:N[:V]]] or an ImageFolder with train/ and val/; 5k/2k: the size of the "
-                        "held-out dataset the issue measured on, and 2000 val images put the k-NN's sampling error at ±1 point")
-    p.add_argument("--steps-scale", type=float, default=1.0, help="multiplies every method's step budget (0.05: smoke run)")
+                        "held-out dataset the issue measured on, and 2000 val images put the k-NN's sampling error "
+                        "at ±1 point")
+    p.add_argument("--steps-scale", type=float, default=1.0,
+                   help="multiplies every method's step budget (0.05: smoke run)")
     p.add_argument("--set", nargs="+", default=[], type=recipe_override, metavar="NAME=VALUE",
-                   help="sweeps: replace a recipe flag (base_lr=0.5, global_crops_scale=0.2,1) or its steps / warmup share "
-                        "in every --methods run; the command in each row says what ran")
-    p.add_argument("--linear-epochs", type=common.positive_int, default=None, help="probe.py --linear-epochs (default: probe.py's)")
+                   help="sweeps: replace a recipe flag (base_lr=0.5, global_crops_scale=0.2,1) or its steps / "
+                        "warmup share in every --methods run; the command in each row says what ran")
+    p.add_argument("--linear-epochs", type=common.positive_int, default=None,
+                   help="probe.py --linear-epochs (default: probe.py's)")
     p.add_argument("--finetune-epochs", type=common.positive_int, default=None,
-                   help=f"MAE's fine-tuning readout (default: {FINETUNE_STEPS} steps' worth of epochs, 10 on 5000 images; "
-                        "3 epochs were too few to mean anything)")
+                   help=f"MAE's fine-tuning readout (default: {FINETUNE_STEPS} steps' worth of epochs, 10 on 5000 "
+                        "images; 3 epochs were too few to mean anything)")
     p.add_argument("--output-dir", default="runs/learning")
-    p.add_argument("--threads", type=common.positive_int, default=2, help="OMP threads of every training and probe process")
-    p.add_argument("--reuse", action="store_true", help="keep a method/seed whose OUTPUT_DIR row.json came from the same command")
+    p.add_argument("--threads", type=common.positive_int, default=2,
+                   help="OMP threads of every training and probe process")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep a method/seed whose OUTPUT_DIR row.json came from the same command")
     p.add_argument("--dry-run", action="store_true", help="print the training commands and exit")
     return p
 
@@ -422,7 +440,8 @@ def main(args):
         for method in args.methods:
             for seed in args.seeds:
                 argv, steps, _ = method_command(method, args.data, seed, args.steps_scale,
-                                                os.path.join(args.output_dir, f"{method}_seed{seed}", "train"), args.set)
+                                                os.path.join(args.output_dir, f"{method}_seed{seed}", "train"),
+                                                args.set)
                 print(f"# {method} seed {seed}: {steps} steps\npython " + " ".join(argv))
         return None
     args.output_dir = os.path.abspath(args.output_dir)
@@ -440,7 +459,8 @@ def main(args):
         json.dump(report, f, indent=1)
     report["run_minutes"] = round(sum(r["train_seconds"] + r["readout_seconds"] for r in rows) / 60, 1)
     table = markdown(summary, rows, args) + (f"\nTime: {report['run_minutes']} min of training and readouts "
-                                             f"(this invocation {report['wall_minutes']} min; --reuse keeps earlier runs).\n")
+                                             f"(this invocation {report['wall_minutes']} min; "
+                                             f"--reuse keeps earlier runs).\n")
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(table)
     print("\n" + table)

@@ -90,7 +90,8 @@ PEERS = {"moco_v2": moco_v2, "simsiam": simsiam}
 def train_peer(method, seed, opts):
     out = os.path.abspath(os.path.join(opts.output_dir, f"{method}_seed{seed}"))
     os.makedirs(out, exist_ok=True)
-    argv, steps, epochs = learning.method_command(method, opts.data, seed, opts.steps_scale, os.path.join(out, "ours"), opts.set)
+    argv, steps, epochs = learning.method_command(method, opts.data, seed, opts.steps_scale, os.path.join(out, "ours"),
+                                                  opts.set)
     module = importlib.import_module(argv[0][:-3])
     args = module.get_args_parser().parse_args(argv[1:])
     args.image_size = args.image_size or common.default_image_size(args.data)
@@ -119,7 +120,8 @@ def train_peer(method, seed, opts):
     for epoch in range(epochs):
         losses = []
         for views, _ in loader:
-            for group in optimizer.param_groups:  # per step, as our v3 / BYOL / DINO; our v2 and SimSiam move it per epoch
+            # per step, as our v3 / BYOL / DINO; our v2 and SimSiam move it per epoch
+            for group in optimizer.param_groups:
                 group["lr"] = common.cosine_schedule(done, total, lr, 0.0, warmup)
             loss = step_fn(views)
             optimizer.zero_grad(set_to_none=True)
@@ -136,7 +138,8 @@ def train_peer(method, seed, opts):
                                 encoder=encoder.state_dict(), args=vars(args), epoch=epochs, step=done), trained_path)
     row = dict(method=method, seed=seed, steps=done, peer="lightly", command="python " + " ".join(argv),
                train_seconds=round(time.time() - start, 1), log=log)
-    row["knn"] = dict(random_init=learning.knn_top1(init_path, args.data), trained=learning.knn_top1(trained_path, args.data))
+    row["knn"] = dict(random_init=learning.knn_top1(init_path, args.data),
+                      trained=learning.knn_top1(trained_path, args.data))
     row["linear"] = {name: learning.probe(path, args.data, "linear", os.path.join(out, f"linear_{name}.json"), opts)
                      for name, path in (("random_init", init_path), ("trained", trained_path))}
     for readout in ("knn", "linear"):
@@ -156,7 +159,8 @@ def main():
     p.add_argument("--steps-scale", type=float, default=1.0, help="as learning.py's")
     p.add_argument("--set", nargs="+", default=[], type=learning.recipe_override, metavar="NAME=VALUE",
                    help="as learning.py's: replace a recipe flag, e.g. base_lr=0.5 momentum=0.999")
-    p.add_argument("--linear-epochs", type=common.positive_int, default=None, help="probe.py --linear-epochs (default: probe.py's)")
+    p.add_argument("--linear-epochs", type=common.positive_int, default=None,
+                   help="probe.py --linear-epochs (default: probe.py's)")
     p.add_argument("--threads", type=common.positive_int, default=2, help="torch threads of the run and its readouts")
     p.add_argument("--output-dir", default="runs/peer_lightly", help="METHOD_seedS/row.json and checkpoints go here")
     opts = p.parse_args()

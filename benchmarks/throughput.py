@@ -42,8 +42,10 @@ CONFIGS = {
     "cpu-tiny": ("vit_nano", 32, 8, 16, tuple(METHODS)),
 }
 # cpu-tiny only: heads shrunk to the backbone's scale, so that the CPU smoke run takes seconds.
-TINY_HEADS = {"simclr": ["--proj-hidden", "256"], "moco": ["--proj-hidden", "256"], "byol": ["--proj-hidden", "256", "--pred-hidden", "256"],
-              "simsiam": ["--proj-hidden", "256", "--pred-hidden", "64"], "mae": ["--decoder-dim", "64", "--decoder-depth", "1", "--decoder-heads", "4"],
+TINY_HEADS = {"simclr": ["--proj-hidden", "256"], "moco": ["--proj-hidden", "256"],
+              "byol": ["--proj-hidden", "256", "--pred-hidden", "256"],
+              "simsiam": ["--proj-hidden", "256", "--pred-hidden", "64"],
+              "mae": ["--decoder-dim", "64", "--decoder-depth", "1", "--decoder-heads", "4"],
               "dino": ["--out-dim", "1024", "--head-hidden", "256", "--head-bottleneck", "64"]}
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12}  # dense
 
@@ -134,7 +136,8 @@ def main():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c != "cpu-tiny"], choices=CONFIGS,
                    help="architecture / resolution / batch configurations")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods (each config lists where it applies)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="methods (each config lists where it applies)")
     p.add_argument("--modes", nargs="+", default=["synthetic", "device", "dataloader"],
                    choices=["synthetic", "device", "dataloader"], help="input pipelines to measure")
     p.add_argument("--steps", type=int, default=30, help="timed steps")
@@ -151,7 +154,8 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     device_name = torch.cuda.get_device_name() if dist_env.device.type == "cuda" else "CPU"
     print(f"device: {device_name}, torch {torch.__version__}")
-    header = f"{'method':8} {'config':14} {'mode':10} {'img/s':>9} {'views/s':>9} {'ms/step':>8} {'GFLOP/img':>9} {'TFLOP/s':>8} {'MFU':>6} {'mem GB':>7}"
+    header = (f"{'method':8} {'config':14} {'mode':10} {'img/s':>9} {'views/s':>9} {'ms/step':>8} "
+              f"{'GFLOP/img':>9} {'TFLOP/s':>8} {'MFU':>6} {'mem GB':>7}")
     print(header)
     results = []
     for config in args.configs:
@@ -166,8 +170,9 @@ def main():
                 results.append(r)
                 mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "    -"
                 memory = f"{r['peak_memory_gb']:7.1f}" if r["peak_memory_gb"] is not None else "      -"
-                print(f"{method:8} {config:14} {mode:10} {r['images_per_s']:9.0f} {r['views_per_s']:9.0f} {r['step_ms']:8.1f} "
-                      f"{r['gflops_per_image']:9.2f} {r['tflops_per_s']:8.2f} {mfu} {memory}", flush=True)
+                print(f"{method:8} {config:14} {mode:10} {r['images_per_s']:9.0f} {r['views_per_s']:9.0f} "
+                      f"{r['step_ms']:8.1f} {r['gflops_per_image']:9.2f} {r['tflops_per_s']:8.2f} {mfu} {memory}",
+                      flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(dict(device=device_name, torch=torch.__version__, results=results), f, indent=1)

@@ -15,8 +15,8 @@ sys.path.insert(0, ROOT)  # the method files are scripts at the top level, not a
 
 # README's quick start (2 CPU cores, about a minute): SimCLR on the built-in dataset, k-NN at random init and at the end
 QUICK_START = ["simclr.py", "--data", "shapes:32:1500:2000", "--arch", "vit_nano", "--patch-size", "8", "--epochs", "8",
-               "--batch-size", "64", "--base-lr", "4", "--temperature", "0.2", "--warmup-epochs", "1", "--knn-every", "8",
-               "--workers", "2"]
+               "--batch-size", "64", "--base-lr", "4", "--temperature", "0.2", "--warmup-epochs", "1",
+               "--knn-every", "8", "--workers", "2"]
 # The background runs, by name: (minutes beside the rest of the suite on 2 cores, the command given its folder).
 RUNS = {"quick-start": (2, lambda out: [*QUICK_START, "--output-dir", out]),
         "quick-start-cpu-augment": (2, lambda out: [*QUICK_START, "--cpu-augment", "--output-dir", out])}

@@ -50,7 +50,8 @@ if dist_env.world_size > 1:
     torch.distributed.all_reduce(global_loss)
     global_loss /= dist_env.world_size
 if dist_env.is_main:
-    torch.save({"loss": global_loss, "grads": {n: p.grad for n, p in raw_model.named_parameters() if p.grad is not None}},
+    torch.save({"loss": global_loss,
+                "grads": {n: p.grad for n, p in raw_model.named_parameters() if p.grad is not None}},
                out_path)
 if dist_env.world_size > 1:
     # Every rank waits for rank 0's save, then shuts gloo down before the interpreter exits: a rank

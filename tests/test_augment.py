@@ -38,7 +38,8 @@ def test_hue_and_blur_equal_torchvision(shift):
     expected = torch.stack([v2.functional.adjust_hue(image, shift) for image in x])
     torch.testing.assert_close(common.adjust_hue(x, torch.full((4,), shift)), expected, atol=1e-5, rtol=1e-5)
     sigmas = torch.tensor([0.1, 0.7, 1.3, 2.0])
-    expected = torch.stack([v2.functional.gaussian_blur(image, [5, 5], [s.item(), s.item()]) for image, s in zip(x, sigmas)])
+    expected = torch.stack([v2.functional.gaussian_blur(image, [5, 5], [s.item(), s.item()])
+                            for image, s in zip(x, sigmas)])
     torch.testing.assert_close(common.gaussian_blur(x, sigmas, 5), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -50,7 +51,9 @@ def views_statistics(views):
 
 
 @pytest.mark.parametrize("view", [common.View(24), common.View(24, blur=0.1, solarize=0.2),
-                                  mae.augmentations(mae.get_args_parser().parse_args(["--data", "shapes", "--image-size", "24"])).transforms[0], common.View(12, scale=(0.05, 0.4), blur=1.0)],
+                                  mae.augmentations(mae.get_args_parser().parse_args(
+                                      ["--data", "shapes", "--image-size", "24"])).transforms[0],
+                                  common.View(12, scale=(0.05, 0.4), blur=1.0)],
                          ids=["simclr", "byol-view2", "mae", "dino-local"])
 def test_same_distribution_as_torchvision_pipeline(view):
     image = shapes.Shapes("train", 32, 1)[0][0]
@@ -78,10 +81,12 @@ def test_rates_of_flip_grayscale_and_jitter():
     is_gray = (gray[:, 0] * 0.229 + 0.485 - gray[:, 1] * 0.224 - 0.456).abs().flatten(1).max(1)[0] < 1e-5
     assert abs(is_gray.float().mean() - 0.3) < 0.03
     bright = common.View(16, scale=(1.0, 1.0), jitter=(0.4, 0.0, 0.0, 0.0), grayscale_prob=0.0, blur=0.0)
-    ratio = views_statistics(common.augment_batch(images, bright))[:, :3].mean(1) / views_statistics(image[None])[:, :3].mean()
+    ratio = (views_statistics(common.augment_batch(images, bright))[:, :3].mean(1)
+             / views_statistics(image[None])[:, :3].mean())
     changed = (ratio - 1).abs() > 1e-3
     assert abs(changed.float().mean() - 0.8) < 0.03  # jitter applied with p 0.8 ...
-    assert ratio.min() > 0.55 and ratio.max() < 1.45 and ratio[changed].std() > 0.15  # ... brightness U(0.6, 1.4), clamped
+    assert (ratio.min() > 0.55 and ratio.max() < 1.45
+            and ratio[changed].std() > 0.15)  # ... brightness U(0.6, 1.4), clamped
 
 
 def test_per_image_parameters_and_seeded_determinism():
@@ -113,4 +118,5 @@ def test_device_loader_is_chosen_for_in_memory_data_and_replays_an_epoch(tmp_pat
     # The device holds the dataset's own images and labels, in dataset order.
     raw = common.build_dataset("shapes:16:100", "pretrain")
     for index in (0, 57, 99):
-        assert torch.equal(loader.images[index], v2.functional.pil_to_tensor(raw[index][0])) and loader.labels[index] == raw[index][1]
+        assert (torch.equal(loader.images[index], v2.functional.pil_to_tensor(raw[index][0]))
+                and loader.labels[index] == raw[index][1])

@@ -22,7 +22,8 @@ def test_throughput_benchmark_runs_every_method_on_cpu(tmp_path):
     assert report["device"] == "CPU"
     results = {r["method"]: r for r in report["results"]}
     assert sorted(results) == sorted(METHODS)
-    views = dict(simclr=2, moco=2, byol=2, simsiam=2, mae=1, dino=10)  # DINO: 2 global + 8 local crops (the official default)
+    # DINO: 2 global + 8 local crops (the official default)
+    views = dict(simclr=2, moco=2, byol=2, simsiam=2, mae=1, dino=10)
     for method, r in results.items():
         assert r["images_per_s"] > 0 and r["views_per_s"] == pytest.approx(views[method] * r["images_per_s"])
         # README's "Speed" table (vit_nano/8 at 32 px, forward + backward; DINO at today's 10 crops), within 10%

@@ -103,7 +103,8 @@ def test_the_target_side_is_the_ema_network_once_the_online_one_has_moved():
 
 
 def test_resume_replays_training_exactly_and_tau_follows_the_schedule(tmp_path, monkeypatch):
-    flags = ["--data", "shapes:16:64", *TINY, "--batch-size", "32", "--epochs", "2", "--knn-every", "0", "--workers", "0"]
+    flags = ["--data", "shapes:16:64", *TINY, "--batch-size", "32", "--epochs", "2", "--knn-every", "0",
+             "--workers", "0"]
     taus = []
     real_update = byol.momentum_update
     monkeypatch.setattr(byol, "momentum_update", lambda model, tau: (taus.append(tau), real_update(model, tau)))

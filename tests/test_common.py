@@ -44,7 +44,8 @@ def test_resnet_stem_follows_image_size_and_loads_into_torchvision():
 def test_vit_uses_timm_names_and_runs_on_token_subsets():
     vit = common.build_encoder("vit_nano", image_size=32, patch_size=8)
     names = set(vit.state_dict())
-    block = {f"blocks.0.{n}.{p}" for n in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2") for p in ("weight", "bias")}
+    block = {f"blocks.0.{n}.{p}" for n in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+             for p in ("weight", "bias")}
     assert block <= names and {"cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight", "norm.bias"} <= names
     assert len(names) == 2 + 2 + 2 + 4 * 12  # patch_embed, cls + pos, norm, 4 blocks of 12
     assert vit.pos_embed.shape == (1, 1 + 4 * 4, 128)  # CLS + a 4x4 grid of 8 px patches
@@ -132,7 +133,8 @@ def test_lars_momentum_over_steps_equals_per_tensor_formula():
         for n, p in model.named_parameters():
             p.grad = grads[n].clone()
         optimizer.step()
-        for n, w in reference.items():  # u = g + λw scaled by η‖w‖/‖u‖ (matrices only); v = m·v + u; w -= lr·v
+        # u = g + λw scaled by η‖w‖/‖u‖ (matrices only); v = m·v + u; w -= lr·v
+        for n, w in reference.items():
             u = grads[n] + (0.01 * w if w.ndim > 1 else 0)
             if w.ndim > 1:
                 u = u * 0.001 * w.norm() / u.norm()

@@ -18,9 +18,9 @@ import dino
 from helpers import ROOT, assert_same_step, moved_online_and_its_ema, run_script, short_run
 
 # CPU scale: vit_nano at 32 px (16 px local crops = 4 patches), a small head and softmax width.
-QUICK = ["--data", "shapes:32:500:1000", "--arch", "vit_nano", "--patch-size", "8", "--out-dim", "1024", "--head-hidden", "256",
-         "--head-bottleneck", "64", "--local-crops", "2", "--epochs", "2", "--batch-size", "50", "--base-lr", "2.5e-3",
-         "--warmup-epochs", "1", "--warmup-teacher-temp-epochs", "0", "--teacher-temp", "0.04",
+QUICK = ["--data", "shapes:32:500:1000", "--arch", "vit_nano", "--patch-size", "8", "--out-dim", "1024",
+         "--head-hidden", "256", "--head-bottleneck", "64", "--local-crops", "2", "--epochs", "2", "--batch-size", "50",
+         "--base-lr", "2.5e-3", "--warmup-epochs", "1", "--warmup-teacher-temp-epochs", "0", "--teacher-temp", "0.04",
          "--momentum-teacher", "0.99", "--freeze-last-layer", "0", "--workers", "0", "--seed", "1"]
 SMALL_HEAD = ["--out-dim", "256", "--head-hidden", "64", "--head-bottleneck", "32"]
 NANO = ["--arch", "vit_nano", "--patch-size", "8", *SMALL_HEAD]
@@ -58,9 +58,12 @@ def test_center_is_an_ema_of_the_teacher_mean():
 def test_defaults_are_the_official_vanilla_run():
     """main_dino.py's defaults, the README's vanilla run (69.3% k-NN): one recipe, not a hybrid."""
     args = dino.get_args_parser().parse_args(["--data", "shapes"])
-    assert (args.arch, args.patch_size, args.epochs, args.batch_size, args.local_crops, args.out_dim) == ("vit_small", 16, 100, 512, 8, 65536)
-    assert (args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_temp_epochs, args.norm_last_layer) == (0.04, 0.04, 0, True)
-    assert (args.base_lr, args.min_lr, args.warmup_epochs, args.weight_decay, args.weight_decay_end) == (5e-4, 1e-6, 10, 0.04, 0.4)
+    assert ((args.arch, args.patch_size, args.epochs, args.batch_size, args.local_crops, args.out_dim)
+            == ("vit_small", 16, 100, 512, 8, 65536))
+    assert ((args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_temp_epochs, args.norm_last_layer)
+            == (0.04, 0.04, 0, True))
+    assert ((args.base_lr, args.min_lr, args.warmup_epochs, args.weight_decay, args.weight_decay_end)
+            == (5e-4, 1e-6, 10, 0.04, 0.4))
     assert (args.momentum_teacher, args.clip_grad, args.freeze_last_layer, args.drop_path) == (0.996, 3.0, 1, 0.1)
     assert {dino.teacher_temperature(epoch, args) for epoch in range(100)} == {0.04}
 
@@ -73,12 +76,14 @@ def test_norm_last_layer_and_fp32_head():
         args = dino.get_args_parser().parse_args(flags + ["--norm-last-layer" if norm else "--no-norm-last-layer"])
         model = dino.build_model(args)
         head = model.student.head
-        gain, direction = head.last_layer.parametrizations.weight.original0, head.last_layer.parametrizations.weight.original1
+        gain, direction = (head.last_layer.parametrizations.weight.original0,
+                           head.last_layer.parametrizations.weight.original1)
         assert gain.shape == (256, 1) and (gain == 1).all() and gain.requires_grad != norm
         decayed, not_decayed = common.param_groups(model.student, 0.04)
         assert any(p is gain for p in decayed["params"]) != norm and not any(p is gain for p in not_decayed["params"])
         x = torch.randn(3, 32)
-        torch.testing.assert_close(head.last_layer(x), x @ (gain * F.normalize(direction, dim=1)).T)  # rows g·v/‖v‖
+        # rows g·v/‖v‖
+        torch.testing.assert_close(head.last_layer(x), x @ (gain * F.normalize(direction, dim=1)).T)
         with torch.no_grad():
             gain.mul_(2.0)
         dino.momentum_update(model, 0.75)
@@ -106,7 +111,8 @@ def test_position_embedding_is_interpolated_as_the_official_code():
 
 
 def test_teacher_temperature_and_momentum_schedules():
-    args = dino.get_args_parser().parse_args(["--data", "shapes", "--teacher-temp", "0.07", "--warmup-teacher-temp-epochs", "30"])
+    args = dino.get_args_parser().parse_args(["--data", "shapes", "--teacher-temp", "0.07",
+                                              "--warmup-teacher-temp-epochs", "30"])
     # The boosted run: τ_t 0.04 -> 0.07 linearly over 30 epochs (reached at epoch 29, as np.linspace), then flat.
     temps = [dino.teacher_temperature(epoch, args) for epoch in range(100)]
     assert temps[0] == pytest.approx(0.04) and temps[29] == pytest.approx(0.07) and temps[99] == pytest.approx(0.07)
@@ -161,7 +167,8 @@ def test_teacher_gets_no_gradient_last_layer_is_frozen_in_epoch_one_and_resume_i
     loss = dino.training_step(model, crops, args)[0]
     loss.backward()
     assert all(not p.requires_grad and p.grad is None for p in model.teacher.parameters())
-    assert all(p.grad is not None for p in model.student.parameters() if p.requires_grad)  # g is frozen (--norm-last-layer)
+    # g is frozen (--norm-last-layer)
+    assert all(p.grad is not None for p in model.student.parameters() if p.requires_grad)
 
     # A straight 2-epoch run. Its epoch-1 checkpoint is also copied to another folder: exactly what a
     # job killed right after its first checkpoint leaves behind, from which a new run must resume.
@@ -237,15 +244,19 @@ def test_multi_crop_shapes_at_32_and_224_px():
     args = dino.get_args_parser().parse_args(["--data", "shapes", "--image-size", "32", *NANO])
     model = dino.build_model(args)
     image = shapes.Shapes("train", 32, 1)[0][0]
-    multi_crop = lambda *flags: dino.augmentations(dino.get_args_parser().parse_args(["--data", "shapes", *flags]))  # noqa: E731
+    multi_crop = lambda *flags: dino.augmentations(  # noqa: E731
+        dino.get_args_parser().parse_args(["--data", "shapes", *flags]))
     for size, patch, local in ((32, 8, 16), (224, 16, 96)):
-        crops = multi_crop("--image-size", str(size), "--patch-size", str(patch), "--local-crops", "3")(image.resize((size, size)))
+        crops = multi_crop("--image-size", str(size), "--patch-size", str(patch), "--local-crops", "3")(
+            image.resize((size, size)))
         assert [c.shape for c in crops] == [(3, size, size)] * 2 + [(3, local, local)] * 3
     crops = [c[None] for c in multi_crop("--image-size", "32", "--patch-size", "8", "--local-crops", "3")(image)]
     student, teacher = model(crops)  # one pass per resolution through the student, globals through the teacher
     assert student.shape == (5, 256) and teacher.shape == (2, 256)
-    assert multi_crop("--image-size", "32", "--arch", "vit_nano", "--patch-size", "16").transforms[-1].size == 16  # never below one patch
-    assert multi_crop("--image-size", "32", "--arch", "resnet18").transforms[-1].size == 14  # ResNets: 96/224 of the size, unrounded
+    # never below one patch
+    assert multi_crop("--image-size", "32", "--arch", "vit_nano", "--patch-size", "16").transforms[-1].size == 16
+    # ResNets: 96/224 of the size, unrounded
+    assert multi_crop("--image-size", "32", "--arch", "resnet18").transforms[-1].size == 14
 
 
 def test_two_ranks_equal_one_process_and_share_the_centre_of_the_global_batch(tmp_path, monkeypatch):
@@ -264,7 +275,8 @@ def test_two_ranks_equal_one_process_and_share_the_centre_of_the_global_batch(tm
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "argv", [str(script), "dino", single, *NANO])
     runpy.run_path(str(script), run_name="__main__")  # one process, in this one: no interpreter to start
-    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "dino", ddp, *NANO, threads=1)
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "dino", ddp,
+                        *NANO, threads=1)
     assert result.returncode == 0, result.stderr
     assert_same_step(torch.load(single), torch.load(ddp))
     expected = torch.load(single + ".center0")
@@ -276,11 +288,12 @@ def test_two_ranks_equal_one_process_and_share_the_centre_of_the_global_batch(tm
 def test_resnet_recipe_trains_with_sgd(tmp_path):
     """The official README's ResNet-50 run uses SGD (momentum 0.9) with a constant weight decay."""
     flags = ["--data", "shapes:16:32", "--arch", "resnet18", *SMALL_HEAD, "--local-crops", "2", "--batch-size", "16",
-             "--epochs", "1", "--optimizer", "sgd", "--base-lr", "0.03", "--weight-decay", "1e-4", "--weight-decay-end", "1e-4",
-             "--knn-every", "0", "--workers", "0", "--output-dir", str(tmp_path)]
+             "--epochs", "1", "--optimizer", "sgd", "--base-lr", "0.03", "--weight-decay", "1e-4",
+             "--weight-decay-end", "1e-4", "--knn-every", "0", "--workers", "0", "--output-dir", str(tmp_path)]
     dino.main(dino.get_args_parser().parse_args(flags))
     groups = torch.load(tmp_path / "checkpoint.pth", weights_only=False)["optimizer"]["param_groups"]
-    assert groups[0]["momentum"] == 0.9 and "betas" not in groups[0] and groups[0]["weight_decay"] == pytest.approx(1e-4)
+    assert (groups[0]["momentum"] == 0.9 and "betas" not in groups[0]
+            and groups[0]["weight_decay"] == pytest.approx(1e-4))
 
 
 def test_attention_maps_need_a_vit(tmp_path):

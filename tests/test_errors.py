@@ -43,7 +43,8 @@ def test_corrupt_image_is_named(tmp_path, workers):
         for i in range(4):
             shapes.Shapes().__getitem__(i)[0].save(tmp_path / "data" / "train" / c / f"{i}.png")
     (tmp_path / "data" / "train" / "b" / "broken.jpg").write_bytes(b"not a jpeg at all")
-    flags = ["--data", str(tmp_path / "data"), *TINY[:-1], workers, "--knn-every", "1", "--output-dir", str(tmp_path / "o")]
+    flags = ["--data", str(tmp_path / "data"), *TINY[:-1], workers, "--knn-every", "1",
+             "--output-dir", str(tmp_path / "o")]
     # --workers 0 raises in this process; 1 raises in a worker, whose traceback must still end as one line
     line = user_error("simclr", *flags) if workers == "0" else error_line(run_script("simclr.py", *flags))
     # (no val/ split: the k-NN monitor is skipped, not an error)
@@ -59,7 +60,8 @@ def test_offline_download_fails_fast(tmp_path, monkeypatch):
         raise OSError("network blocked by the test")
     for owner, name in ((socket, "create_connection"), (socket, "getaddrinfo"), (socket.socket, "connect")):
         monkeypatch.setattr(owner, name, blocked)
-    line = user_error("simclr", "--data", "cifar10", "--data-root", str(tmp_path), *TINY, "--output-dir", str(tmp_path / "o"))
+    line = user_error("simclr", "--data", "cifar10", "--data-root", str(tmp_path), *TINY,
+                      "--output-dir", str(tmp_path / "o"))
     assert "could not load or download cifar10" in line and "network blocked by the test" in line
     assert attempts  # the download did try, and the block answered it
 
@@ -93,9 +95,11 @@ def test_probe_rejects_foreign_files(tmp_path):
 def test_probe_plain_state_dict_of_wrong_arch(tmp_path):
     torch.save(common.build_encoder("resnet18", 32).state_dict(), tmp_path / "r18.pth")
     line = user_error("probe", str(tmp_path / "r18.pth"), "--arch", "resnet50", "--data", "shapes:32:64")
-    assert "does not fit a resnet50" in line and "keys differ" in line and "--arch" in line and len(line) < 300  # was 2.7 KB
+    assert ("does not fit a resnet50" in line and "keys differ" in line and "--arch" in line
+            and len(line) < 300)  # was 2.7 KB
     (tmp_path / "random.pth").write_bytes(b"\x00" + bytes(range(256)) * 4)
-    line = error_line(run_script("probe.py", str(tmp_path / "random.pth"), "--arch", "resnet18", "--data", "shapes:32:64"))
+    line = error_line(run_script("probe.py", str(tmp_path / "random.pth"), "--arch", "resnet18",
+                                 "--data", "shapes:32:64"))
     assert line.startswith("probe.py: error:") and "not a readable torch file" in line
 
 
@@ -117,7 +121,8 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
             handle.write(b"PK\x03\x04 half a zip")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", crashing_save)
-    with pytest.raises(common.UserError, match="could not write .*checkpoint.pth .*disk full"):  # one line naming the file
+    # one line naming the file
+    with pytest.raises(common.UserError, match="could not write .*checkpoint.pth .*disk full"):
         common.save_checkpoint({"epoch": 2, "weights": torch.zeros(4)}, path)
     monkeypatch.undo()
     previous = torch.load(path)
@@ -147,20 +152,24 @@ def test_out_of_range_counts_are_one_line(method, capsys):
         with pytest.raises(SystemExit) as exit_:
             parser.parse_args(["--data", "shapes", flag, value])
         assert exit_.value.code == 2
-        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"argument {flag}: invalid {kind} value: '{value}'")
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+            f"argument {flag}: invalid {kind} value: '{value}'")
 
 
 @pytest.mark.parametrize("spec", ["shapes:abc", "shapes:32:0", "shapes:32:10:10:10"])
 def test_bad_shapes_spec(spec, tmp_path):
-    assert "expected shapes[:SIZE[:N[:V]]]" in user_error("simclr", "--data", spec, *TINY, "--output-dir", str(tmp_path))
+    assert "expected shapes[:SIZE[:N[:V]]]" in user_error("simclr", "--data", spec, *TINY,
+                                                          "--output-dir", str(tmp_path))
 
 
 def test_probe_out_of_range_counts_are_one_line(capsys):
     probe = importlib.import_module("probe")
-    for flag, value, kind in [("--batch-size", "0", "positive_int"), ("--seeds", "0", "positive_int"), ("--k", "0", "positive_int"),
-                              ("--linear-epochs", "0", "positive_int"), ("--knn-temperature", "0", "positive_float"),
+    for flag, value, kind in [("--batch-size", "0", "positive_int"), ("--seeds", "0", "positive_int"),
+                              ("--k", "0", "positive_int"), ("--linear-epochs", "0", "positive_int"),
+                              ("--knn-temperature", "0", "positive_float"),
                               ("--finetune-warmup-epochs", "-1", "non_negative_int")]:
         with pytest.raises(SystemExit) as exit_:
             probe.get_args_parser().parse_args(["checkpoint.pth", "--data", "shapes", flag, value])
         assert exit_.value.code == 2
-        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"argument {flag}: invalid {kind} value: '{value}'")
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+            f"argument {flag}: invalid {kind} value: '{value}'")

@@ -38,7 +38,8 @@ def test_beats_its_random_init(method, benchmark_row):
           f"k-NN {row['knn']['random_init']:.1f} -> {row['knn']['trained']:.1f}; log {log}")
     assert gain >= BAR[method], (method, readout, row["knn"])
 
-    # On the way: every epoch logged, a collapse signal far from 0 (healthy ≈ 1/sqrt(width)), the checkpoint's encoder.
+    # On the way: every epoch logged, a collapse signal far from 0 (healthy ≈ 1/sqrt(width)), the checkpoint's
+    # encoder.
     assert [r["epoch"] for r in log] == list(range(row["epochs"] + 1))
     assert method == "dino" or log[-1]["loss"] < log[1]["loss"]  # DINO's target sharpens away from its student
     # measured: 0.45 (MAE) to 1.0 (MoCo v3, SimSiam) times the healthy 1/sqrt(width); the warning is at 0.1

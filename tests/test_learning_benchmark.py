@@ -43,7 +43,8 @@ def test_learning_benchmark_writes_its_report(benchmark_row, background):
 def test_set_replaces_a_recipe_flag_or_its_warmup_share_for_one_run():
     before = json.dumps(learning.RECIPES)
     argv, steps, epochs = learning.method_command("moco_v2", "shapes:32:640:64", 0, 1.0, "out",
-                                                  [learning.recipe_override("base-lr=0.3"), learning.recipe_override("warmup=0.5")])
+                                                  [learning.recipe_override("base-lr=0.3"),
+                                                   learning.recipe_override("warmup=0.5")])
     command = " ".join(argv)
     assert "--base-lr 0.3 " in command and f"--warmup-epochs {round(0.5 * epochs)} " in command and steps == 1500
     assert json.dumps(learning.RECIPES) == before  # the table itself is untouched
@@ -56,7 +57,8 @@ def test_set_replaces_a_recipe_flag_or_its_warmup_share_for_one_run():
     result = run_script("benchmarks/learning.py", "--methods", "byol", "--set", "base_lr=fast", "--dry-run")
     assert result.returncode == 2 and "invalid float value: 'fast'" in result.stderr
     result = run_script("benchmarks/learning.py", "--methods", "simclr", "--set", "steps=many", "--dry-run")
-    assert result.returncode == 1 and result.stderr.strip() == "learning.py: error: --set steps=many: steps takes one number"
+    assert (result.returncode == 1
+            and result.stderr.strip() == "learning.py: error: --set steps=many: steps takes one number")
 
 
 def test_peer_check_without_lightly_is_one_error_line(monkeypatch):
@@ -67,8 +69,9 @@ def test_peer_check_without_lightly_is_one_error_line(monkeypatch):
 
 def test_peer_check_runs_lightly_on_our_encoder(tmp_path):
     pytest.importorskip("lightly")  # an optional extra of benchmarks/: absent in CI
-    result = run_script("benchmarks/peer_lightly.py", "--method", "moco_v2", "--data", "shapes:32:192:64", "--steps-scale", "0.004",
-                        "--set", "optimizer=sgd", "base_lr=1", "--linear-epochs", "1", "--threads", "2", "--output-dir", str(tmp_path))
+    result = run_script("benchmarks/peer_lightly.py", "--method", "moco_v2", "--data", "shapes:32:192:64",
+                        "--steps-scale", "0.004", "--set", "optimizer=sgd", "base_lr=1", "--linear-epochs", "1",
+                        "--threads", "2", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     row = json.load(open(tmp_path / "moco_v2_seed0" / "row.json"))
     assert row["peer"] == "lightly" and row["steps"] == 6 and set(row["linear"]) == {"random_init", "trained"}

@@ -14,8 +14,9 @@ from helpers import assert_same_step, ddp_vs_single_process, run_script, short_r
 
 TINY_DECODER = ["--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "4"]
 # CPU scale: 16 px shapes, 4x4 patches of 4 px (4 visible), a 1-block decoder; 4 epochs of 2000 images.
-QUICK = ["--data", "shapes:16:2000:2000", "--arch", "vit_nano", "--patch-size", "4", "--decoder-dim", "64", "--decoder-depth", "1",
-         "--decoder-heads", "4", "--batch-size", "32", "--base-lr", "0.016", "--epochs", "4", "--warmup-epochs", "1", "--workers", "1"]
+QUICK = ["--data", "shapes:16:2000:2000", "--arch", "vit_nano", "--patch-size", "4", "--decoder-dim", "64",
+         "--decoder-depth", "1", "--decoder-heads", "4", "--batch-size", "32", "--base-lr", "0.016", "--epochs", "4",
+         "--warmup-epochs", "1", "--workers", "1"]
 
 
 @pytest.mark.parametrize("mask_ratio", [0.75, 0.5, 0.9, 0.6])

@@ -22,9 +22,9 @@ def parse(*flags):
 
 
 # A CPU-scale v2 run: resnet18 at 16 px with a queue (v3's learning run is tests/test_learning.py's).
-V2_QUICK = ["--data", "shapes:16:256:500", "--version", "v2", "--arch", "resnet18", "--epochs", "2", "--batch-size", "32",
-            "--queue-size", "192", "--base-lr", "0.1", "--momentum", "0.99", "--proj-hidden", "256", "--knn-every", "2",
-            "--workers", "0"]
+V2_QUICK = ["--data", "shapes:16:256:500", "--version", "v2", "--arch", "resnet18", "--epochs", "2",
+            "--batch-size", "32", "--queue-size", "192", "--base-lr", "0.1", "--momentum", "0.99",
+            "--proj-hidden", "256", "--knn-every", "2", "--workers", "0"]
 TINY_V3 = ["--arch", "vit_nano", "--patch-size", "8", "--proj-hidden", "32", "--proj-dim", "16"]
 TINY_V2 = ["--version", "v2", "--arch", "resnet18", "--proj-hidden", "32", "--proj-dim", "16", "--queue-size", "32"]
 
@@ -33,7 +33,8 @@ def test_version_and_arch_pick_the_paper_recipe_and_heads():
     v3 = parse()
     assert (v3.arch, v3.optimizer, v3.base_lr, v3.weight_decay, v3.temperature, v3.warmup_epochs, v3.epochs) == \
         ("vit_small", "adamw", 1.5e-4, 0.1, 0.2, 40, 300)
-    assert (v3.momentum, v3.proj_hidden, v3.proj_dim, v3.queue_size, v3.crop_min, v3.stop_grad_conv1) == (0.99, 4096, 256, 0, 0.08, True)
+    assert (v3.momentum, v3.proj_hidden, v3.proj_dim, v3.queue_size, v3.crop_min, v3.stop_grad_conv1) == \
+        (0.99, 4096, 256, 0, 0.08, True)
     r50 = parse("--arch", "resnet50")
     assert (r50.optimizer, r50.base_lr, r50.weight_decay, r50.temperature, r50.epochs) == ("lars", 0.6, 1e-6, 1.0, 100)
     v2 = parse("--version", "v2")
@@ -52,7 +53,8 @@ def test_version_and_arch_pick_the_paper_recipe_and_heads():
     assert resnet.encoder.layer1[0].bn2.weight.abs().sum() == 0  # zero_init_residual
     v2_model = moco.build_model(parse(*TINY_V2))
     assert len(linears(v2_model.projector)) == 2 and isinstance(v2_model.predictor, nn.Identity)
-    assert v2_model.queue.shape == (32, 16) and not any(isinstance(m, nn.BatchNorm1d) for m in v2_model.projector.modules())
+    assert v2_model.queue.shape == (32, 16) and not any(isinstance(m, nn.BatchNorm1d)
+                                                        for m in v2_model.projector.modules())
 
 
 def test_official_v3_vit_heads_init_and_positions():
@@ -63,7 +65,8 @@ def test_official_v3_vit_heads_init_and_positions():
     config = moco.encoder_config_of(args)
     assert config["num_heads"] == 12
     model = moco.build_model(args)
-    assert model.encoder.blocks[0].attn.num_heads == 12 and common.build_encoder(**config).blocks[0].attn.num_heads == 12
+    assert (model.encoder.blocks[0].attn.num_heads == 12
+            and common.build_encoder(**config).blocks[0].attn.num_heads == 12)
     assert "num_heads" not in moco.encoder_config_of(parse("--arch", "vit_nano"))  # other sizes keep their usual count
     D = 384
     qkv, fc1 = model.encoder.blocks[0].attn.qkv.weight, model.encoder.blocks[0].mlp.fc1.weight
@@ -73,7 +76,8 @@ def test_official_v3_vit_heads_init_and_positions():
     pos = model.encoder.pos_embed[0]  # (1 + 4, D): CLS, then (row, col) = (0, 0), (0, 1), (1, 0), (1, 1)
     omega = 1 / 10000 ** (torch.arange(D // 4) / (D // 4))
     for token, (row, col) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)], start=1):
-        expected = torch.cat([torch.sin(row * omega), torch.cos(row * omega), torch.sin(col * omega), torch.cos(col * omega)])
+        expected = torch.cat([torch.sin(row * omega), torch.cos(row * omega),
+                              torch.sin(col * omega), torch.cos(col * omega)])
         torch.testing.assert_close(pos[token], expected, atol=1e-5, rtol=0)
     assert (pos[0] == 0).all()
 
@@ -82,12 +86,15 @@ def test_official_resnet_heads_and_v2_lr_per_epoch(tmp_path, monkeypatch):
     """v3 ResNet (builder.py _build_mlp): no bias anywhere in the heads, the predictor's output has no BN.
     v2 (moco's main_moco.py --cos): the lr follows the cosine once per epoch."""
     resnet = moco.build_model(parse("--arch", "resnet18", "--proj-hidden", "32"))
-    assert all(m.bias is None for m in [*resnet.projector.modules(), *resnet.predictor.modules()] if isinstance(m, nn.Linear))
+    assert all(m.bias is None for m in [*resnet.projector.modules(), *resnet.predictor.modules()]
+               if isinstance(m, nn.Linear))
     assert isinstance(resnet.predictor[-1], nn.Linear)
-    flags = ["--data", "shapes:16:64", *TINY_V2, "--batch-size", "16", "--epochs", "2", "--knn-every", "0", "--workers", "0"]
+    flags = ["--data", "shapes:16:64", *TINY_V2, "--batch-size", "16", "--epochs", "2", "--knn-every", "0",
+             "--workers", "0"]
     lrs = []
     real_step = torch.optim.SGD.step
-    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: (lrs.append(self.param_groups[0]["lr"]), real_step(self, *a, **k))[1])
+    monkeypatch.setattr(torch.optim.SGD, "step",
+                        lambda self, *a, **k: (lrs.append(self.param_groups[0]["lr"]), real_step(self, *a, **k))[1])
     moco.main(moco.get_args_parser().parse_args(flags + ["--output-dir", str(tmp_path)]))
     lr = 0.03 * 16 / 256
     assert lrs == pytest.approx([lr] * 4 + [lr * 0.5 * (1 + math.cos(math.pi / 2))] * 4)  # 4 steps per epoch
@@ -99,7 +106,8 @@ def test_in_batch_loss_equals_formula_times_two_tau():
     qn, kn = F.normalize(q, dim=1), F.normalize(k, dim=1)
     losses = []
     for i in range(6):  # -log exp(q_i·k_i/τ) / Σ_j exp(q_i·k_j/τ): the other images' keys are the negatives
-        losses.append(-torch.log(torch.exp(qn[i] @ kn[i] / tau) / sum(torch.exp(qn[i] @ kn[j] / tau) for j in range(6))))
+        losses.append(-torch.log(torch.exp(qn[i] @ kn[i] / tau)
+                                 / sum(torch.exp(qn[i] @ kn[j] / tau) for j in range(6))))
     torch.testing.assert_close(moco.contrastive_loss(q, k, tau), 2 * tau * torch.stack(losses).mean())
 
 
@@ -253,8 +261,9 @@ def test_v2_shuffles_keys_across_ranks_and_every_rank_keeps_the_same_queue(tmp_p
 
 
 def test_resume_replays_training_exactly_with_the_queue(tmp_path, monkeypatch):
-    flags = ["--data", "shapes:16:64", "--version", "v2", "--arch", "vit_nano", "--patch-size", "8", "--batch-size", "16",
-             "--queue-size", "48", "--proj-hidden", "32", "--epochs", "2", "--knn-every", "0", "--workers", "0"]
+    flags = ["--data", "shapes:16:64", "--version", "v2", "--arch", "vit_nano", "--patch-size", "8",
+             "--batch-size", "16", "--queue-size", "48", "--proj-hidden", "32", "--epochs", "2", "--knn-every", "0",
+             "--workers", "0"]
     straight, at_kill, resumed = straight_and_preempted(moco, flags, tmp_path, monkeypatch)
     assert at_kill["epoch"] == 1 and at_kill["model"]["queue_ptr"] == 4 * 16 % 48
     assert resumed["epoch"] == 2 and resumed["step"] == 8
@@ -272,9 +281,11 @@ def test_v3_resume_replays_training_exactly_on_its_per_step_schedules(tmp_path, 
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--version", "v2", "--queue-size", "100"], "--queue-size 100: MoCo v2 needs a positive multiple of the global --batch-size 16"),
+    (["--version", "v2", "--queue-size", "100"],
+     "--queue-size 100: MoCo v2 needs a positive multiple of the global --batch-size 16"),
     (["--version", "v2", "--queue-size", "0"], "--queue-size 0: MoCo v2 needs a positive multiple"),
-    (["--queue-size", "64"], "--queue-size 64: MoCo v2 needs a positive multiple of the global --batch-size 16; MoCo v3 has no queue"),
+    (["--queue-size", "64"],
+     "--queue-size 64: MoCo v2 needs a positive multiple of the global --batch-size 16; MoCo v3 has no queue"),
 ], ids=["not-divisible", "v2-without-queue", "v3-with-queue"])
 def test_bad_flag_combinations(tmp_path, flags, message):
     args = moco.get_args_parser().parse_args(["--data", "shapes:16:64", "--arch", "resnet18", "--batch-size", "16",
@@ -286,7 +297,8 @@ def test_bad_flag_combinations(tmp_path, flags, message):
 def test_bad_flags_exit_with_one_line_and_resume_checks_the_version(tmp_path):
     line = error_line(run_script("moco.py", "--data", "shapes:16:64", "--version", "v2", "--batch-size", "48",
                                  "--queue-size", "64", "--output-dir", str(tmp_path)))
-    assert line == "moco.py: error: --queue-size 64: MoCo v2 needs a positive multiple of the global --batch-size 48; MoCo v3 has no queue (0)"
+    assert line == ("moco.py: error: --queue-size 64: MoCo v2 needs a positive multiple of the global --batch-size 48; "
+                    "MoCo v3 has no queue (0)")
     config = dict(arch="resnet18", image_size=16, patch_size=16)
     common.save_checkpoint(dict(method="moco", encoder_config=config, encoder={}, args={"version": "v2"}),
                            str(tmp_path / "checkpoint.pth"))

@@ -14,9 +14,12 @@ import shapes
 from helpers import ROOT, error_line, run_script
 
 METHODS = ("simclr", "moco", "byol", "simsiam", "mae", "dino")
-TINY_VIT = ["--arch", "vit_nano", "--patch-size", "8", "--batch-size", "8", "--epochs", "1", "--knn-every", "0", "--workers", "0"]
-HEADS = {"simclr": "--proj-hidden 32 --proj-dim 16", "moco": "--proj-hidden 32 --proj-dim 16", "byol": "--proj-hidden 32 --proj-dim 16 --pred-hidden 32",
-         "simsiam": "--proj-hidden 32 --proj-dim 16 --pred-hidden 16", "mae": "--decoder-dim 32 --decoder-depth 1 --decoder-heads 4",
+TINY_VIT = ["--arch", "vit_nano", "--patch-size", "8", "--batch-size", "8", "--epochs", "1", "--knn-every", "0",
+            "--workers", "0"]
+HEADS = {"simclr": "--proj-hidden 32 --proj-dim 16", "moco": "--proj-hidden 32 --proj-dim 16",
+         "byol": "--proj-hidden 32 --proj-dim 16 --pred-hidden 32",
+         "simsiam": "--proj-hidden 32 --proj-dim 16 --pred-hidden 16",
+         "mae": "--decoder-dim 32 --decoder-depth 1 --decoder-heads 4",
          "dino": "--out-dim 64 --head-hidden 32 --head-bottleneck 16 --local-crops 2"}
 
 
@@ -26,7 +29,8 @@ def parse(method, *argv):
 
 
 # ----------------------------------------------------------------------------- --init
-TIMM_VIT_KEYS = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"] + [
+TIMM_VIT_KEYS = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
+                 "norm.weight", "norm.bias"] + [
     f"blocks.{i}.{name}" for i in range(4) for name in (
         "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
         "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")]
@@ -104,7 +108,8 @@ def test_init_from_an_mae_finetuned_file_takes_fc_norm_as_the_final_norm(tmp_pat
 
 def test_init_resizes_position_embeddings_and_drops_heads(tmp_path):
     weights = official_vit_file(tmp_path / "vit.pth", image_size=64, wrap="moco")  # trained at 64 px, 8x8 patches
-    module, args = parse("dino", "--data", "shapes:32", *TINY_VIT, "--init", str(tmp_path / "vit.pth"), "--output-dir", str(tmp_path / "o"))
+    module, args = parse("dino", "--data", "shapes:32", *TINY_VIT, "--init", str(tmp_path / "vit.pth"),
+                         "--output-dir", str(tmp_path / "o"))
     args.image_size = 32
     backbone = module.build_model(args).teacher.backbone
     assert backbone.pos_embed.shape == (1, 1 + 16, 128)
@@ -128,7 +133,8 @@ def test_init_from_torchvision_resnet_trains_and_resumes(tmp_path):
     for name, parameter in resnet.named_parameters():
         if not name.startswith("fc."):
             assert torch.equal(checkpoint["encoder"][name], parameter.detach()), name
-            torch.testing.assert_close(checkpoint["model"][f"target.0.{name}"], parameter.detach(), atol=1e-7, rtol=1e-6)  # EMA of equals
+            torch.testing.assert_close(checkpoint["model"][f"target.0.{name}"], parameter.detach(),
+                                       atol=1e-7, rtol=1e-6)  # EMA of equals
     (tmp_path / "r18.pth").unlink()  # a resume reads the checkpoint, never --init again
     module.main(parse("byol", *flags[:flags.index("--epochs") + 1], "2", *flags[flags.index("--epochs") + 2:])[1])
     assert torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=False)["epoch"] == 2
@@ -137,14 +143,16 @@ def test_init_from_torchvision_resnet_trains_and_resumes(tmp_path):
 def test_init_from_a_project_checkpoint(tmp_path):
     weights = official_vit_file(tmp_path / "vit.pth")
     torch.save({"method": "dino", "encoder_config": {}, "encoder": weights, "model": {}}, tmp_path / "ckpt.pth")
-    module, args = parse("simclr", "--data", "shapes:32", *TINY_VIT, "--init", str(tmp_path / "ckpt.pth"), "--output-dir", str(tmp_path / "o"))
+    module, args = parse("simclr", "--data", "shapes:32", *TINY_VIT, "--init", str(tmp_path / "ckpt.pth"),
+                         "--output-dir", str(tmp_path / "o"))
     args.image_size = 32
     assert all(torch.equal(module.build_model(args).encoder.state_dict()[k], v) for k, v in weights.items())
 
 
 @pytest.mark.parametrize("content, expected", [
-    (None, "no such file"), (b"not torch", "not a readable torch file"), ("resnet", "conv1.weight is [64, 3, 7, 7] in the file, "
-     "[64, 3, 3, 3] here"), ("vit_tiny", "cls_token is [1, 1, 192] in the file, [1, 1, 128] here")])
+    (None, "no such file"), (b"not torch", "not a readable torch file"),
+    ("resnet", "conv1.weight is [64, 3, 7, 7] in the file, [64, 3, 3, 3] here"),
+    ("vit_tiny", "cls_token is [1, 1, 192] in the file, [1, 1, 128] here")])
 def test_init_mismatch_is_one_line(tmp_path, content, expected):
     path = tmp_path / "weights.pth"
     if content == "resnet":  # the 224-px stem into a 32 px (3x3 stem) ResNet
@@ -182,11 +190,12 @@ def test_every_method_documents_and_applies_the_switches():
     for method in METHODS:
         module = importlib.import_module(method)
         text = module.get_args_parser().format_help()
-        assert all(flag in text for flag in ("--init", "--no-flip", "--no-color", "--grayscale-input", "--mean", "--std",
-                                             "--val", "--skip-bad-images")), method
-        views = views_of("--no-flip", "--no-color", "--grayscale-input", "--mean", "0.5", "0.5", "0.5", "--std", "1", "1", "1", method=method)
-        assert all(v.flip == 0 and v.jitter_prob == 0 and v.grayscale_prob == 0 and v.solarize == 0 and v.grayscale_input
-                   and v.mean == (0.5, 0.5, 0.5) for v in views), method
+        assert all(flag in text for flag in ("--init", "--no-flip", "--no-color", "--grayscale-input", "--mean",
+                                             "--std", "--val", "--skip-bad-images")), method
+        views = views_of("--no-flip", "--no-color", "--grayscale-input", "--mean", "0.5", "0.5", "0.5",
+                         "--std", "1", "1", "1", method=method)
+        assert all(v.flip == 0 and v.jitter_prob == 0 and v.grayscale_prob == 0 and v.solarize == 0
+                   and v.grayscale_input and v.mean == (0.5, 0.5, 0.5) for v in views), method
     assert [v.scale for v in views_of("--crop-scale", "0.5", "1")] == [(0.5, 1.0)] * 2
     assert [v.scale for v in views_of(method="simsiam")] == [(0.2, 1.0)] * 2  # the recipe stays the default
 
@@ -194,7 +203,8 @@ def test_every_method_documents_and_applies_the_switches():
 def test_no_flip_keeps_an_asymmetric_image_unmirrored():
     image = torch.linspace(0, 255, 24).round().to(torch.uint8).expand(3, 24, 24).contiguous()  # dark left, bright right
     brighter_right = lambda x: (x[..., 8:].mean((1, 2, 3)) > x[..., :8].mean((1, 2, 3))).float().mean()  # noqa: E731
-    for views in both_paths(views_of("--no-flip", "--no-color")[0], image):  # crops and blur keep the order: never mirrored
+    # crops and blur keep the order: never mirrored
+    for views in both_paths(views_of("--no-flip", "--no-color")[0], image):
         assert brighter_right(views) == 1.0
     for views in both_paths(views_of("--no-color")[0], image):  # a flip reverses it, half the time
         assert 0.3 < brighter_right(views) < 0.7
@@ -227,7 +237,8 @@ def test_grayscale_input_gives_three_equal_channels():
 
 def test_bad_mean_or_crop_scale_is_one_line(tmp_path):
     for flags, expected in ((["--grayscale-input", "--mean", "0.5", "0.5"], "expected 1 or 3 values"),
-                            (["--std", "0", "1", "1"], "std > 0"), (["--crop-scale", "0.5", "2"], "--crop-scale 0.5 2.0"),
+                            (["--std", "0", "1", "1"], "std > 0"),
+                            (["--crop-scale", "0.5", "2"], "--crop-scale 0.5 2.0"),
                             (["--val", str(tmp_path / "nope")], "--val .*: no such folder")):
         module, args = parse("simclr", "--data", "shapes:16", *TINY_VIT, "--output-dir", str(tmp_path), *flags)
         with pytest.raises(common.UserError, match=expected):
@@ -237,7 +248,8 @@ def test_bad_mean_or_crop_scale_is_one_line(tmp_path):
 def test_probe_normalises_as_the_run_did(tmp_path):
     import probe
     state = {"method": "simclr", "encoder_config": dict(arch="vit_nano", image_size=16, patch_size=8),
-             "encoder": common.build_encoder("vit_nano", 16, 8).state_dict(), "args": {"mean": [0.5] * 3, "std": [0.2] * 3, "grayscale_input": True}}
+             "encoder": common.build_encoder("vit_nano", 16, 8).state_dict(),
+             "args": {"mean": [0.5] * 3, "std": [0.2] * 3, "grayscale_input": True}}
     torch.save(state, tmp_path / "c.pth")
     args = probe.get_args_parser().parse_args([str(tmp_path / "c.pth"), "--data", "shapes"])
     probe.load_encoder(args)
@@ -271,7 +283,8 @@ def test_flat_and_nested_folders_are_unlabelled(tmp_path):
 
 def test_unlabelled_folder_trains_with_val_for_the_knn_monitor(tmp_path):
     write_images(tmp_path / "dump", 16)
-    flags = ["--data", str(tmp_path / "dump"), "--image-size", "16", *TINY_VIT[:-4], "--knn-every", "1", "--workers", "0"]
+    flags = ["--data", str(tmp_path / "dump"), "--image-size", "16", *TINY_VIT[:-4], "--knn-every", "1",
+             "--workers", "0"]
     result = run_script("simclr.py", *flags, "--output-dir", str(tmp_path / "a"), threads=1)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("k-NN monitor off") == 1 and "--val" in result.stdout  # said once, at start
@@ -285,9 +298,10 @@ def test_skip_bad_images_replaces_and_counts(tmp_path, cpu_augment):
     """Device path: a truncated PNG (its header reads, so the folder is held in memory; decoding fails).
     DataLoader path (--cpu-augment, one worker process): a file that is no image at all."""
     write_images(tmp_path / "dump", 15)
-    (tmp_path / "dump" / "broken.png").write_bytes((tmp_path / "dump" / "0.png").read_bytes()[:80] if not cpu_augment else b"no png")
-    flags = ["--data", str(tmp_path / "dump"), "--image-size", "16", *TINY_VIT[:-2], "--workers", "1" if cpu_augment else "0",
-             *(["--cpu-augment"] if cpu_augment else [])]
+    (tmp_path / "dump" / "broken.png").write_bytes((tmp_path / "dump" / "0.png").read_bytes()[:80] if not cpu_augment
+                                                   else b"no png")
+    flags = ["--data", str(tmp_path / "dump"), "--image-size", "16", *TINY_VIT[:-2],
+             "--workers", "1" if cpu_augment else "0", *(["--cpu-augment"] if cpu_augment else [])]
     line = error_line(run_script("simclr.py", *flags, "--output-dir", str(tmp_path / "a"), threads=1))
     assert "cannot read image" in line and "broken.png" in line  # without the flag: one line naming the file
     result = run_script("simclr.py", *flags, "--skip-bad-images", "--output-dir", str(tmp_path / "b"), threads=1)
@@ -303,9 +317,9 @@ def test_skip_bad_images_counts_every_rank(tmp_path):
     write_images(tmp_path / "dump", 16)
     for name in "abcd":  # 4 of 20, sorted after the PNGs
         (tmp_path / "dump" / f"{name}.jpg").write_bytes(b"no image")
-    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "simclr.py", "--data", str(tmp_path / "dump"),
-                        "--image-size", "16", *TINY_VIT[:-5], "2", "--knn-every", "0", "--workers", "0", "--skip-bad-images",
-                        "--output-dir", str(tmp_path / "o"), threads=1)
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "simclr.py",
+                        "--data", str(tmp_path / "dump"), "--image-size", "16", *TINY_VIT[:-5], "2", "--knn-every", "0",
+                        "--workers", "0", "--skip-bad-images", "--output-dir", str(tmp_path / "o"), threads=1)
     assert result.returncode == 0, result.stderr[-2000:]
     # a.jpg is drawn (seed 0), and its replacement walks b, c, d to the next readable file: all 4 are marked
     assert "skipped 4 unreadable images so far" in result.stdout
@@ -313,7 +327,8 @@ def test_skip_bad_images_counts_every_rank(tmp_path):
 
 # ----------------------------------------------------------------------------- plots
 def test_plot_logs_without_matplotlib_is_one_line(tmp_path, monkeypatch, capsys):
-    (tmp_path / "log.jsonl").write_text('{"epoch": 0, "knn_top1": 0.3}\n{"epoch": 1, "loss": 2.0, "lr": 0.1, "knn_top1": 0.4}\n')
+    (tmp_path / "log.jsonl").write_text('{"epoch": 0, "knn_top1": 0.3}\n'
+                                        '{"epoch": 1, "loss": 2.0, "lr": 0.1, "knn_top1": 0.4}\n')
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     monkeypatch.syspath_prepend(ROOT + "/benchmarks")
     plot_logs = importlib.import_module("plot_logs")
@@ -327,9 +342,10 @@ def test_plot_logs_draws_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     for run, key in (("simclr", "embedding_std"), ("dino", "teacher_entropy")):
         (tmp_path / run).mkdir()
-        (tmp_path / run / "log.jsonl").write_text("".join(json.dumps({"epoch": e, "loss": 1 / e, "lr": 0.1, key: 0.5}) + "\n" for e in (1, 2)))
-    result = run_script("benchmarks/plot_logs.py", str(tmp_path / "simclr" / "log.jsonl"), str(tmp_path / "dino" / "log.jsonl"),
-                        "--output", str(tmp_path / "c.png"))
+        (tmp_path / run / "log.jsonl").write_text("".join(json.dumps({"epoch": e, "loss": 1 / e, "lr": 0.1, key: 0.5})
+                                                          + "\n" for e in (1, 2)))
+    result = run_script("benchmarks/plot_logs.py", str(tmp_path / "simclr" / "log.jsonl"),
+                        str(tmp_path / "dino" / "log.jsonl"), "--output", str(tmp_path / "c.png"))
     assert result.returncode == 0, result.stderr
     assert "loss, lr, embedding_std, teacher_entropy" in result.stdout
     assert torchvision.io.read_image(str(tmp_path / "c.png")).shape[0] in (3, 4)

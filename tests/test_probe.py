@@ -34,7 +34,8 @@ def test_linear_probe_finds_a_direction_knn_cannot_see():
     y = torch.randint(0, 2, (2000,), generator=generator)
     x = torch.randn(2000, 64, generator=generator) * 3
     x[:, 0] = (2 * y - 1) + 0.1 * torch.randn(2000, generator=generator)
-    args = probe.get_args_parser().parse_args(["c.pth", "--data", "shapes", "--seeds", "2", "--linear-epochs", "30", "--k", "20"])
+    args = probe.get_args_parser().parse_args(["c.pth", "--data", "shapes", "--seeds", "2", "--linear-epochs", "30",
+                                               "--k", "20"])
     linear = probe.run_linear(x[:1500], y[:1500], x[1500:], y[1500:], args, 2)
     knn = probe.run_knn(x[:1500], y[:1500], x[1500:], y[1500:], args, 2)["k=20"]
     assert linear["top1"] > 97 and linear["top1_std"] < 2 and len(linear["lr"]) == 2
@@ -78,10 +79,11 @@ def test_probe_all_protocols_on_a_checkpoint(tmp_path):
     torch.manual_seed(0)
     encoder = common.build_encoder("vit_nano", 16, 8)
     config = dict(arch="vit_nano", image_size=16, patch_size=8)
-    common.save_checkpoint(dict(method="simclr", encoder_config=config, encoder=encoder.state_dict(), args={}), str(tmp_path / "c.pth"))
-    result = run_script("probe.py", str(tmp_path / "c.pth"), "--data", "shapes:16:200", "--protocol", "all", "--seeds", "2",
-                        "--linear-epochs", "5", "--finetune-epochs", "1", "--finetune-batch-size", "32", "--workers", "0",
-                        "--trainable-blocks", "1", "--k", "5", "20")
+    common.save_checkpoint(dict(method="simclr", encoder_config=config, encoder=encoder.state_dict(), args={}),
+                           str(tmp_path / "c.pth"))
+    result = run_script("probe.py", str(tmp_path / "c.pth"), "--data", "shapes:16:200", "--protocol", "all",
+                        "--seeds", "2", "--linear-epochs", "5", "--finetune-epochs", "1", "--finetune-batch-size", "32",
+                        "--workers", "0", "--trainable-blocks", "1", "--k", "5", "20")
     assert result.returncode == 0, result.stderr
     results = json.load(open(tmp_path / "probe_shapes_16_200_knn+linear+finetune_labels1.json"))
     assert set(results["knn"]) == {"k=5", "k=20"}
@@ -92,12 +94,14 @@ def test_probe_all_protocols_on_a_checkpoint(tmp_path):
 
 def test_probe_plain_torchvision_state_dict(tmp_path):
     model = common.build_encoder("resnet18", 16)
-    state = {**model.state_dict(), "fc.weight": torch.zeros(10, 512), "fc.bias": torch.zeros(10)}  # a classifier is dropped
+    # a classifier is dropped
+    state = {**model.state_dict(), "fc.weight": torch.zeros(10, 512), "fc.bias": torch.zeros(10)}
     torch.save(state, tmp_path / "r18.pth")
     result = run_script("probe.py", str(tmp_path / "r18.pth"), "--arch", "resnet18", "--data", "shapes:16:100",
                         "--protocol", "knn", "--workers", "0", "--output", str(tmp_path / "out.json"))
     assert result.returncode == 0, result.stderr
-    assert set(json.load(open(tmp_path / "out.json"))["knn"]) == {"k=10"}  # 10 images per class: k = 20, 100, 200 skipped
+    # 10 images per class: k = 20, 100, 200 skipped
+    assert set(json.load(open(tmp_path / "out.json"))["knn"]) == {"k=10"}
 
 
 def test_finetune_groups_follow_mae_layer_decay():
@@ -109,21 +113,24 @@ def test_finetune_groups_follow_mae_layer_decay():
     scale = {id(p): g["scale"] for g in groups for p in g["params"]}
     decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     assert scale[id(encoder.patch_embed.proj.weight)] == scale[id(encoder.cls_token)] == 0.5 ** 5
-    assert scale[id(encoder.blocks[0].attn.qkv.weight)] == 0.5 ** 4 and scale[id(encoder.blocks[3].mlp.fc2.weight)] == 0.5
+    assert (scale[id(encoder.blocks[0].attn.qkv.weight)] == 0.5 ** 4
+            and scale[id(encoder.blocks[3].mlp.fc2.weight)] == 0.5)
     assert scale[id(encoder.norm.weight)] == scale[id(head.weight)] == 1.0
     assert decay[id(head.weight)] == decay[id(encoder.blocks[2].attn.proj.weight)] == 0.05
     assert all(decay[id(p)] == 0 for p in (head.bias, encoder.norm.weight, encoder.cls_token, encoder.pos_embed))
     # --trainable-blocks 1: the last block, the final norm and the head train; everything else is frozen.
     groups = probe.finetune_param_groups(encoder, head, 0.5, 0.05, trainable_blocks=1)
     trainable = {id(p) for g in groups for p in g["params"]}
-    assert trainable == {id(p) for p in [*encoder.blocks[3].parameters(), *encoder.norm.parameters(), *head.parameters()]}
+    assert trainable == {id(p) for p in [*encoder.blocks[3].parameters(), *encoder.norm.parameters(),
+                                         *head.parameters()]}
     assert not encoder.blocks[2].attn.qkv.weight.requires_grad
 
 
 def save_checkpoint(path, arch="vit_nano", seed=0):
     torch.manual_seed(seed)
     config = dict(arch=arch, image_size=16, patch_size=8)
-    common.save_checkpoint(dict(method="simclr", encoder_config=config, encoder=common.build_encoder(**config).state_dict(), args={}), str(path))
+    common.save_checkpoint(dict(method="simclr", encoder_config=config,
+                                encoder=common.build_encoder(**config).state_dict(), args={}), str(path))
     return str(path)
 
 
@@ -148,9 +155,10 @@ def test_knn_and_linear_under_torchrun_equal_one_process(tmp_path):
     checkpoint = save_checkpoint(tmp_path / "c.pth")
     flags = ["--data", "shapes:16:120:30", "--protocol", "knn", "linear", "--seeds", "1", "--linear-epochs", "3",
              "--k", "5", "20", "--batch-size", "16", "--workers", "0"]
-    single = probe.main(probe.get_args_parser().parse_args([checkpoint, *flags, "--output", str(tmp_path / "single.json")]))
-    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "probe.py", checkpoint, *flags,
-                        "--output", str(tmp_path / "ddp.json"), threads=1)
+    single = probe.main(probe.get_args_parser().parse_args([checkpoint, *flags,
+                                                            "--output", str(tmp_path / "single.json")]))
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "probe.py", checkpoint,
+                        *flags, "--output", str(tmp_path / "ddp.json"), threads=1)
     assert result.returncode == 0, result.stderr
     ddp = json.load(open(tmp_path / "ddp.json"))
     assert ddp["settings"]["world_size"] == 2 and result.stdout.count("k-NN k=5") == 1  # rank 0 alone reports
@@ -173,10 +181,11 @@ def test_baselines_show_that_pretraining_helped(tmp_path, capsys):
         loss.backward()
         optimizer.step()
     config = dict(arch="vit_nano", image_size=16, patch_size=8)
-    common.save_checkpoint(dict(method="supervised", encoder_config=config, encoder=encoder.state_dict(), args={}), str(tmp_path / "c.pth"))
+    common.save_checkpoint(dict(method="supervised", encoder_config=config, encoder=encoder.state_dict(), args={}),
+                           str(tmp_path / "c.pth"))
     results = probe.main(probe.get_args_parser().parse_args([
-        str(tmp_path / "c.pth"), "--data", "shapes:16:400:400", "--protocol", "knn", "linear", "--baselines", "--seeds", "2",
-        "--linear-epochs", "10", "--k", "20", "--workers", "0"]))
+        str(tmp_path / "c.pth"), "--data", "shapes:16:400:400", "--protocol", "knn", "linear", "--baselines",
+        "--seeds", "2", "--linear-epochs", "10", "--k", "20", "--workers", "0"]))
     out = capsys.readouterr().out
     print(out)
     assert "random init k=20" in out and "difference" in out and "linear, CLS, cached (MAE §A.2)" in out
@@ -184,7 +193,8 @@ def test_baselines_show_that_pretraining_helped(tmp_path, capsys):
     assert results["difference"]["knn"]["k=20"]["top1"] > 4 and results["difference"]["linear"]["top1"] > 6
     assert results["difference"]["linear"]["top1"] == results["linear"]["top1"] - results["baselines"]["linear"]["top1"]
     saved = json.load(open(tmp_path / "probe_shapes_16_400_400_knn+linear_labels1.json"))
-    assert saved["settings"]["baselines"] and saved["settings"]["protocol"] == ["knn", "linear"] and saved["settings"]["k"] == [20]
+    assert (saved["settings"]["baselines"] and saved["settings"]["protocol"] == ["knn", "linear"]
+            and saved["settings"]["k"] == [20])
 
 
 def test_dino_readouts_concatenate_normalised_tokens():
@@ -192,7 +202,8 @@ def test_dino_readouts_concatenate_normalised_tokens():
     encoder = common.build_encoder("vit_nano", 16, 8).eval()
     images = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
-        x = torch.cat([(encoder.cls_token + encoder.pos_embed[:, :1]).expand(3, -1, -1), encoder.embed(images)], 1)  # (B, 1 + L, D)
+        # (B, 1 + L, D)
+        x = torch.cat([(encoder.cls_token + encoder.pos_embed[:, :1]).expand(3, -1, -1), encoder.embed(images)], 1)
         outputs = []
         for block in encoder.blocks:
             x = block(x)
@@ -202,7 +213,8 @@ def test_dino_readouts_concatenate_normalised_tokens():
         torch.testing.assert_close(probe.Readout(encoder)(images), encoder(images))
     torch.testing.assert_close(last4, torch.cat([t[:, 0] for t in outputs], 1))
     torch.testing.assert_close(avgpool, torch.cat([outputs[-1][:, 0], outputs[-1][:, 1:].mean(1)], 1))
-    assert probe.Readout(encoder, 4).dim == last4.shape[1] == 4 * 128 and probe.Readout(encoder, avgpool=True).dim == 256
+    assert (probe.Readout(encoder, 4).dim == last4.shape[1] == 4 * 128
+            and probe.Readout(encoder, avgpool=True).dim == 256)
 
 
 def test_mae_classifier_pools_patch_tokens_through_fc_norm():
@@ -215,7 +227,8 @@ def test_mae_classifier_pools_patch_tokens_through_fc_norm():
     torch.testing.assert_close(model(images), model.head(tokens[:, 1:].mean(1)))
     groups = probe.finetune_param_groups(model.encoder, model.head, 0.75, 0.05)
     head_group = {id(p): g for g in groups for p in g["params"]}
-    assert head_group[id(model.head[0].weight)]["scale"] == 1 and head_group[id(model.head[0].weight)]["weight_decay"] == 0
+    assert (head_group[id(model.head[0].weight)]["scale"] == 1
+            and head_group[id(model.head[0].weight)]["weight_decay"] == 0)
     pixels = probe.get_args_parser().parse_args(["c.pth", "--data", "shapes"])
     pixels.mean, pixels.std = common.IMAGENET_MEAN, common.IMAGENET_STD  # what load_encoder sets
     transform = probe.train_augmentation(16, pixels, rand_augment=True)  # the MAE fine-tuning recipe's views
@@ -346,9 +359,11 @@ def test_224px_resnet_state_dict_on_32px_data_keeps_its_stem(tmp_path, capsys):
     import torchvision
     model = torchvision.models.resnet18()  # the 7x7/2 stem and max-pool of an ImageNet checkpoint
     torch.save(model.state_dict(), tmp_path / "r18.pth")
-    results = probe.main(probe.get_args_parser().parse_args([str(tmp_path / "r18.pth"), "--arch", "resnet18", "--data", "shapes:32:60",
-                                                             "--protocol", "knn", "--k", "10", "100", "--workers", "0"]))
-    assert set(results["knn"]) == {"k=10"}  # k = 100 > 60 training images: skipped, with a note (k = 10 > 6 per class: kept, the smallest)
+    results = probe.main(probe.get_args_parser().parse_args([str(tmp_path / "r18.pth"), "--arch", "resnet18",
+                                                             "--data", "shapes:32:60", "--protocol", "knn",
+                                                             "--k", "10", "100", "--workers", "0"]))
+    # k = 100 > 60 training images: skipped, with a note (k = 10 > 6 per class: kept, the smallest)
+    assert set(results["knn"]) == {"k=10"}
     assert "skipped" in capsys.readouterr().out
     assert os.path.exists(tmp_path / "probe_shapes_32_60_knn_labels1.json")
 
@@ -356,6 +371,7 @@ def test_224px_resnet_state_dict_on_32px_data_keeps_its_stem(tmp_path, capsys):
 def test_plot_of_the_features(tmp_path):
     pytest.importorskip("matplotlib")
     checkpoint = save_checkpoint(tmp_path / "c.pth")
-    probe.main(probe.get_args_parser().parse_args([checkpoint, "--data", "shapes:16:40", "--protocol", "knn", "--plot", "pca",
-                                                   "--workers", "0", "--output", str(tmp_path / "r.json")]))
+    probe.main(probe.get_args_parser().parse_args([checkpoint, "--data", "shapes:16:40", "--protocol", "knn",
+                                                   "--plot", "pca", "--workers", "0",
+                                                   "--output", str(tmp_path / "r.json")]))
     assert os.path.getsize(tmp_path / "r_pca.png") > 1000

@@ -16,7 +16,8 @@ from helpers import assert_same_state, run_script
 from test_errors import user_error
 
 METHODS = ["simclr", "moco", "byol", "simsiam", "mae", "dino"]
-RUN = ["--data", "shapes:16:16", "--batch-size", "8", "--epochs", "1", "--knn-every", "0", "--workers", "0", "--warmup-epochs", "0"]
+RUN = ["--data", "shapes:16:16", "--batch-size", "8", "--epochs", "1", "--knn-every", "0", "--workers", "0",
+       "--warmup-epochs", "0"]
 NANO = ["--arch", "vit_nano", "--patch-size", "8"]
 HEADS = {"simclr": ["--proj-hidden", "32", "--proj-dim", "16"],
          "moco": ["--proj-hidden", "32", "--proj-dim", "16"],
@@ -61,11 +62,13 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(method, tmp_path, mo
 
 def test_real_divergence_keeps_the_last_finite_checkpoint(tmp_path):
     # The issue's command: a huge lr (measured: epoch 1 finite, NaN in epoch 2). What is on disk stays finite.
-    with pytest.raises(common.UserError, match=r"diverged \(loss -?(nan|inf)\) at epoch \d, step \d+, lr .*try a lower --base-lr"):
+    with pytest.raises(common.UserError,
+                       match=r"diverged \(loss -?(nan|inf)\) at epoch \d, step \d+, lr .*try a lower --base-lr"):
         train("simclr", "--epochs", "3", "--base-lr", "1e6", "--output-dir", str(tmp_path))
     if (tmp_path / "checkpoint.pth").exists():  # on CPU, the epoch-1 checkpoint (NaN came in epoch 2)
         saved = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
-        assert saved["epoch"] < 3 and common.all_finite(saved["model"]) and common.all_finite(saved["optimizer"]["state"][0])
+        assert (saved["epoch"] < 3 and common.all_finite(saved["model"])
+                and common.all_finite(saved["optimizer"]["state"][0]))
 
 
 def test_nonfinite_weights_are_caught_before_the_save(tmp_path, monkeypatch):
@@ -112,9 +115,12 @@ def sigterm_is_loud():
     signal.signal(signal.SIGTERM, previous)
 
 
-@pytest.mark.parametrize("method,path,signal_at,saved_at", [("mae", [], 6, 6), ("simclr", ["--cpu-augment", "--workers", "2"], 6, 6),
-                                                              ("mae", [], 4, 5)], ids=["device-path", "worker-path", "epoch-end"])
-def test_sigterm_saves_mid_epoch_and_resumes_exactly(method, path, signal_at, saved_at, tmp_path, monkeypatch, sigterm_is_loud):
+@pytest.mark.parametrize("method,path,signal_at,saved_at", [("mae", [], 6, 6),
+                                                              ("simclr", ["--cpu-augment", "--workers", "2"], 6, 6),
+                                                              ("mae", [], 4, 5)],
+                         ids=["device-path", "worker-path", "epoch-end"])
+def test_sigterm_saves_mid_epoch_and_resumes_exactly(method, path, signal_at, saved_at, tmp_path, monkeypatch,
+                                                     sigterm_is_loud):
     """SIGTERM in step 6 of 8 (epoch 2 of 2): saved at the step boundary, the same command resumes, and the
     result is bit-identical to a straight run. MAE's masks come from the main RNG (restored); on the worker
     path, the workers' seeds must follow the epoch (persistent workers kept their first epoch's RNG). In an
@@ -170,7 +176,8 @@ def test_sigterm_on_one_rank_stops_all_ranks_at_the_same_step_and_resumes_exactl
     assert len(stopped) == 1 and "at epoch 1, step 3" in stopped[0], result.stderr  # rank 0 agreed and saved, one line
     saved = torch.load(tmp_path / "o" / "checkpoint.pth", weights_only=False)
     assert (saved["epoch"], saved["step"]) == (0, 3)
-    assert len(saved["rng"]) == 2 and not torch.equal(saved["rng"][0]["cpu"], saved["rng"][1]["cpu"])  # each rank resumes its own
+    # each rank resumes its own
+    assert len(saved["rng"]) == 2 and not torch.equal(saved["rng"][0]["cpu"], saved["rng"][1]["cpu"])
     for out in ("o", "straight"):  # the same command again resumes; a straight run for comparison
         result = run_script(*torchrun, "simclr.py", *flags, str(tmp_path / out), threads=1)
         assert result.returncode == 0, result.stderr
@@ -188,7 +195,8 @@ def test_a_second_sigterm_is_not_swallowed(sigterm_is_loud):
 
 
 def test_save_every_keeps_numbered_snapshots(tmp_path):
-    train("simclr", "--epochs", "3", "--data", "shapes:16:8", "--save-every", "1", "--keep", "2", "--output-dir", str(tmp_path))
+    train("simclr", "--epochs", "3", "--data", "shapes:16:8", "--save-every", "1", "--keep", "2",
+          "--output-dir", str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "checkpoint_0002.pth", "checkpoint_0003.pth", "log.jsonl"]
     assert torch.load(tmp_path / "checkpoint_0002.pth", weights_only=False)["epoch"] == 2
     assert (tmp_path / "checkpoint_0003.pth").read_bytes() == (tmp_path / "checkpoint.pth").read_bytes()
@@ -301,7 +309,8 @@ def test_full_disk_during_save_names_the_path(tmp_path, monkeypatch):
 
     def full_disk(obj, f, *args, **kwargs):
         open(f, "wb").write(b"PK\x03\x04 half")
-        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file: unexpected pos 64")
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file: "
+                           "unexpected pos 64")
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(common.UserError, match=f"could not write {path} \\(is the disk full"):
         common.save_checkpoint({"epoch": 2}, path)
@@ -325,7 +334,8 @@ def test_warmup_longer_than_the_run_is_warned(tmp_path, capsys):
 
 
 def test_error_line_is_printed_once_under_torchrun(monkeypatch):
-    # The exit code itself (1, as UserError's docstring says) is checked end to end in test_errors.test_missing_data_path.
+    # The exit code itself (1, as UserError's docstring says) is checked end to end in
+    # test_errors.test_missing_data_path.
     assert "exit with code 1" in " ".join(common.UserError.__doc__.split())
     monkeypatch.setenv("RANK", "1")  # another torchrun rank: a silent exit code 1; rank 0 prints the line
     assert common.error_line("simclr.py", common.UserError("boom")) == 1

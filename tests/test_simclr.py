@@ -57,7 +57,8 @@ def test_info_nce_prefers_aligned_views_and_needs_its_negatives():
 
 
 def test_two_ranks_equal_one_process(tmp_path):
-    single, ddp = ddp_vs_single_process("simclr", tmp_path, "--arch", "resnet18", "--proj-hidden", "64", "--proj-dim", "16")
+    single, ddp = ddp_vs_single_process("simclr", tmp_path, "--arch", "resnet18", "--proj-hidden", "64",
+                                        "--proj-dim", "16")
     assert_same_step(single, ddp)
 
 

@@ -10,7 +10,8 @@ import torchvision
 
 import common
 import simsiam
-from helpers import assert_same_state, assert_same_step, ddp_vs_single_process, error_line, run_script, straight_and_preempted
+from helpers import (assert_same_state, assert_same_step, ddp_vs_single_process, error_line, run_script,
+                     straight_and_preempted)
 
 TINY = ["--arch", "vit_nano", "--patch-size", "4", "--proj-hidden", "32", "--proj-dim", "16", "--pred-hidden", "8"]
 
@@ -56,7 +57,8 @@ def test_stop_gradient_blocks_the_z_side():
 
 
 def test_predictor_lr_is_fixed(tmp_path):
-    flags = ["--data", "shapes:16:64", *TINY, "--batch-size", "32", "--epochs", "2", "--knn-every", "0", "--workers", "0"]
+    flags = ["--data", "shapes:16:64", *TINY, "--batch-size", "32", "--epochs", "2", "--knn-every", "0",
+             "--workers", "0"]
     simsiam.main(simsiam.get_args_parser().parse_args(flags + ["--output-dir", str(tmp_path)]))
     groups = torch.load(tmp_path / "checkpoint.pth", weights_only=False)["optimizer"]["param_groups"]
     lr = 0.05 * 32 / 256
@@ -83,7 +85,8 @@ def test_resume_replays_training_exactly_with_the_fixed_lr_predictor(tmp_path, m
 def test_official_predictor_and_zero_init_residuals():
     """Official builder.py: the predictor's last Linear has a bias, the projector ends in BN without
     affine, and the ResNet is built with zero_init_residual=True."""
-    args = simsiam.get_args_parser().parse_args(["--data", "shapes", "--image-size", "32", "--arch", "resnet18", *TINY[4:]])
+    args = simsiam.get_args_parser().parse_args(["--data", "shapes", "--image-size", "32", "--arch", "resnet18",
+                                                 *TINY[4:]])
     model = simsiam.build_model(args)
     assert model.predictor[-1].bias is not None and not model.projector[-1].affine
     blocks = [m for m in model.encoder.modules() if isinstance(m, torchvision.models.resnet.BasicBlock)]
