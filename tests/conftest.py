@@ -4,6 +4,7 @@ threads per process on two busy cores mostly wait for each other); the tests tha
 import concurrent.futures
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -50,7 +51,8 @@ class Background:
     def run(self, name, argv):
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         with open(self.folder / f"{name}.log", "w") as log:
-            process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)  # a group: stop() ends its own subprocesses too
             self.processes.append(process)
             process.wait()
         tail = "".join(open(self.folder / f"{name}.log").readlines()[-20:])
@@ -64,7 +66,7 @@ class Background:
         self.pool.shutdown(wait=False, cancel_futures=True)
         for process in self.processes:
             if process.poll() is None:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session", autouse=True)
