@@ -58,20 +58,6 @@ class Shapes(torch.utils.data.Dataset):
         return (np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 
-def shapes_spec(spec):
-    """'shapes[:SIZE[:N[:V]]]' -> (SIZE, N, V), defaults 32 px, 10000 train, N/5 val."""
-    try:
-        fields = [int(field) for field in spec.split(":")[1:]]
-    except ValueError:
-        fields = [0]  # not a number: refused below
-    if len(fields) > 3 or min(fields, default=1) < 1:
-        raise UserError(f"--data {spec!r}: expected shapes[:SIZE[:N[:V]]] with positive integers")
-    size, num_train = (fields + [32, 10000][len(fields):])[:2]
-    return size, num_train, fields[2] if len(fields) == 3 else max(1, num_train // 5)
-
-
-
-
 def spec(text):
     """'shapes[:SIZE[:N[:V]]]' -> (SIZE, N, V), defaults 32 px, 10000 train, N/5 val."""
     try:

@@ -32,17 +32,26 @@ def short_run(method, flags, tmp_path):
     return log, checkpoint, result.stdout
 
 
-def ddp_vs_single_process(method, tmp_path, *flags):
-    """Loss and gradients of one step: 2 gloo ranks x 4 images vs 1 process x 8 images."""
+def one_process_and_two_ranks(script, method, tmp_path, *flags):
+    """SCRIPT METHOD OUT FLAGS... in this process (no second torch import to wait for), then on 2 gloo ranks under
+    torchrun; returns the two OUT paths (tests/ddp_step.py saves a step's loss and gradients there)."""
     single, ddp = str(tmp_path / "single.pt"), str(tmp_path / "ddp.pt")
-    saved_argv, sys.argv = sys.argv, ["tests/ddp_step.py", method, single, *flags]
-    try:  # the one-process side in this interpreter: no second torch import to wait for
-        runpy.run_path(os.path.join(ROOT, "tests", "ddp_step.py"), run_name="__main__")
+    saved_argv, saved_cwd, sys.argv = sys.argv, os.getcwd(), [script, method, single, *flags]
+    os.chdir(ROOT)
+    try:
+        runpy.run_path(script, run_name="__main__")
     finally:
         sys.argv = saved_argv
-    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "tests/ddp_step.py", method, ddp, *flags, threads=1)
+        os.chdir(saved_cwd)
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, method, ddp,
+                        *flags, threads=1)
     assert result.returncode == 0, result.stderr
+    return single, ddp
+
+
+def ddp_vs_single_process(method, tmp_path, *flags):
+    """Loss and gradients of one step: 2 gloo ranks x 4 images vs 1 process x 8 images."""
+    single, ddp = one_process_and_two_ranks(os.path.join(ROOT, "tests", "ddp_step.py"), method, tmp_path, *flags)
     return torch.load(single), torch.load(ddp)
 
 

@@ -1,6 +1,6 @@
 """BYOL: the loss is the paper's formula, no gradient reaches the target network, the target is the EMA
 of the online network on the paper's τ schedule, one DDP step equals one big-batch step, resume is
-exact (target included), and a short run learns something a random encoder does not know."""
+exact (target included). That it learns: tests/test_learning.py."""
 import math
 
 import pytest

@@ -2,8 +2,6 @@
 are the recipe's, the teacher and the frozen last layer do not move by gradient, one DDP step equals
 one big-batch step, resume is exact, attention maps are written, and a short run learns."""
 import math
-import runpy
-import sys
 import textwrap
 
 import numpy as np
@@ -13,9 +11,9 @@ import torch.nn.functional as F
 import torchvision
 
 import common
-import shapes
 import dino
-from helpers import ROOT, assert_same_step, moved_online_and_its_ema, run_script, short_run
+import shapes
+from helpers import assert_same_step, moved_online_and_its_ema, one_process_and_two_ranks, short_run
 
 # CPU scale: vit_nano at 32 px (16 px local crops = 4 patches), a small head and softmax width.
 QUICK = ["--data", "shapes:32:500:1000", "--arch", "vit_nano", "--patch-size", "8", "--out-dim", "1024",
@@ -259,7 +257,7 @@ def test_multi_crop_shapes_at_32_and_224_px():
     assert multi_crop("--image-size", "32", "--arch", "resnet18").transforms[-1].size == 14
 
 
-def test_two_ranks_equal_one_process_and_share_the_centre_of_the_global_batch(tmp_path, monkeypatch):
+def test_two_ranks_equal_one_process_and_share_the_centre_of_the_global_batch(tmp_path):
     # tests/ddp_step.py's step, then each rank saves its centre: 2 gloo ranks x 4 images must give the
     # loss, gradients AND centre of 1 process x 8 images (without the all-reduce, each rank's c would
     # be the EMA of its own half). One torchrun serves both checks.
@@ -272,13 +270,7 @@ def test_two_ranks_equal_one_process_and_share_the_centre_of_the_global_batch(tm
         if "RANK" in os.environ:  # under torchrun, saved: skip the teardown, where a DDP reducer still alive can abort
             os._exit(0)           # in gloo's thread destructors (this same script also runs inside pytest, alone)
     """))
-    single, ddp = str(tmp_path / "single.pt"), str(tmp_path / "ddp.pt")
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(sys, "argv", [str(script), "dino", single, *NANO])
-    runpy.run_path(str(script), run_name="__main__")  # one process, in this one: no interpreter to start
-    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "dino", ddp,
-                        *NANO, threads=1)
-    assert result.returncode == 0, result.stderr
+    single, ddp = one_process_and_two_ranks(str(script), "dino", tmp_path, *NANO)
     assert_same_step(torch.load(single), torch.load(ddp))
     expected = torch.load(single + ".center0")
     assert expected.abs().sum() > 0  # the step did update it

@@ -1,10 +1,9 @@
 """MoCo v3 / v2: the losses are the formulas, the queue is FIFO, the key encoder follows θk ← m·θk + (1 − m)·θq
 and gets no gradient, one DDP step equals one big-batch step, resume is exact (queue included), bad flag
-combinations are one clear error, and short runs of v3 (ViT) and v2 (ResNet + queue) learn."""
+combinations are one clear error, and a short v2 run (ResNet + queue) fills its queue. That they learn:
+tests/test_learning.py."""
 import math
 import re
-import runpy
-import sys
 
 import pytest
 import torch
@@ -13,8 +12,8 @@ import torch.nn.functional as F
 
 import common
 import moco
-from helpers import (ROOT, assert_same_state, assert_same_step, ddp_vs_single_process, error_line,
-                     moved_online_and_its_ema, run_script, short_run, straight_and_preempted)
+from helpers import (assert_same_state, assert_same_step, ddp_vs_single_process, error_line, moved_online_and_its_ema,
+                     one_process_and_two_ranks, run_script, short_run, straight_and_preempted)
 
 
 def parse(*flags):
@@ -230,7 +229,7 @@ torch.save(dict(seen=embedded, queue=raw.queue, ptr=raw.queue_ptr, keys_of=step[
 """
 
 
-def test_v2_shuffles_keys_across_ranks_and_every_rank_keeps_the_same_queue(tmp_path, monkeypatch):
+def test_v2_shuffles_keys_across_ranks_and_every_rank_keeps_the_same_queue(tmp_path):
     """MoCo v2 on 2 gloo ranks x 4 images against 1 process x 8 (a ResNet: BN in the encoder). The key encoder
     of each rank must embed a shuffled share of the GLOBAL batch (shuffled BN, §3.3: per-GPU BN statistics
     would otherwise be a shortcut), and every rank must enqueue the keys of the whole global batch, unshuffled:
@@ -238,13 +237,7 @@ def test_v2_shuffles_keys_across_ranks_and_every_rank_keeps_the_same_queue(tmp_p
     ddp_step.py runs) the shuffle changes no number, so only the hook can see it."""
     script = tmp_path / "watch_the_key_encoder.py"
     script.write_text(WATCH_THE_KEY_ENCODER)
-    single, ddp = str(tmp_path / "single.pt"), str(tmp_path / "ddp.pt")
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(sys, "argv", [str(script), "moco", single, *TINY_V2])
-    runpy.run_path(str(script), run_name="__main__")  # one process, in this one: no interpreter to start
-    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "moco", ddp,
-                        *TINY_V2, threads=1)
-    assert result.returncode == 0, result.stderr
+    single, ddp = one_process_and_two_ranks(str(script), "moco", tmp_path, *TINY_V2)
     assert_same_step(torch.load(single), torch.load(ddp))  # loss and gradients, as for v3
     one = torch.load(single + ".rank0")
     ranks = [torch.load(f"{ddp}.rank{rank}") for rank in range(2)]

@@ -82,9 +82,19 @@ def test_quick_start_learns_with_either_augmentation_path(background):
         common.build_encoder(**checkpoint["encoder_config"]).load_state_dict(checkpoint["encoder"])  # as probe.py does
         assert "k-NN top-1 (k=20) on the val split" in (background.folder / f"{path}.log").read_text()
     device, cpu = logs["quick-start"], logs["quick-start-cpu-augment"]
-    print({path: [(r["epoch"], round(r.get("loss", 0), 4), round(r.get("embedding_std", 0), 4), r.get("knn_top1"))
-                  for r in log] for path, log in logs.items()})
-    random_init, trained, trained_cpu = device[0]["knn_top1"], device[-1]["knn_top1"], cpu[-1]["knn_top1"]
-    assert cpu[0]["knn_top1"] == random_init  # same seed, same random encoder
-    assert trained > random_init + 0.08 and trained_cpu > random_init + 0.01, (random_init, trained, trained_cpu)
-    assert abs(trained - trained_cpu) < 0.10, (trained, trained_cpu)
+    print({path: [(r["epoch"], r.get("loss"), r.get("embedding_std"), r.get("knn_top1")) for r in log]
+           for path, log in logs.items()})
+    # What a run this short shows robustly is its loss: both paths draw the same views (tests/test_augment.py), so the
+    # DataLoader path's loss follows the device path's. Measured on one thread, seeds 0-2 (device / DataLoader): the
+    # loss falls 10.4-10.5 -> 8.54-8.73 on both, the paths within 0.42 at any epoch and 0.17 at the last; the
+    # collapse signal 0.070-0.087 (healthy: 1/sqrt(128) = 0.088).
+    for log in (device, cpu):
+        assert log[-1]["loss"] < log[1]["loss"] - 1.0
+        assert all(r["embedding_std"] > 0.5 / math.sqrt(128) for r in log[1:])
+    assert all(abs(a["loss"] - b["loss"]) < 0.8 for a, b in zip(device[1:], cpu[1:])), (device, cpu)
+    assert abs(device[-1]["loss"] - cpu[-1]["loss"]) < 0.4, (device[-1], cpu[-1])
+    # k-NN (2000 val images: ±1 point from the sample alone) is noisier: seeds 0-2 gained +9.7, +11.5, +2.4 points on
+    # the device path, +6.6, +7.1, +6.0 on the DataLoader path. Neither path falls, and the two gain 3 on average.
+    assert cpu[0]["knn_top1"] == device[0]["knn_top1"]  # same seed, same random encoder
+    gains = [log[-1]["knn_top1"] - log[0]["knn_top1"] for log in (device, cpu)]
+    assert min(gains) > 0 and sum(gains) / 2 > 0.03, gains

@@ -1,5 +1,6 @@
 """SimSiam: the loss is the paper's formula, the stop-gradient blocks the z side, removing it is caught
-as collapse by the monitor, one DDP step equals one big-batch step, and a short run learns."""
+as collapse by the monitor, one DDP step equals one big-batch step, resume is exact. That it learns:
+tests/test_learning.py."""
 import json
 import math
 
