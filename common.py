@@ -353,15 +353,19 @@ class LARS(torch.optim.Optimizer):
                 w_norm, u_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(updates))
                 trust = torch.where((w_norm > 0) & (u_norm > 0), group["trust_coefficient"] * w_norm / u_norm, 1.0)
                 torch._foreach_mul_(updates, list(trust.unbind()))
-            buffers = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            for p in params:  # (setdefault would build a zeros_like at every step)
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            buffers = [self.state[p]["momentum_buffer"] for p in params]
             torch._foreach_mul_(buffers, group["momentum"])
             torch._foreach_add_(buffers, updates)
             torch._foreach_add_(params, buffers, alpha=-group["lr"])
 
 
 def embedding_std(z):
-    """Collapse signal (SimSiam §4.1): per-dimension std of the normalised z, ≈ 1/sqrt(d) spread, 0 collapsed."""
-    return F.normalize(z.float(), dim=1).std(dim=0).mean().item()
+    """Collapse signal (SimSiam §4.1): per-dimension std of the normalised z, ≈ 1/sqrt(d) spread, 0 collapsed.
+    A 0-dim tensor, on z's device: reading it makes the CPU wait for the GPU, so the loop reads it only to log."""
+    return F.normalize(z.float(), dim=1).std(dim=0).mean()
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -803,13 +807,16 @@ def run_args(parser, method):
         help="k-NN monitor on the val split every N epochs, at random init and at the end (0: off)")
     add("--seed", type=int, default=0, help="seed of the initialisation and of every epoch's augmentations")
     add("--compile", action="store_true", help="torch.compile the model (slow first steps, then faster)")
+    add("--log-every", type=positive_int, default=50, help="read the loss and agree on SIGTERM and divergence every N "
+        "steps and at each epoch's end (each read makes the CPU wait for the GPU)")
     return g
 
 
 # Flags that may differ when a run resumes: where it runs and what it reports, not what it computes. --epochs may grow
 # (or shrink to no less than the epochs done): the lr schedule then follows the new length.
 MAY_CHANGE_ON_RESUME = ("epochs", "output_dir", "resume", "workers", "cpu_augment", "compile", "knn_every",
-                        "save_every", "keep", "data_root", "attention_maps", "visualize", "val", "skip_bad_images")
+                        "save_every", "keep", "data_root", "attention_maps", "visualize", "val", "skip_bad_images",
+                        "log_every")
 
 
 class Run:
@@ -824,6 +831,9 @@ class Run:
         self.epoch, self.step, self.rng, self.record = 0, 0, None, {}
         args.image_size = args.image_size or default_image_size(args.data)
         check_flags(args, self.dist)
+        # Fixed shapes: cuDNN times its convolution algorithms once and keeps the fastest. (TF32 stays off: the
+        # model runs in bf16 autocast, and what runs in fp32 does so on purpose: logits, DINO's last layer.)
+        torch.backends.cudnn.benchmark = self.device.type == "cuda"
         if args.batch_size % self.world_size:
             raise UserError(f"--batch-size {args.batch_size} is not divisible by {self.world_size} processes")
 
@@ -865,7 +875,11 @@ class Run:
                 self.trained = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             elif sync_bn:  # torch's SyncBatchNorm is CUDA-only
                 self.say("note: SyncBatchNorm needs CUDA; on CPU each rank normalises with its own batch statistics")
-            self.trained = nn.parallel.DistributedDataParallel(self.trained, [self.device.index] if cuda else None)
+            # No buffer broadcast before every forward (32 MiB for MoCo v2's queue): the buffers are equal on every
+            # rank by construction (SyncBN's statistics, queues and centres filled from all ranks), or per rank by
+            # design (MoCo v2's shuffled BN); rank 0's are saved.
+            self.trained = nn.parallel.DistributedDataParallel(self.trained, [self.device.index] if cuda else None,
+                                                               broadcast_buffers=False)
         if args.compile:
             self.trained = torch.compile(self.trained)  # checkpoints keep saving `model`: plain names
         if args.knn_every and self.step == 0 and (knn := self.knn()) is not None:  # a fresh run
@@ -890,7 +904,7 @@ class Run:
         self.trained.train()
         loader.sampler.set_epoch(epoch)
         torch.manual_seed(args.seed * 100003 + epoch * 1000 + self.dist.rank)
-        self.start, self.sums, self.steps_per_epoch = time.time(), {}, len(loader)
+        self.start, self.sums, self.summed, self.steps_per_epoch = time.time(), {}, 0, len(loader)
         self.bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not self.is_main)
         batches, done = iter(self.bar), self.step - epoch * len(loader)
         for _ in range(done):
@@ -909,18 +923,31 @@ class Run:
         return self.optimizer.param_groups[0]["lr"]
 
     def step_done(self, loss, z, **extras):
-        """After the optimizer step (and the EMA): read the loss (a non-finite one stops the run before any save), the
-        collapse signal of z and any extras (each averaged over the epoch), and answer a SIGTERM."""
+        """After the optimizer step (and the EMA): add the loss, the collapse signal of z and any extras (0-dim
+        tensors) to the epoch's sums on the device, and every --log-every steps and at the epoch's end read them."""
         self.step += 1
-        values = dict(loss=loss.item())
-        self.check_finite(values["loss"])
-        values.update(embedding_std=embedding_std(z), **{key: float(value) for key, value in extras.items()})
-        for key, value in values.items():
-            self.sums.setdefault(key, []).append(value)
-        self.z_dim, steps = z.shape[1], len(self.sums["loss"])
-        self.bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{self.lr:.3g}",
-                             img_s=f"{steps * self.args.batch_size / (time.time() - self.start):.0f}")
-        if self.preempted(self.dist) and self.step % self.steps_per_epoch:  # at an epoch's end its save comes first
+        values = dict(loss=loss, embedding_std=embedding_std(z), **extras)
+        for key, value in values.items():  # fp64: the same sums as Python floats of each step's value
+            self.sums[key] = self.sums.get(key, 0) + value.detach().double()
+        self.summed, self.z_dim = self.summed + 1, z.shape[1]
+        epoch_end = self.step % self.steps_per_epoch == 0
+        if self.step % self.args.log_every and not epoch_end:
+            return
+        # One agreement of all ranks: a rank's loss is its own (every method but SimCLR), and a rank may be signalled
+        # first. A non-finite loss anywhere stops every rank here, before any save: the last checkpoint stays good.
+        flags = torch.tensor([float(self.preempted.signalled), 0.0], device=self.device)
+        flags[1] = (~self.sums["loss"].isfinite()).double()
+        if self.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        (preempted, diverged), means = flags.tolist(), (torch.stack(list(self.sums.values())) / self.summed).tolist()
+        self.means = dict(zip(self.sums, means))
+        if diverged:
+            loss = self.means["loss"]
+            raise self.diverged(f"loss {loss}" if not math.isfinite(loss) else "a non-finite loss on another rank")
+        self.bar.set_postfix(loss=f"{self.means['loss']:.3f}", lr=f"{self.lr:.3g}", refresh=False,
+                             img_s=f"{self.summed * self.args.batch_size / (time.time() - self.start):.0f}")
+        self.preempted.agreed = bool(preempted)
+        if self.preempted.agreed and not epoch_end:  # at an epoch's end, epoch_done saves first
             cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
             rng = {"cpu": torch.get_rng_state(), "cuda": cuda}
             rngs = [rng] * self.world_size
@@ -936,13 +963,15 @@ class Run:
 
     def epoch_done(self, **values):
         """The epoch's record (means of the steps' values, lr, these values, images/s), the k-NN when due, a weight
-        check, then the checkpoint, snapshots, log.jsonl and the printed line."""
-        args, steps = self.args, len(self.sums["loss"])
-        record = dict(epoch=self.epoch + 1, **{k: sum(v) / steps for k, v in self.sums.items()}, lr=self.lr, **values,
-                      images_per_s=steps * args.batch_size / (time.time() - self.start))
+        check, then the checkpoint, snapshots, log.jsonl and the printed line; a SIGTERM agreed at the epoch's last
+        step stops the run after its save."""
+        args = self.args
+        record = dict(epoch=self.epoch + 1, **self.means, lr=self.lr, **values,
+                      images_per_s=self.summed * args.batch_size / (time.time() - self.start))
         if self.due(args.knn_every):
             record["knn_top1"] = self.knn()
-        self.check_finite(record["loss"], weights=True)
+        if not all_finite(self.model.state_dict()):  # a finite loss does not prove it: the last update can blow up
+            raise self.diverged("non-finite weights")
         report_bad_images(self.dataset, self.dist)
         if self.is_main:
             save_checkpoint(self.state(epoch=self.epoch + 1), self.path)
@@ -953,6 +982,9 @@ class Run:
             if warning := collapse_warning(record["embedding_std"], self.z_dim):
                 print(warning, flush=True)
         self.record = record
+        if self.preempted.agreed and self.epoch + 1 < args.epochs:
+            raise UserError(f"stopped by SIGTERM at the end of epoch {self.epoch + 1}, step {self.step}: saved "
+                            f"{self.path}; run the same command to resume")
 
     def due(self, every):
         """Every `every` epochs and at the last one (0: never)."""
@@ -969,14 +1001,10 @@ class Run:
                     args=vars(self.args), model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                     step=self.step, **position)
 
-    def check_finite(self, loss, weights=False):
-        """A diverged run stops before it can save, so the last good checkpoint stays. loss: the float the loop read
-        already (no extra host sync); before a save the weights are checked too (one sync per epoch)."""
-        finite_weights = not weights or all_finite(self.model.state_dict())
-        if not (math.isfinite(loss) and finite_weights):
-            raise UserError(f"the run diverged ({f'loss {loss}' if finite_weights else 'non-finite weights'}) at epoch "
-                            f"{self.epoch + 1}, step {self.step}, lr {self.lr:.3g}; nothing was saved (the last "
-                            "checkpoint is intact): try a lower --base-lr or a longer --warmup-epochs")
+    def diverged(self, what):
+        return UserError(f"the run diverged ({what}) at epoch {self.epoch + 1}, step {self.step}, lr {self.lr:.3g}; "
+                         "nothing was saved (the last checkpoint is intact): try a lower --base-lr or a longer "
+                         "--warmup-epochs")
 
 
 def check_flags(args, dist_env):
@@ -1064,25 +1092,18 @@ def keep_snapshots(path, epoch, every, keep):
 
 
 class Preemption:
-    """SIGTERM (what Slurm, Kubernetes and spot instances send before a kill) only sets a flag; the loop asks at each
-    step boundary and all ranks get one answer, since one may be signalled first. A second SIGTERM does what it did
-    before (by default: end the process at once)."""
+    """SIGTERM (what Slurm, Kubernetes and spot instances send before a kill) only sets a flag; the loop reads it every
+    --log-every steps, and all ranks agree (Run.step_done), since one may be signalled first. A second SIGTERM does what
+    it did before (by default: end the process at once)."""
 
     def __init__(self):
-        self.signalled, self.previous = False, signal.signal(signal.SIGTERM, self.handler)
+        self.signalled, self.agreed, self.previous = False, False, signal.signal(signal.SIGTERM, self.handler)
 
     def handler(self, signum, frame):
         if self.signalled:
             signal.signal(signal.SIGTERM, self.previous or signal.SIG_DFL)  # None: not installed from Python
             signal.raise_signal(signal.SIGTERM)
         self.signalled = True
-
-    def __call__(self, dist_env):
-        if dist_env.world_size == 1:
-            return self.signalled
-        flag = torch.tensor([float(self.signalled)], device=dist_env.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def error_line(script, error):

@@ -218,8 +218,8 @@ def clip_gradients(parameters, max_norm):
     """The official clipping: each parameter tensor's gradient separately to norm <= max_norm
     (not torch's clip_grad_norm_ over all of them together)."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    norms = torch._foreach_norm(grads)
-    torch._foreach_mul_(grads, [(max_norm / (norm + 1e-6)).clamp(max=1.0) for norm in norms])
+    scales = (max_norm / (torch.stack(torch._foreach_norm(grads)) + 1e-6)).clamp(max=1.0)  # (tensors,): 3 kernels
+    torch._foreach_mul_(grads, list(scales.unbind()))
 
 
 # ----------------------------------------------------------------------------- training step

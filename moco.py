@@ -122,17 +122,20 @@ def contrastive_loss(q, k, temperature, queue=None):
     """InfoNCE of queries q (N, D) against keys k (N, D), unnormalised; q[i] and k[i] are views of image i.
     queue=None (v3): the negatives are every rank's keys. queue (K, D) of unit keys (v2): they are the queue."""
     q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
+    autocast_off = torch.autocast(q.device.type, enabled=False)  # fp32 logits: bf16 rounds 8-16 to steps of 1/16
     if queue is None:
         # Keys of all GPUs gathered WITHOUT gradient: targets. Each rank trains its own queries; DDP averages.
         k_all = common.all_gather(k, keep_grad=False)                          # (world·N, D)
-        logits = q @ k_all.T / temperature                                     # (N, world·N)
+        with autocast_off:
+            logits = q @ k_all.T / temperature                                 # (N, world·N)
         rank = dist.get_rank() if dist.is_initialized() else 0
         labels = torch.arange(len(q), device=q.device) + rank * len(q)        # k⁺ of q[i] sits at rank·N + i
         # ×2τ (official code): the gradient of CE(logits / τ) scales as 1/τ; multiplying by τ undoes it
         # so the tuned lr does not depend on τ. The 2 is a constant scale (×1 at τ = 0.5).
         return F.cross_entropy(logits, labels) * 2 * temperature
     positive = (q * k).sum(dim=1, keepdim=True)                                # (N, 1)
-    negatives = q @ queue.T                                                    # (N, K)
+    with autocast_off:
+        negatives = q @ queue.T                                                # (N, K), fp32 as the positive
     logits = torch.cat([positive, negatives], dim=1) / temperature             # (N, 1 + K), k⁺ is class 0
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))  # no 2τ in v2
 

@@ -73,10 +73,13 @@ class SimCLR(nn.Module):
 def info_nce(z1, z2, temperature):
     """NT-Xent over the 2N views; z1[i] and z2[i] (N, D) are the two views of image i."""
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)                  # (2N, D) on the unit sphere
-    logits = z @ z.T / temperature                                       # (2N, 2N) cosine / τ
+    # fp32 even under bf16 autocast (which would run this matmul in bf16 despite .float()): bf16 rounds
+    # logits of 8-16 (cosine / τ at τ = 0.1) to steps of 1/16, coarser than the gaps the loss ranks.
+    with torch.autocast(z.device.type, enabled=False):
+        logits = z @ z.T / temperature                                   # (2N, 2N) cosine / τ
     logits.fill_diagonal_(float("-inf"))                                 # k ≠ i: a view is not its own negative
     n = len(z1)
-    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)  # i <-> i + N
+    positives = torch.arange(n, 3 * n, device=z.device) % (2 * n)        # i <-> i + N (built on the device)
     # The official loss is loss_a + loss_b, each a mean over the N anchors of one view (objective.py,
     # add_contrastive_loss), i.e. twice the mean over 2N. LARS's trust ratio ignores the scale, but
     # biases and BN parameters (not adapted) would otherwise move at half the official rate.

@@ -1,27 +1,29 @@
 """Training throughput of every method: images/s, views/s, peak memory and MFU.
 
-One step here is what a method's training loop does per batch: its own training_step (forward,
-loss), backward, an optimizer step and, where the method has one, the momentum update. FLOPs are
-counted with torch.utils.flop_counter on that real step (matmuls and convolutions, forward and
-backward) and MFU is achieved FLOP/s over the GPU's dense bf16 peak. Three input modes:
+What is timed is each script's own main() on the built-in shapes data, one epoch: its views and loader, the run
+harness (host reads every --log-every steps, SyncBN where the script chooses it, its DDP and compile settings) and
+its step (forward, loss, backward, optimizer, schedules, EMA / queue / centre): the images/s a user's run reaches.
+The last --steps steps are timed, after --warmup steps and one step whose FLOPs torch.utils.flop_counter counts
+(matmuls, convolutions and attention, forward and backward, from training_step to the harness's step_done: the
+augmentation is not counted). MFU is achieved FLOP/s over the GPU's dense bf16 peak. Two input modes:
 
-    synthetic   views already on the GPU: what the model alone can do
-    device      the in-memory dataset augmented on the GPU (common.DeviceLoader, the default path)
+    device      the in-memory dataset augmented on the GPU (common.DeviceLoader, the scripts' default)
     dataloader  torchvision augmentation in DataLoader workers (--cpu-augment in the scripts)
 
     python benchmarks/throughput.py                                   # every config, on one GPU
-    python benchmarks/throughput.py --configs resnet18-32 --methods byol simclr --modes synthetic device
+    python benchmarks/throughput.py --configs resnet18-32 --methods byol simclr --modes device
     python benchmarks/throughput.py --configs cpu-tiny --steps 3     # CPU smoke run (the test)
 
-The optimizer is each method's paper choice (LARS, SGD or AdamW) with placeholder hyper-parameters:
-its cost, not its schedule, is what matters here.
+The scripts' own optimizers and lr rules run; their schedules start at step 0 of a one-epoch run.
 """
 import argparse
 import contextlib
 import importlib
+import io
 import json
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -30,9 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 
-# Method -> its paper's optimizer. The views are the method's own (module.augmentations): two views,
-# BYOL's asymmetric pair, MAE's single light view, DINO's 2 global + 10 local crops.
-METHODS = {"simclr": "lars", "moco": "adamw", "byol": "lars", "simsiam": "sgd", "mae": "adamw", "dino": "adamw"}
+METHODS = ["simclr", "moco", "byol", "simsiam", "mae", "dino"]
 # name -> (arch, image size, patch size, per-GPU batch, methods)
 CONFIGS = {
     "resnet18-32": ("resnet18", 32, 16, 512, ("simclr", "moco", "byol", "simsiam")),
@@ -50,85 +50,52 @@ TINY_HEADS = {"simclr": ["--proj-hidden", "256"], "moco": ["--proj-hidden", "256
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12}  # dense
 
 
-def make_optimizer(kind, model, device):
-    groups = common.param_groups(model, 1e-6)
-    if kind == "lars":
-        return common.LARS(groups, lr=0.1)
-    if kind == "sgd":
-        return torch.optim.SGD(groups, lr=0.05, momentum=0.9)
-    return torch.optim.AdamW(groups, lr=1e-4, fused=device.type == "cuda")
-
-
-def batches(mode, views, config, args, dist_env):
-    """An endless iterator of per-step view lists in the requested input mode."""
-    arch, size, _, batch, _ = config
-    if mode == "synthetic":
-        shapes = [(batch, 3, view.size, view.size) for view in views.transforms]
-        fixed = [torch.randn(shape, device=dist_env.device) for shape in shapes]
-        while True:
-            yield fixed
-    num_images = max(2 * batch, batch * (args.steps + args.warmup) // 4)  # several epochs: loaders restart
-    dataset = common.build_dataset(f"shapes:{size}:{num_images}", "pretrain", views)
-    loader = common.make_loader(dataset, batch, dist_env, args.workers, on_device=mode == "device")
-    while True:
-        for batch_views, _ in loader:
-            yield [v.to(dist_env.device, non_blocking=True) for v in batch_views]
-
-
 def benchmark(method, config_name, mode, args, dist_env):
-    arch, size, patch, batch, _ = config = CONFIGS[config_name]
-    device = dist_env.device
-    module = importlib.import_module(method)
-    method_args = module.get_args_parser().parse_args(
-        ["--data", f"shapes:{size}", "--arch", arch, "--image-size", str(size), "--patch-size", str(patch),
-         *(TINY_HEADS[method] if config_name == "cpu-tiny" else [])])
-    torch.manual_seed(0)
-    model = module.build_model(method_args).to(device)
-    resnet = arch.startswith("resnet") and device.type == "cuda"
-    if resnet:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(METHODS[method], model, device)
-    step_model = torch.compile(model) if args.compile else model
-    views = module.augmentations(method_args)
-    inputs = batches(mode, views, config, args, dist_env)
+    arch, size, patch, batch, _ = CONFIGS[config_name]
+    device, module, steps = dist_env.device, importlib.import_module(method), 1 + args.warmup + args.steps
+    cuda = device.type == "cuda"
+    flags = ["--data", f"shapes:{size}:{batch * steps}", "--arch", arch, "--image-size", str(size), "--patch-size",
+             str(patch), "--batch-size", str(batch), "--epochs", "1", "--warmup-epochs", "0", "--knn-every", "0",
+             "--workers", str(args.workers), "--log-every", str(args.log_every),
+             *(["--cpu-augment"] if mode == "dataloader" else []), *(["--compile"] if args.compile else []),
+             *dict(mae=["--visualize", "0"], dino=["--attention-maps", "0"]).get(method, []),
+             *(TINY_HEADS[method] if config_name == "cpu-tiny" else [])]
+    times, counter = [], FlopCounterMode(display=False)
+    real_training_step, real_step_done = module.training_step, common.Run.step_done
 
-    def step(count_flops=False):
-        batch_views = next(inputs)
-        if resnet:
-            batch_views = [v.contiguous(memory_format=torch.channels_last) for v in batch_views]
-        counter = FlopCounterMode(display=False)
-        with counter if count_flops else contextlib.nullcontext():
-            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                loss = module.training_step(step_model, batch_views, method_args)[0]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        optimizer.step()
-        if hasattr(module, "momentum_update"):
-            module.momentum_update(model, 0.996)
-        return counter.get_total_flops() if count_flops else None
+    def training_step(*a, **k):
+        if len(times) == 0:  # the first step's FLOPs
+            counter.__enter__()
+        return real_training_step(*a, **k)
 
-    model.train()
-    flops_per_step = step(count_flops=True)  # one step under the counter (also a warm-up step)
-    for _ in range(args.warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / args.steps
+    def step_done(run, *a, **k):
+        real_step_done(run, *a, **k)
+        if len(times) == 0:
+            counter.__exit__(None, None, None)
+        if cuda and len(times) in (args.warmup, steps - 1):  # the timed steps start and end with the GPU idle
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats() if len(times) == args.warmup else None
+        times.append(time.perf_counter())
+
+    module.training_step, common.Run.step_done = training_step, step_done
+    try:
+        with (tempfile.TemporaryDirectory() as output_dir, contextlib.redirect_stdout(io.StringIO()),
+              contextlib.redirect_stderr(io.StringIO())):  # the run's own lines and progress bar
+            method_args = module.get_args_parser().parse_args(flags + ["--output-dir", output_dir])
+            views = len(module.augmentations(method_args).transforms)
+            module.main(method_args)
+    finally:
+        module.training_step, common.Run.step_done = real_training_step, real_step_done
+    seconds = (times[-1] - times[args.warmup]) / args.steps
+    flops_per_step = counter.get_total_flops()
     peak = next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in torch.cuda.get_device_name()), None) \
-        if device.type == "cuda" else None
+        if cuda else None
     return dict(
-        method=method, config=config_name, mode=mode, arch=arch, image_size=size, batch=batch,
-        views=len(views.transforms), compile=args.compile, step_ms=1000 * seconds,
-        images_per_s=batch / seconds, views_per_s=batch * len(views.transforms) / seconds,
+        method=method, config=config_name, mode=mode, arch=arch, image_size=size, batch=batch, views=views,
+        compile=args.compile, step_ms=1000 * seconds, images_per_s=batch / seconds, views_per_s=batch * views / seconds,
         gflops_per_image=flops_per_step / batch / 1e9, tflops_per_s=flops_per_step / seconds / 1e12,
         mfu=flops_per_step / seconds / peak if peak else None,
-        peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
+        peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
 
 
 def main():
@@ -138,20 +105,18 @@ def main():
                    help="architecture / resolution / batch configurations")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                    help="methods (each config lists where it applies)")
-    p.add_argument("--modes", nargs="+", default=["synthetic", "device", "dataloader"],
-                   choices=["synthetic", "device", "dataloader"], help="input pipelines to measure")
+    p.add_argument("--modes", nargs="+", default=["device", "dataloader"], choices=["device", "dataloader"],
+                   help="input pipelines to measure")
     p.add_argument("--steps", type=int, default=30, help="timed steps")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (cuDNN autotuning, compilation)")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count()), help="DataLoader workers (dataloader mode)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (the scripts' --compile)")
+    p.add_argument("--log-every", type=int, default=50, help="the scripts' --log-every (host reads every N steps)")
     p.add_argument("--output", default="benchmarks/throughput.json", help="JSON results")
     args = p.parse_args()
     if args.steps < 1 or args.warmup < 0:
         sys.exit("throughput.py: error: --steps must be >= 1 and --warmup >= 0")
     dist_env = common.DistEnv(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    if dist_env.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     device_name = torch.cuda.get_device_name() if dist_env.device.type == "cuda" else "CPU"
     print(f"device: {device_name}, torch {torch.__version__}")
     header = (f"{'method':8} {'config':14} {'mode':10} {'img/s':>9} {'views/s':>9} {'ms/step':>8} "

@@ -15,7 +15,7 @@ README_GFLOPS = dict(simclr=0.17, moco=0.23, byol=0.23, simsiam=0.18, mae=0.03, 
 
 def test_throughput_benchmark_runs_every_method_on_cpu(tmp_path):
     out = tmp_path / "throughput.json"
-    result = run_script("benchmarks/throughput.py", "--configs", "cpu-tiny", "--modes", "synthetic", "--steps", "1",
+    result = run_script("benchmarks/throughput.py", "--configs", "cpu-tiny", "--modes", "device", "--steps", "1",
                         "--warmup", "0", "--output", str(out))
     assert result.returncode == 0, result.stderr
     report = json.load(open(out))
@@ -37,11 +37,11 @@ def test_throughput_benchmark_runs_every_method_on_cpu(tmp_path):
 def test_throughput_benchmark_input_modes(tmp_path):
     out = tmp_path / "throughput.json"
     result = run_script("benchmarks/throughput.py", "--configs", "cpu-tiny", "--methods", "simclr",
-                        "--modes", "synthetic", "device", "dataloader", "--steps", "2", "--warmup", "1",
+                        "--modes", "device", "dataloader", "--steps", "2", "--warmup", "1",
                         "--workers", "1", "--output", str(out))
     assert result.returncode == 0, result.stderr
     report = json.load(open(out))
-    assert [r["mode"] for r in report["results"]] == ["synthetic", "device", "dataloader"]
+    assert [r["mode"] for r in report["results"]] == ["device", "dataloader"]
     for r in report["results"]:
         assert r["images_per_s"] > 0 and r["views_per_s"] == pytest.approx(2 * r["images_per_s"])
         assert r["mfu"] is None and r["peak_memory_gb"] is None  # no GPU: no peak to compare with

@@ -108,6 +108,8 @@ def test_in_batch_loss_equals_formula_times_two_tau():
         losses.append(-torch.log(torch.exp(qn[i] @ kn[i] / tau)
                                  / sum(torch.exp(qn[i] @ kn[j] / tau) for j in range(6))))
     torch.testing.assert_close(moco.contrastive_loss(q, k, tau), 2 * tau * torch.stack(losses).mean())
+    with torch.autocast("cpu", torch.bfloat16):  # the logits stay fp32 under the loop's bf16 autocast
+        torch.testing.assert_close(moco.contrastive_loss(q, k, tau), 2 * tau * torch.stack(losses).mean())
 
 
 def test_queue_loss_equals_formula():
@@ -120,6 +122,8 @@ def test_queue_loss_equals_formula():
         positive = torch.exp(qn[i] @ kn[i] / tau)
         losses.append(-torch.log(positive / (positive + sum(torch.exp(qn[i] @ queue[j] / tau) for j in range(12)))))
     torch.testing.assert_close(moco.contrastive_loss(q, k, tau, queue), torch.stack(losses).mean())
+    with torch.autocast("cpu", torch.bfloat16):  # negatives fp32, as the positive
+        torch.testing.assert_close(moco.contrastive_loss(q, k, tau, queue), torch.stack(losses).mean())
 
 
 def test_queue_is_fifo_and_its_pointer_wraps_around():

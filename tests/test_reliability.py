@@ -3,6 +3,7 @@ import importlib
 import json
 import os
 import signal
+import sys
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from test_errors import user_error
 
 METHODS = ["simclr", "moco", "byol", "simsiam", "mae", "dino"]
 RUN = ["--data", "shapes:16:16", "--batch-size", "8", "--epochs", "1", "--knn-every", "0", "--workers", "0",
-       "--warmup-epochs", "0"]
+       "--warmup-epochs", "0", "--log-every", "1"]
 NANO = ["--arch", "vit_nano", "--patch-size", "8"]
 HEADS = {"simclr": ["--proj-hidden", "32", "--proj-dim", "16"],
          "moco": ["--proj-hidden", "32", "--proj-dim", "16"],
@@ -115,16 +116,18 @@ def sigterm_is_loud():
     signal.signal(signal.SIGTERM, previous)
 
 
-@pytest.mark.parametrize("method,path,signal_at,saved_at", [("mae", [], 6, 6),
-                                                              ("simclr", ["--cpu-augment", "--workers", "2"], 6, 6),
-                                                              ("mae", [], 4, 5)],
-                         ids=["device-path", "worker-path", "epoch-end"])
-def test_sigterm_saves_mid_epoch_and_resumes_exactly(method, path, signal_at, saved_at, tmp_path, monkeypatch,
+@pytest.mark.parametrize("method,path,signal_at,saved_at,stop", [
+    ("mae", [], 6, 6, "at epoch 2, step 6"),
+    ("simclr", ["--cpu-augment", "--workers", "2"], 6, 6, "at epoch 2, step 6"),
+    ("mae", ["--log-every", "3"], 5, 6, "at epoch 2, step 6"), ("mae", [], 4, 4, "at the end of epoch 1, step 4")],
+    ids=["device-path", "worker-path", "log-every-3", "epoch-end"])
+def test_sigterm_saves_mid_epoch_and_resumes_exactly(method, path, signal_at, saved_at, stop, tmp_path, monkeypatch,
                                                      sigterm_is_loud):
     """SIGTERM in step 6 of 8 (epoch 2 of 2): saved at the step boundary, the same command resumes, and the
     result is bit-identical to a straight run. MAE's masks come from the main RNG (restored); on the worker
-    path, the workers' seeds must follow the epoch (persistent workers kept their first epoch's RNG). In an
-    epoch's last step (4), the epoch ends and saves as usual, and the run stops after the next step."""
+    path, the workers' seeds must follow the epoch (persistent workers kept their first epoch's RNG). With
+    --log-every 3, a signal in step 5 is agreed on at step 6 (the agreements: every 3 steps and each epoch's
+    end). In an epoch's last step (4), the epoch saves as usual and the run stops there."""
     flags = ["--data", "shapes:16:32", "--epochs", "2", *path]
     train(method, *flags, "--output-dir", str(tmp_path / "straight"))
     module = importlib.import_module(method)
@@ -136,26 +139,28 @@ def test_sigterm_saves_mid_epoch_and_resumes_exactly(method, path, signal_at, sa
             os.kill(os.getpid(), signal.SIGTERM)  # what a cluster sends before it kills
         return real_step(*args, **kwargs)
     monkeypatch.setattr(module, "training_step", signalled_step)
-    with pytest.raises(common.UserError, match=f"stopped by SIGTERM at epoch 2, step {saved_at}"):
+    with pytest.raises(common.UserError, match=f"stopped by SIGTERM {stop}:"):
         train(method, *flags, "--output-dir", str(tmp_path / "preempted"))
-    assert len(calls) == saved_at  # stopped at the boundary of the step it was in
+    assert len(calls) == saved_at  # stopped at the first agreement after the signal
     at_kill = torch.load(tmp_path / "preempted" / "checkpoint.pth", weights_only=False)
-    assert (at_kill["epoch"], at_kill["step"]) == (1, saved_at)
+    assert (at_kill["epoch"], at_kill["step"]) == (saved_at // 4 if saved_at % 4 == 0 else 1, saved_at)
     monkeypatch.setattr(module, "training_step", real_step)
     train(method, *flags, "--output-dir", str(tmp_path / "preempted"))
     load = lambda out: torch.load(tmp_path / out / "checkpoint.pth", weights_only=False)  # noqa: E731
     assert_same_state(load("straight"), load("preempted"))
 
 
-SIGNAL_ONE_RANK = """import os, signal, sys
+FAULT_ON_ONE_RANK = """import os, signal, sys
 sys.path.insert(0, os.getcwd())
 import common, simclr
-real_step, calls = simclr.training_step, []
-def step(*args, **kwargs):  # only rank 1 is signalled, in its 3rd step
+fault, real_step, calls = sys.argv.pop(1), simclr.training_step, []
+def step(*args, **kwargs):  # only rank 1 is hit, in its 3rd step: SIGTERM, or a NaN loss
     calls.append(1)
-    if os.environ["RANK"] == "1" and len(calls) == 3:
+    hit = os.environ["RANK"] == "1" and len(calls) == 3
+    if hit and fault == "sigterm":
         os.kill(os.getpid(), signal.SIGTERM)
-    return real_step(*args, **kwargs)
+    loss, *rest = real_step(*args, **kwargs)
+    return (loss * float("nan") if hit and fault == "nan" else loss, *rest)
 simclr.training_step = step
 try:
     simclr.main(simclr.get_args_parser().parse_args(sys.argv[1:]))
@@ -167,10 +172,11 @@ except common.UserError as error:
 def test_sigterm_on_one_rank_stops_all_ranks_at_the_same_step_and_resumes_exactly(tmp_path):
     """2 gloo ranks, SIGTERM to rank 1 in step 3 of 8 (epoch 1 of 2): both stop at that step boundary and rank 0
     saves; the same command resumes mid-epoch, to the end, bit-identical to a straight 2-rank run."""
-    (tmp_path / "signal_one_rank.py").write_text(SIGNAL_ONE_RANK)
+    (tmp_path / "fault_on_one_rank.py").write_text(FAULT_ON_ONE_RANK)
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     flags = [*RUN, *NANO, *HEADS["simclr"], "--data", "shapes:16:32", "--epochs", "2", "--output-dir"]
-    result = run_script(*torchrun, str(tmp_path / "signal_one_rank.py"), *flags, str(tmp_path / "o"), threads=1)
+    result = run_script(*torchrun, str(tmp_path / "fault_on_one_rank.py"), "sigterm", *flags, str(tmp_path / "o"),
+                        threads=1)
     assert result.returncode != 0
     stopped = [line for line in result.stderr.splitlines() if "stopped by SIGTERM" in line]
     assert len(stopped) == 1 and "at epoch 1, step 3" in stopped[0], result.stderr  # rank 0 agreed and saved, one line
@@ -186,10 +192,25 @@ def test_sigterm_on_one_rank_stops_all_ranks_at_the_same_step_and_resumes_exactl
     assert_same_state(load("straight"), load("o"))
 
 
+def test_a_nonfinite_loss_on_one_rank_stops_every_rank_with_one_line_and_no_save(tmp_path):
+    """Rank 1's loss is NaN in step 3 (rank 0's is finite): both ranks stop at that step's agreement, exit 1, rank 0
+    prints the one line, nothing is saved. (Before: rank 1 stopped alone, rank 0 waited in its next collective until
+    torchrun killed it, and no line said why.)"""
+    (tmp_path / "fault_on_one_rank.py").write_text(FAULT_ON_ONE_RANK)
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    flags = [*RUN, *NANO, *HEADS["simclr"], "--data", "shapes:16:32", "--epochs", "2", "--output-dir", str(tmp_path)]
+    result = run_script(*torchrun, str(tmp_path / "fault_on_one_rank.py"), "nan", *flags, threads=1, timeout=300)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if "diverged" in line]
+    assert len(lines) == 1 and "a non-finite loss on another rank) at epoch 1, step 3" in lines[0], result.stderr
+    assert "exitcode  : 1" in result.stderr and "Signals.SIGTERM" not in result.stderr, result.stderr  # no rank killed
+    assert not (tmp_path / "checkpoint.pth").exists()
+
+
 def test_a_second_sigterm_is_not_swallowed(sigterm_is_loud):
     preempted = common.Preemption()
     os.kill(os.getpid(), signal.SIGTERM)
-    assert preempted(common.DistEnv())
+    assert preempted.signalled
     with pytest.raises(RuntimeError, match="default handler"):  # the handler before it (here: the fixture's)
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -354,3 +375,25 @@ def test_docstring_commands_paste_into_a_shell(method):
     assert module.__doc__ in source  # a non-raw docstring turns \\ into \ (and a lone \ joins the lines)
     continued = [line for line in module.__doc__.splitlines() if line.rstrip().endswith("\\")]
     assert continued and all(line.endswith(" \\") and not line.endswith("\\\\") for line in continued)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_steps_make_the_cpu_wait_for_the_device_only_every_log_every_steps(method, tmp_path, monkeypatch):
+    """Every host read of a device tensor (.item, float, int, bool, .tolist) stalls a GPU pipeline. Twice the steps in
+    one epoch, with --log-every above both, make this project's code read no more: only the epoch's end reads. (Reads
+    inside torch are not counted: its optimizers read their step counters, which live on the CPU.)"""
+    reads = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+        def counted(self, *args, _real=getattr(torch.Tensor, name), _name=name):
+            caller = sys._getframe(1).f_code.co_filename
+            if os.path.dirname(os.path.abspath(caller)) == os.path.dirname(os.path.abspath(common.__file__)):
+                reads.append(f"{_name} in {os.path.basename(caller)}:{sys._getframe(1).f_lineno}")
+            return _real(self, *args)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    counts = []
+    for images in (32, 64):  # 4 and 8 steps
+        reads.clear()
+        train(method, "--data", f"shapes:16:{images}", "--log-every", "100", "--output-dir",
+              str(tmp_path / str(images)))
+        counts.append(sorted(reads))
+    assert counts[1] == counts[0]

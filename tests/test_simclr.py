@@ -26,6 +26,8 @@ def test_info_nce_equals_per_anchor_formula():
     # The official scale (objective.py): loss_a + loss_b, the means over view 1's and view 2's N anchors.
     loss_a, loss_b = torch.stack(losses[:n]).mean(), torch.stack(losses[n:]).mean()
     torch.testing.assert_close(simclr.info_nce(z1, z2, tau), loss_a + loss_b)
+    with torch.autocast("cpu", torch.bfloat16):  # the logits stay fp32 under the loop's bf16 autocast
+        torch.testing.assert_close(simclr.info_nce(z1, z2, tau), loss_a + loss_b)
 
 
 def test_official_heads_init_and_views():
