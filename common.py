@@ -760,7 +760,7 @@ class _SyncBatchNormFunction(torch.nn.modules._functions.SyncBatchNorm):
         stats = mean.new_empty(world_size * (2 * len(mean) + 1))
         dist.all_gather_single(stats, torch.cat([mean, invstd, count]), group)  # one collective: (ranks·(2C + 1),)
         mean_all, invstd_all, count_all = stats.view(world_size, -1).split(len(mean), dim=1)  # (ranks, C, C, 1)
-        counts = count_all.view(-1).to(mean.dtype if running_mean is None else running_mean.dtype)  # torch's dtype
+        counts = count_all.view(-1).to(mean.dtype if running_mean is None else running_mean.dtype)  # the kernel's
         # The global batch's mean and invstd; running_mean / running_var move by momentum, with the unbiased variance.
         mean, invstd = torch.batch_norm_gather_stats_with_counts(x, mean_all, invstd_all, running_mean, running_var,
                                                                 momentum, eps, counts)
