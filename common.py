@@ -747,6 +747,59 @@ def knn_monitor(encoder, args, batch_size, dist_env, k=20):
     return (knn_classify(train_x, train_y, val_x, k).argmax(1) == val_y).float().mean().item()
 
 
+# ----------------------------------------------------------------------------- SyncBatchNorm without a host read
+class _SyncBatchNormFunction(torch.nn.modules._functions.SyncBatchNorm):
+    """torch's SyncBatchNorm autograd Function (torch/nn/modules/_functions.py) less the host read in its forward:
+    after the gather, it drops the ranks with an empty batch by indexing with the mask `count_all.squeeze(-1) >= 1`,
+    a result whose size only the GPU knows, so every BN layer waits for the GPU (~220 times a step for a ResNet-50
+    BYOL or MoCo v3). Our loaders give every rank the same non-empty batch (drop_last, the global batch divisible by
+    the ranks): the mask keeps every rank, and without it the math is torch's. Its backward is torch's, as is."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group, world_size):
+        if not x.is_contiguous(memory_format=torch.channels_last):  # the kernels take either layout
+            x = x.contiguous()
+        mean, invstd = torch.batch_norm_stats(x, eps)  # this rank's (C,), (C,)
+        count = mean.new_full((1,), x.numel() // x.size(1))  # values per channel
+        stats = mean.new_empty(world_size * (2 * len(mean) + 1))
+        dist.all_gather_single(stats, torch.cat([mean, invstd, count]), group)  # one collective: (ranks·(2C + 1),)
+        mean_all, invstd_all, count_all = stats.view(world_size, -1).split(len(mean), dim=1)  # (ranks, C, C, 1)
+        counts = count_all.view(-1).to(mean.dtype if running_mean is None else running_mean.dtype)  # the kernel's
+        # The global batch's mean and invstd; running_mean / running_var move by momentum, with the unbiased variance.
+        mean, invstd = torch.batch_norm_gather_stats_with_counts(x, mean_all, invstd_all, running_mean, running_var,
+                                                                momentum, eps, counts)
+        ctx.save_for_backward(x, weight, mean, invstd, count_all.to(torch.int32))
+        ctx.process_group = group
+        return torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
+
+
+class SyncBatchNorm(nn.SyncBatchNorm):
+    """nn.SyncBatchNorm whose training step under several ranks runs the Function above; otherwise torch's."""
+
+    def forward(self, x):
+        group = self.process_group or dist.group.WORLD
+        world_size = dist.get_world_size(group) if dist.is_initialized() else 1
+        if not self.training or world_size == 1:  # eval, or one process: torch's path, no sync
+            return super().forward(x)
+        momentum = self.momentum or 0.0  # from here, the bookkeeping of nn.SyncBatchNorm.forward
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # a cumulative average (a host read, as in torch; no layer here has it)
+                momentum = 1 / self.num_batches_tracked.item()
+        running = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
+        return _SyncBatchNormFunction.apply(x, self.weight, self.bias, *running, self.eps, momentum, group, world_size)
+
+
+def convert_sync_batchnorm(module):
+    """nn.SyncBatchNorm.convert_sync_batchnorm with the SyncBatchNorm above: torch's builds nn.SyncBatchNorm by name,
+    not by cls, so its layers are retyped (the subclass adds no state; they keep the BN's parameters and buffers)."""
+    module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for layer in module.modules():
+        if type(layer) is nn.SyncBatchNorm:
+            layer.__class__ = SyncBatchNorm
+    return module
+
+
 # ----------------------------------------------------------------------------- the run harness
 def positive_int(text):
     """argparse types: a bad count, period or temperature is argparse's one-line error, not a traceback deep in the
@@ -872,7 +925,7 @@ class Run:
         self.trained = model
         if self.world_size > 1:
             if sync_bn and cuda:
-                self.trained = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+                self.trained = convert_sync_batchnorm(model)
             elif sync_bn:  # torch's SyncBatchNorm is CUDA-only
                 self.say("note: SyncBatchNorm needs CUDA; on CPU each rank normalises with its own batch statistics")
             # No buffer broadcast before every forward (32 MiB for MoCo v2's queue): the buffers are equal on every

@@ -335,7 +335,7 @@ def run_finetune(args, train_set, labels, val_set, dist_env, recipe, scratch=Fal
         encoder, _ = load_encoder(args, drop_path=args.drop_path, random_init=scratch)
         model = Classifier(encoder, num_classes, global_pool=recipe == "mae").to(device)
         if dist_env.world_size > 1 and device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # ResNets: BN statistics over the global batch
+            model = common.convert_sync_batchnorm(model)  # ResNets: BN statistics over the global batch
         # From scratch: no layer decay, which assumes lower layers that are already good.
         groups = finetune_param_groups(model.encoder, model.head, 1.0 if scratch else args.layer_decay,
                                        args.finetune_weight_decay, args.trainable_blocks)

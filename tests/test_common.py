@@ -9,6 +9,7 @@ from torchvision.transforms import v2
 
 import common
 import shapes
+from helpers import run_script
 
 
 def test_shapes_is_deterministic_labelled_and_split():
@@ -95,6 +96,13 @@ def test_all_gather_alone_is_identity_and_respects_keep_grad():
     x = torch.randn(3, 2, requires_grad=True)
     assert common.all_gather(x, keep_grad=True) is x
     assert not common.all_gather(x, keep_grad=False).requires_grad
+
+
+def test_sync_batchnorm_equals_batchnorm_on_the_global_batch_without_a_host_read():
+    """2 gloo ranks (tests/sync_bn_step.py): outputs, gradients and running statistics of BatchNorm on the global
+    batch, and no op whose result the host must read from the device (torch's own layer has one in every forward)."""
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/sync_bn_step.py")
+    assert result.returncode == 0, result.stderr
 
 
 def test_embedding_std_separates_spread_from_collapse():
