@@ -312,9 +312,12 @@ def all_gather(x, keep_grad):
         return x if keep_grad else x.detach()
     if keep_grad:
         return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
-    gathered = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, x.detach().contiguous())
-    return torch.cat(gathered, dim=0)
+    # One buffer, contiguous at both ends: the backend moves bytes, and a list of outputs like a channels_last x (ResNet
+    # images on CUDA, MoCo v2's shuffle) can be flattened with x's strides (c10d's newLikeFlat) while x goes as NCHW.
+    gathered = x.new_empty((dist.get_world_size() * len(x), *x.shape[1:]))  # (world·N, ...)
+    getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(gathered, x.detach().contiguous())  # torch < 2.14
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)  # x's format again
+    return gathered.contiguous(memory_format=torch.channels_last) if channels_last else gathered
 
 
 # ----------------------------------------------------------------------------- optimisation
