@@ -244,6 +244,13 @@ def labels_of(dataset):
 
 
 # ----------------------------------------------------------------------------- protocols
+def seed_views(seed):
+    """Once the model is built (the same weights on every rank): each rank its own crops, flips, RandAugment, erasing,
+    MixUp / CutMix, drop-path (and DataLoader workers' seeds); rank 0 draws on as one process does."""
+    if dist.is_initialized() and dist.get_rank() > 0:
+        torch.manual_seed(seed + 1000003 * dist.get_rank())  # a prime stride: no rank meets another seed's stream
+
+
 def run_knn(train_x, train_y, val_x, val_y, args, num_classes):
     # k above the images per class would let other classes outvote every class (k = 200 of 256 images): skipped
     ks = [k for k in args.k if k <= len(train_x) // num_classes] or [min(min(args.k), len(train_x))]
@@ -258,6 +265,7 @@ def train_linear(batches, steps_per_epoch, dim, num_classes, lr, epochs, seed, b
     head = nn.Linear(dim, num_classes)
     head = (nn.Sequential(nn.BatchNorm1d(dim, affine=False), head) if batch_normalize else head).to(device)
     model = DistributedDataParallel(head) if ddp else head
+    seed_views(seed)
     optimizer, step = torch.optim.SGD(head.parameters(), lr, momentum=0.9), 0
     for epoch in tqdm(range(epochs), desc=f"linear head, lr {lr:g}, seed {seed}", leave=False,
                       disable=dist.is_initialized() and dist.get_rank() > 0):
@@ -290,7 +298,10 @@ def run_linear(train_x, train_y, val_x, val_y, args, num_classes, on_the_fly=Non
             held_out = held_out.to(y.device)
             held_out_top1 = lambda candidate: (fit(x[~held_out], y[~held_out], candidate, seed)(x[held_out]).argmax(1)
                                                == y[held_out]).float().mean().item()
-            lr = max([0.01, 0.03, 0.1, 0.3, 1.0, 3.0], key=held_out_top1)
+            lr = [max([0.01, 0.03, 0.1, 0.3, 1.0, 3.0], key=held_out_top1)]
+            if dist.is_initialized():  # rank 0's pick on every rank: each rank draws its own batches (seed_views),
+                dist.broadcast_object_list(lr)  # and the heads that DDP trains (--augment) need one lr
+            lr = lr[0]
         head = fit(x, y, lr, seed) if on_the_fly is None else on_the_fly(subset, lr, seed)
         with torch.no_grad():
             runs.append(metrics(head(val_x), val_y))
@@ -345,6 +356,7 @@ def run_finetune(args, train_set, labels, val_set, dist_env, recipe, scratch=Fal
         lr = args.finetune_base_lr * batch / 256
         optimizer = torch.optim.AdamW(groups, lr=lr)
         trained = DistributedDataParallel(model) if dist_env.world_size > 1 else model
+        seed_views(seed)
         # MAE (timm's Mixup): MixUp α 0.8 or CutMix α 1.0, one of them per batch (switch prob 0.5)
         mix = v2.RandomChoice([v2.MixUp(alpha=0.8, num_classes=num_classes),
                                v2.CutMix(alpha=1.0, num_classes=num_classes)])
