@@ -506,11 +506,11 @@ def main(args):
         say(f"results written to {output}")
     if args.plot:
         _, _, _, val_x, val_y = features_of("checkpoint")  # every rank takes part in the extraction
-        if dist_env.is_main:
-            plot_features(val_x, val_y, args.plot, os.path.splitext(output)[0] + f"_{args.plot}.png")
-            say(f"{args.plot} plot written to {os.path.splitext(output)[0]}_{args.plot}.png")
-    if dist_env.world_size > 1:
-        dist.barrier()  # rank 0 has written; shut down together (a rank exiting with gloo alive can abort)
+    if dist_env.world_size > 1:  # the last collective: t-SNE takes minutes, NCCL's watchdog aborts a rank left waiting
+        dist.barrier()  # rank 0 has written; the others exit while it plots
+    if args.plot and dist_env.is_main:
+        plot_features(val_x, val_y, args.plot, os.path.splitext(output)[0] + f"_{args.plot}.png")
+        say(f"{args.plot} plot written to {os.path.splitext(output)[0]}_{args.plot}.png")
     return results
 
 
