@@ -312,9 +312,12 @@ def all_gather(x, keep_grad):
         return x if keep_grad else x.detach()
     if keep_grad:
         return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
-    gathered = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, x.detach().contiguous())
-    return torch.cat(gathered, dim=0)
+    # One buffer, contiguous at both ends: the backend moves bytes, and a list of outputs like a channels_last x (ResNet
+    # images on CUDA, MoCo v2's shuffle) can be flattened with x's strides (c10d's newLikeFlat) while x goes as NCHW.
+    gathered = x.new_empty((dist.get_world_size() * len(x), *x.shape[1:]))  # (world·N, ...)
+    getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(gathered, x.detach().contiguous())  # torch < 2.14
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)  # x's format again
+    return gathered.contiguous(memory_format=torch.channels_last) if channels_last else gathered
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -699,18 +702,25 @@ def load_encoder_weights(encoder, args):
 @torch.no_grad()
 def extract_features(encoder, loader, dist_env):
     """Features and labels of a whole split in dataset order, on every rank: each rank embeds its shard (the eval
-    DistributedSampler pads it to equal size) and all ranks gather."""
+    DistributedSampler pads it to equal size), then the shards go out rank by rank, each written into its rows:
+    memory holds the output and two shards (an all-gather's buffer would be a second output)."""
     encoder.eval()
     features, labels = [], []
     for images, targets in loader:  # fp32, as DINO's eval_knn.py: a k-NN ranks near-equal cosines
         features.append(encoder(images.to(dist_env.device, non_blocking=True)).float())
-        labels.append(targets.to(dist_env.device))
-    indices = torch.tensor(list(iter(loader.sampler)), device=dist_env.device)
-    features, labels = torch.cat(features), torch.cat(labels)
-    features, labels, indices = (all_gather(t, keep_grad=False) for t in (features, labels, indices))
-    out_features = torch.empty(len(loader.dataset), features.shape[1], device=features.device)
-    out_labels = torch.empty(len(loader.dataset), dtype=torch.long, device=features.device)
-    out_features[indices], out_labels[indices] = features, labels  # padded duplicates rewrite equal values
+        labels.append(targets.to(dist_env.device, non_blocking=True))
+    features, labels = torch.cat(features), torch.cat(labels)  # (n, D), (n,): this rank's images
+    indices = torch.tensor(list(iter(loader.sampler)), device=dist_env.device)  # (n,): their rows in the split
+    labels, indices = all_gather(labels, keep_grad=False), all_gather(indices, keep_grad=False)  # (world·n,): small
+    out_labels = labels.new_empty(len(loader.dataset))
+    out_labels[indices] = labels  # padded duplicates rewrite equal values
+    out_features = features.new_empty(len(loader.dataset), features.shape[1])  # (N, D)
+    received = torch.empty_like(features) if dist_env.world_size > 1 else None
+    for rank, rows in enumerate(indices.view(dist_env.world_size, -1)):  # (n,): the rows of rank's shard
+        shard = features if rank == dist_env.rank else received
+        if dist_env.world_size > 1:
+            dist.broadcast(shard, src=rank)
+        out_features[rows] = shard
     return out_features, out_labels
 
 

@@ -244,6 +244,13 @@ def labels_of(dataset):
 
 
 # ----------------------------------------------------------------------------- protocols
+def seed_views(seed):
+    """Once the model is built (the same weights on every rank): each rank its own crops, flips, RandAugment, erasing,
+    MixUp / CutMix, drop-path (and DataLoader workers' seeds); rank 0 draws on as one process does."""
+    if dist.is_initialized() and dist.get_rank() > 0:
+        torch.manual_seed(seed + 1000003 * dist.get_rank())  # a prime stride: no rank meets another seed's stream
+
+
 def run_knn(train_x, train_y, val_x, val_y, args, num_classes):
     # k above the images per class would let other classes outvote every class (k = 200 of 256 images): skipped
     ks = [k for k in args.k if k <= len(train_x) // num_classes] or [min(min(args.k), len(train_x))]
@@ -258,6 +265,7 @@ def train_linear(batches, steps_per_epoch, dim, num_classes, lr, epochs, seed, b
     head = nn.Linear(dim, num_classes)
     head = (nn.Sequential(nn.BatchNorm1d(dim, affine=False), head) if batch_normalize else head).to(device)
     model = DistributedDataParallel(head) if ddp else head
+    seed_views(seed)
     optimizer, step = torch.optim.SGD(head.parameters(), lr, momentum=0.9), 0
     for epoch in tqdm(range(epochs), desc=f"linear head, lr {lr:g}, seed {seed}", leave=False,
                       disable=dist.is_initialized() and dist.get_rank() > 0):
@@ -285,12 +293,13 @@ def run_linear(train_x, train_y, val_x, val_y, args, num_classes, on_the_fly=Non
         subset = balanced_subset(train_y.cpu(), args.label_fraction, seed)
         x, y, lr = train_x[subset], train_y[subset], args.linear_lr
         if lr is None:  # chosen on held-out training labels (cached features, --augment too): val stays unseen
-            held_out = torch.zeros(len(y), dtype=torch.bool)
-            held_out[balanced_subset(y.cpu(), 0.1, seed + 1000)] = True
-            held_out = held_out.to(y.device)
+            held_out = torch.isin(torch.arange(len(y)), balanced_subset(y.cpu(), 0.1, seed + 1000)).to(y.device)
             held_out_top1 = lambda candidate: (fit(x[~held_out], y[~held_out], candidate, seed)(x[held_out]).argmax(1)
                                                == y[held_out]).float().mean().item()
-            lr = max([0.01, 0.03, 0.1, 0.3, 1.0, 3.0], key=held_out_top1)
+            lr = [max([0.01, 0.03, 0.1, 0.3, 1.0, 3.0], key=held_out_top1)]
+            if dist.is_initialized():  # rank 0's pick on every rank: each rank draws its own batches (seed_views),
+                dist.broadcast_object_list(lr)  # and the heads that DDP trains (--augment) need one lr
+            lr = lr[0]
         head = fit(x, y, lr, seed) if on_the_fly is None else on_the_fly(subset, lr, seed)
         with torch.no_grad():
             runs.append(metrics(head(val_x), val_y))
@@ -311,7 +320,7 @@ def linear_on_the_fly(readout, train_set, args, num_classes, dist_env):
                                        disable=not dist_env.is_main):
                 with torch.no_grad():
                     features = readout(images.to(dist_env.device, non_blocking=True))
-                yield features, labels.to(dist_env.device)
+                yield features, labels.to(dist_env.device, non_blocking=True)
         return train_linear(batches, len(loader), readout.dim, num_classes, lr, args.linear_epochs, seed,
                             not args.no_linear_bn, dist_env.device, ddp=dist_env.world_size > 1)
     return train
@@ -343,8 +352,9 @@ def run_finetune(args, train_set, labels, val_set, dist_env, recipe, scratch=Fal
         batch = global_batch(args.finetune_batch_size, len(subset), dist_env.world_size)
         loader = train_loader(train_set, subset, batch, dist_env, args.workers, seed)
         lr = args.finetune_base_lr * batch / 256
-        optimizer = torch.optim.AdamW(groups, lr=lr)
+        optimizer = torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")  # CPU: the default loop, as before
         trained = DistributedDataParallel(model) if dist_env.world_size > 1 else model
+        seed_views(seed)
         # MAE (timm's Mixup): MixUp α 0.8 or CutMix α 1.0, one of them per batch (switch prob 0.5)
         mix = v2.RandomChoice([v2.MixUp(alpha=0.8, num_classes=num_classes),
                                v2.CutMix(alpha=1.0, num_classes=num_classes)])
@@ -365,7 +375,9 @@ def run_finetune(args, train_set, labels, val_set, dist_env, recipe, scratch=Fal
                 images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
                 if recipe == "mae":
                     images, targets = mix(images, targets)
-                bar.set_postfix(loss=f"{finetune_step(trained, optimizer, images, targets).item():.3f}", refresh=False)
+                loss = finetune_step(trained, optimizer, images, targets)
+                if step % 50 == 0 and dist_env.is_main:  # .item() waits for the GPU: read the loss now and then
+                    bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
                 bar.update()
                 step += 1
         bar.close()
@@ -483,6 +495,8 @@ def main(args):
                 say(row(f"  {'from scratch' if protocol == 'finetune' else 'random init'} {k}", baseline,
                         time.time() - start))
                 say(row(f"  difference {k}", delta, signed=True))
+            if not {"knn", "linear"} & set(protocols[protocols.index(protocol) + 1:]):
+                features.pop("random init", None)  # no later protocol reads them: free the memory for what follows
     if args.baselines:
         results.update(baselines=baselines, difference=differences)
 
@@ -494,11 +508,11 @@ def main(args):
         say(f"results written to {output}")
     if args.plot:
         _, _, _, val_x, val_y = features_of("checkpoint")  # every rank takes part in the extraction
-        if dist_env.is_main:
-            plot_features(val_x, val_y, args.plot, os.path.splitext(output)[0] + f"_{args.plot}.png")
-            say(f"{args.plot} plot written to {os.path.splitext(output)[0]}_{args.plot}.png")
-    if dist_env.world_size > 1:
-        dist.barrier()  # rank 0 has written; shut down together (a rank exiting with gloo alive can abort)
+    if dist_env.world_size > 1:  # the last collective: t-SNE takes minutes, NCCL's watchdog aborts a rank left waiting
+        dist.barrier()  # rank 0 has written; the others exit while it plots
+    if args.plot and dist_env.is_main:
+        plot_features(val_x, val_y, args.plot, os.path.splitext(output)[0] + f"_{args.plot}.png")
+        say(f"{args.plot} plot written to {os.path.splitext(output)[0]}_{args.plot}.png")
     return results
 
 

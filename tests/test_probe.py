@@ -151,19 +151,50 @@ def test_finetune_step_under_ddp_equals_one_process(tmp_path):
         torch.testing.assert_close(ddp["params"][name], param, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-def test_knn_and_linear_under_torchrun_equal_one_process(tmp_path):
-    checkpoint = save_checkpoint(tmp_path / "c.pth")
-    flags = ["--data", "shapes:16:120:30", "--protocol", "knn", "linear", "--seeds", "1", "--linear-epochs", "3",
-             "--k", "5", "20", "--batch-size", "16", "--workers", "0"]
-    single = probe.main(probe.get_args_parser().parse_args([checkpoint, *flags,
-                                                            "--output", str(tmp_path / "single.json")]))
-    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "probe.py", checkpoint,
-                        *flags, "--output", str(tmp_path / "ddp.json"), threads=1)
+TWO_RANKS_FLAGS = ["--data", "shapes:16:120:30", "--protocol", "knn", "linear", "--seeds", "1", "--linear-epochs",
+                   "3", "--k", "5", "20", "--batch-size", "16", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """tests/probe_ranks.py on 2 gloo ranks (probe.main with TWO_RANKS_FLAGS first), once for the four tests below:
+    its folder, its stdout, and what each rank saved."""
+    tmp = tmp_path_factory.mktemp("ranks")
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/probe_ranks.py",
+                        save_checkpoint(tmp / "c.pth"), str(tmp / "out"), *TWO_RANKS_FLAGS, threads=1)
     assert result.returncode == 0, result.stderr
-    ddp = json.load(open(tmp_path / "ddp.json"))
-    assert ddp["settings"]["world_size"] == 2 and result.stdout.count("k-NN k=5") == 1  # rank 0 alone reports
+    return tmp, result.stdout, [torch.load(tmp / f"out.rank{rank}") for rank in range(2)]
+
+
+def test_knn_and_linear_under_torchrun_equal_one_process(two_ranks, tmp_path):
+    folder, stdout, _ = two_ranks
+    single = probe.main(probe.get_args_parser().parse_args([str(folder / "c.pth"), *TWO_RANKS_FLAGS,
+                                                            "--output", str(tmp_path / "single.json")]))
+    ddp = json.load(open(folder / "out.json"))
+    assert ddp["settings"]["world_size"] == 2 and stdout.count("k-NN k=5") == 1  # rank 0 alone reports
     assert ddp["knn"] == single["knn"] and ddp["linear"]["lr"] == single["linear"]["lr"]
     assert all(abs(ddp["linear"][key] - value) < 1e-5 for key, value in single["linear"].items() if key != "lr")
+
+
+def test_key_gather_of_channels_last_images_is_the_global_batch_in_channels_last(two_ranks):
+    batch = torch.arange(48.0).view(4, 3, 2, 2)
+    for rank in two_ranks[-1]:
+        assert torch.equal(rank["gathered"], batch)
+        assert rank["gathered"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_ranks_draw_their_own_views_from_the_same_initial_weights(two_ranks):
+    """Of one image repeated, each rank's first batch differs from the other's: crops, flips, RandAugment, erasing
+    and MixUp / CutMix (fine-tuning), crops and flips (linear --augment); yet both built the same weights."""
+    rank0, rank1 = two_ranks[-1]
+    for key in "finetune_images", "linear_images":
+        assert not torch.equal(rank0[key], rank1[key]), key
+    for name, weight in rank0["built"].items():
+        assert torch.equal(rank1["built"][name], weight), name
+
+
+def test_no_rank_waits_in_a_collective_while_rank_0_plots(two_ranks):
+    assert two_ranks[-1][0]["plotted"]  # rank 1 had left probe.main by then: no collective held it
 
 
 def test_baselines_show_that_pretraining_helped(tmp_path, capsys):
