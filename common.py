@@ -312,10 +312,9 @@ def all_gather(x, keep_grad):
         return x if keep_grad else x.detach()
     if keep_grad:
         return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
-    # One buffer, contiguous at both ends: the backend moves bytes, and a list of outputs like a channels_last x (ResNet
-    # images on CUDA, MoCo v2's shuffle) can be flattened with x's strides (c10d's newLikeFlat) while x goes as NCHW.
+    # One contiguous buffer: a list of outputs like a channels_last x (MoCo v2's images) may be filled as NCHW bytes.
     gathered = x.new_empty((dist.get_world_size() * len(x), *x.shape[1:]))  # (world·N, ...)
-    getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(gathered, x.detach().contiguous())  # torch < 2.14
+    getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(gathered, x.detach().contiguous())  # (older torch)
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)  # x's format again
     return gathered.contiguous(memory_format=torch.channels_last) if channels_last else gathered
 
@@ -345,8 +344,7 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
-        # _foreach ops: one kernel per operation over all tensors, not one per tensor (a ResNet-50 has 161 of them,
-        # and per-tensor launches would cost more than a 32 px forward pass).
+        # _foreach ops: few kernels for all tensors (a ResNet-50 has 161), not one per tensor and operation.
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -356,9 +354,8 @@ class LARS(torch.optim.Optimizer):
                 w_norm, u_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(updates))
                 trust = torch.where((w_norm > 0) & (u_norm > 0), group["trust_coefficient"] * w_norm / u_norm, 1.0)
                 torch._foreach_mul_(updates, list(trust.unbind()))
-            for p in params:  # (setdefault would build a zeros_like at every step)
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            for p in (p for p in params if "momentum_buffer" not in self.state[p]):  # once (setdefault: every step)
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
             buffers = [self.state[p]["momentum_buffer"] for p in params]
             torch._foreach_mul_(buffers, group["momentum"])
             torch._foreach_add_(buffers, updates)
@@ -366,8 +363,7 @@ class LARS(torch.optim.Optimizer):
 
 
 def embedding_std(z):
-    """Collapse signal (SimSiam §4.1): per-dimension std of the normalised z, ≈ 1/sqrt(d) spread, 0 collapsed.
-    A 0-dim tensor, on z's device: reading it makes the CPU wait for the GPU, so the loop reads it only to log."""
+    """Collapse signal (SimSiam §4.1): per-dimension std of the normalised z, ≈ 1/sqrt(d) spread, 0 collapsed."""
     return F.normalize(z.float(), dim=1).std(dim=0).mean()
 
 
