@@ -1,6 +1,7 @@
 """What the method files share, and all they import: a method file plus this one is a project's whole copy.
 Part I, to read: data, views, backbones, DDP, schedules, LARS, checkpoints. Part II, to change: folder intake,
 augmentation on the device, --init weights, the k-NN monitor, and the run harness that every main() drives."""
+import functools
 import json
 import math
 import os
@@ -75,7 +76,7 @@ def make_loader(dataset, batch_size, dist_env, workers, train=True, on_device=Tr
     the epoch (a resumed run replays it). Views of data that fits in memory are made on the device (DeviceLoader)."""
     views = dataset.transform.transforms if isinstance(dataset.transform, MultiView) else [None]
     if train and on_device and all(isinstance(view, View) for view in views):
-        data = in_memory(dataset, workers, dist_env.device)
+        data = in_memory(dataset, workers, dist_env)
         if data is not None:
             if dist_env.is_main:
                 print(f"data: {len(dataset)} images ({data[0].nbytes / 2**20:.1f} MiB) held and augmented on "
@@ -508,9 +509,9 @@ def crop_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), device="cpu"):
     y0 = (torch.rand(n, device=device) * (height - h + 1)).floor()
     fallback_w = min(width, round(height * ratio[1]))
     fallback_h = min(height, round(fallback_w / ratio[0]))
-    fallback = torch.tensor([(width - fallback_w) // 2, (height - fallback_h) // 2, fallback_w, fallback_h],
-                            device=device, dtype=torch.float)
-    return torch.where(fits.any(1, keepdim=True), torch.stack([x0, y0, w, h], 1), fallback).unbind(1)
+    fallback = ((width - fallback_w) // 2, (height - fallback_h) // 2, fallback_w, fallback_h)
+    fit = fits.any(1)  # Python numbers in torch.where: no host-to-device copy, which would block the CPU
+    return tuple(torch.where(fit, v, float(f)) for v, f in zip((x0, y0, w, h), fallback))
 
 
 def grayscale(x):
@@ -525,7 +526,7 @@ def adjust_hue(x, shift):
     safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
     hue = torch.where(value == r, ((g - b) / safe) % 6, torch.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4))
     hue = (torch.where(chroma > 0, hue / 6, torch.zeros_like(hue)) + shift[:, None, None]) % 1.0
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device)[None, :, None, None] + 6 * hue[:, None]) % 6  # (B, 3, H, W)
+    k = (torch.arange(5.0, 0.0, -2.0, device=x.device)[:, None, None] + 6 * hue[:, None]) % 6  # (B, 3, H, W), 5 3 1
     return value[:, None] - chroma[:, None] * (torch.minimum(k, 4 - k)).clamp(0, 1)
 
 
@@ -540,42 +541,98 @@ def gaussian_blur(x, sigma, kernel_size):
     return F.conv2d(x, kernel[:, None, :, None], groups=B * C).reshape(B, C, H, W)
 
 
+def cubic(x):
+    """Keys' cubic with a = -0.5: the bicubic of PIL and of torch's antialiased resize (grid_sample's has -0.75)."""
+    x = x.abs()
+    return torch.where(x < 1, (1.5 * x - 2.5) * x * x + 1, torch.where(x < 2, ((2.5 - 0.5 * x) * x - 4) * x + 2, 0.0))
+
+
+RESIZE_KERNELS = {"bilinear": lambda x: (1 - x.abs()).clamp(min=0), "bicubic": cubic}
+
+
+def resize_weights(start, length, size, in_size, kernel):
+    """(B, size, in_size): the weights of each output pixel on the input pixels when the crop [start, start + length)
+    of each image is resized to size pixels as F.interpolate(antialias=True) does (PIL's resampling): the kernel is
+    widened by the factor the crop shrinks by, a low-pass filter that keeps shrunk details from aliasing."""
+    scale = (length / size)[:, None, None]  # (B, 1, 1) input pixels per output pixel
+    centre = start[:, None, None] + scale * (torch.arange(size, device=start.device)[:, None] + 0.5)  # (B, size, 1)
+    pixel = torch.arange(in_size, device=start.device) + 0.5  # (in_size,) pixel centres
+    inside = (pixel > start[:, None, None]) & (pixel < (start + length)[:, None, None])  # (B, 1, in_size)
+    weight = kernel((pixel - centre) / scale.clamp(min=1)) * inside  # (B, size, in_size)
+    return weight / weight.sum(2, keepdim=True)
+
+
+def resized_crop(images, box, flipped, size, kernel):
+    """torchvision's resized_crop(antialias=True) of every image's box (x0, y0, w, h), mirrored where flipped: float
+    (B, C, H, W) -> (B, C, size, size), batched as two matrix products (the separable filter) instead of a loop."""
+    x0, y0, w, h = box
+    rows = resize_weights(y0, h, size, images.shape[2], kernel)  # (B, S, H)
+    cols = resize_weights(x0, w, size, images.shape[3], kernel)  # (B, S, W)
+    cols = torch.where(flipped[:, None, None], cols.flip(1), cols)  # a mirrored view: its columns in reverse
+    return rows[:, None] @ images @ cols.transpose(1, 2)[:, None]  # (B, 1, S, H) @ (B, C, H, W) @ (B, 1, W, S)
+
+
+@functools.lru_cache
+def on_device(values, device):
+    """A constant tuple as a (n, 1, 1) tensor on device, made once: a host-to-device copy per batch blocks the CPU."""
+    return torch.tensor(values, device=device)[:, None, None]
+
+
 def augment_batch(images, view):
-    """The View's distribution on a (B, 3, H, W) uint8 batch on any device -> normalised float views."""
+    """The View's distribution on a (B, 3, H, W) uint8 batch on any device -> normalised float views. What cannot
+    happen (probability 0, no jitter strength) is not computed, but its random numbers are still drawn: the numbers
+    drawn after them, and so a seed's views, do not depend on which operations a View turns off."""
     B, _, H, W = images.shape
     device, S = images.device, view.size
     chance = lambda p: torch.rand(B, device=device) < p
     per_image = lambda t: t[:, None, None, None]
+
+    def sometimes(p, transform, x):  # transform(x) where drawn with probability p; p = 0 computes nothing
+        drawn = chance(p)
+        return torch.where(per_image(drawn), transform(x), x) if p > 0 else x
     # Random resized crop + flip as one affine resampling: output [-1, 1] -> the box in the input.
-    x0, y0, w, h = crop_boxes(B, H, W, view.scale, device=device)
-    flip = torch.where(chance(view.flip), -1.0, 1.0)
+    box = x0, y0, w, h = crop_boxes(B, H, W, view.scale, device=device)
+    flipped = chance(view.flip)
+    flip = torch.where(flipped, -1.0, 1.0)
     theta = torch.zeros(B, 2, 3, device=device)
     theta[:, 0, 0], theta[:, 0, 2] = flip * w / W, (2 * x0 + w) / W - 1
     theta[:, 1, 1], theta[:, 1, 2] = h / H, (2 * y0 + h) / H - 1
     grid = F.affine_grid(theta, (B, 3, S, S), align_corners=False)
-    x = F.grid_sample(images.float() / 255, grid, mode=view.interpolation, padding_mode="border", align_corners=False)
+    pixels = images.float() / 255
+    x = F.grid_sample(pixels, grid, mode=view.interpolation, padding_mode="border", align_corners=False)
+    # grid_sample has no antialias: a box larger than the view (DINO's local crops, --image-size below the data's)
+    # would alias where torchvision's RandomResizedCrop low-passes. Those images are resized as torchvision does; the
+    # others keep grid_sample's values, so that runs without shrinking (32-px data at 32 px) keep their numbers.
+    kernel = RESIZE_KERNELS.get(view.interpolation)
+    if kernel and max(H, W) > S:  # else no box is larger than the view: nothing to compute
+        x = torch.where(per_image((w > S) | (h > S)), resized_crop(pixels, box, flipped, S, kernel), x)
     x = x.clamp(0, 1)
     if view.grayscale_input:
         x = grayscale(x).expand(-1, 3, -1, -1)  # (B, 3, S, S), three equal channels
     # Colour jitter: each image its own factors and its own order of the four adjustments.
     brightness, contrast, saturation, hue = view.jitter
-    factors = [torch.empty(B, device=device).uniform_(max(0, 1 - j), 1 + j) for j in (brightness, contrast, saturation)]
-    factors.append(torch.empty(B, device=device).uniform_(-hue, hue))
-    adjust = [lambda x, f: x * per_image(f),
-              lambda x, f: per_image(f) * x + (1 - per_image(f)) * grayscale(x).mean((1, 2, 3), keepdim=True),
-              lambda x, f: per_image(f) * x + (1 - per_image(f)) * grayscale(x), adjust_hue]
-    # Every adjustment runs on the whole batch and torch.where keeps it where drawn: boolean indexing would make the
-    # CPU wait for the GPU at every step.
+    factors = torch.stack([torch.empty(B, device=device).uniform_(max(0, 1 - j), 1 + j)
+                           for j in (brightness, contrast, saturation)]
+                          + [torch.empty(B, device=device).uniform_(-hue, hue)], 1)  # (B, 4)
     jittered, order = chance(view.jitter_prob), torch.rand(B, 4, device=device).argsort(1)  # (B, 4)
-    for position in range(4):
-        for op in range(4):
-            x = torch.where(per_image(jittered & (order[:, position] == op)), adjust[op](x, factors[op]).clamp(0, 1), x)
-    x = torch.where(per_image(chance(view.grayscale_prob)), grayscale(x).expand(-1, 3, -1, -1), x)
+    # At each position every image takes its own adjustment, and torch.where keeps it where drawn: boolean indexing
+    # would make the CPU wait for the GPU at every step. Brightness, contrast and saturation are one blend
+    # f·x + (1 - f)·target, towards 0, the grey mean or the grey image: one computation serves the three.
+    for position in range(4 if view.jitter_prob > 0 else 0):
+        op = order[:, position]  # (B,) 0 brightness, 1 contrast, 2 saturation, 3 hue
+        if brightness or contrast or saturation:  # all 0: every factor is 1, the blend is x
+            f = factors.gather(1, op[:, None])[:, :, None, None]  # (B, 1, 1, 1)
+            gray = grayscale(x)  # (B, 1, S, S)
+            target = torch.where(per_image(op == 1), gray.mean((1, 2, 3), keepdim=True), gray)
+            target = torch.where(per_image(op == 0), 0.0, target)  # (1 - f)·0 adds ±0: f·x exactly, as x·f did
+            x = torch.where(per_image(jittered & (op < 3)), (f * x + (1 - f) * target).clamp(0, 1), x)
+        if hue:  # 0: torchvision's ColorJitter leaves hue out too
+            x = torch.where(per_image(jittered & (op == 3)), adjust_hue(x, factors[:, 3]).clamp(0, 1), x)
+    x = sometimes(view.grayscale_prob, lambda x: grayscale(x).expand(-1, 3, -1, -1), x)
     sigma = torch.empty(B, device=device).uniform_(0.1, 2.0)
-    x = torch.where(per_image(chance(view.blur)), gaussian_blur(x, sigma, blur_kernel(S)), x)
-    x = torch.where(per_image(chance(view.solarize)) & (x >= 128 / 255), 1 - x, x)
-    mean, std = (torch.tensor(v, device=device)[:, None, None] for v in (view.mean, view.std))
-    return (x - mean) / std
+    x = sometimes(view.blur, lambda x: gaussian_blur(x, sigma, blur_kernel(S)), x)
+    x = sometimes(view.solarize, lambda x: torch.where(x >= 128 / 255, 1 - x, x), x)  # 128: uint8's midpoint
+    return (x - on_device(tuple(view.mean), device)) / on_device(tuple(view.std), device)
 
 
 def free_memory(device):
@@ -589,40 +646,72 @@ def free_memory(device):
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def in_memory(dataset, workers, device=torch.device("cpu")):
-    """(uint8 images (N, 3, H, W), labels (N,)) of a dataset whose decoded bytes take at most half the device's free
-    memory (the model and its activations need the rest), else None."""
+def every_rank(value, dist_env):
+    """Every rank's value, in rank order, on every rank. A decision taken from them all is the same everywhere; one
+    that a rank took from its own value alone could differ (each sees its own free memory, its own images), and one
+    rank would then call collectives that the others never call: the job would hang."""
+    if dist_env.world_size == 1:
+        return [value]
+    values = [None] * dist_env.world_size
+    dist.all_gather_object(values, value)  # NCCL: through the current device, which init_distributed set
+    return values
+
+
+def equal_size(dataset):
+    """(H, W) of a dataset whose images all have one size, else None."""
     if isinstance(dataset, (torchvision.datasets.CIFAR10, torchvision.datasets.STL10)):
-        images = torch.from_numpy(dataset.data)
-        images = images.permute(0, 3, 1, 2) if images.shape[-1] == 3 else images  # CIFAR is (N, H, W, 3)
-        size = images.shape[-2:]
-    elif isinstance(dataset, torchvision.datasets.ImageFolder):
+        return dataset.data.shape[1:3] if dataset.data.shape[-1] == 3 else dataset.data.shape[2:]  # CIFAR: NHWC
+    if isinstance(dataset, torchvision.datasets.ImageFolder):
         try:  # folders of equal-size images (the first 1000 are checked; headers only)
             sizes = {Image.open(path).size for path, _ in dataset.samples[:1000]}
         except (OSError, UnidentifiedImageError, Image.DecompressionBombError):
             return None  # the DataLoader path names the corrupt file
-        if len(sizes) != 1:
-            return None
-        size = sizes.pop()
-    elif getattr(dataset, "image_size", None):  # a dataset of equal-size images that says so (shapes.Shapes)
-        size = (dataset.image_size, dataset.image_size)
-    else:
+        return sizes.pop()[::-1] if len(sizes) == 1 else None  # PIL's size is (W, H)
+    if getattr(dataset, "image_size", None):  # a dataset of equal-size images that says so (shapes.Shapes)
+        return dataset.image_size, dataset.image_size
+    return None
+
+
+def in_memory(dataset, workers, dist_env=DistEnv()):
+    """(uint8 images (N, 3, H, W), labels (N,)) of a dataset whose decoded bytes take at most half the device's free
+    memory (the model and its activations need the rest), else None; every rank calls it and gets the same answer."""
+    size = equal_size(dataset)
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if dist_env.device.type == "cpu" else 1  # sharing the RAM
+    budget = min(every_rank(free_memory(dist_env.device) / 2 / ranks_here if size else 0, dist_env))  # the tightest
+    if not size or len(dataset) * 3 * size[0] * size[1] > budget:
         return None
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type == "cpu" else 1  # CPU ranks share the RAM
-    if len(dataset) * 3 * size[0] * size[1] > free_memory(device) / 2 / ranks_here:
-        return None
-    if isinstance(dataset, (torchvision.datasets.CIFAR10, torchvision.datasets.STL10)):
+    if isinstance(dataset, (torchvision.datasets.CIFAR10, torchvision.datasets.STL10)):  # held as arrays already
+        images = torch.from_numpy(dataset.data)
+        images = images.permute(0, 3, 1, 2) if images.shape[-1] == 3 else images  # CIFAR is (N, H, W, 3)
         return images.contiguous(), torch.as_tensor(getattr(dataset, "targets", getattr(dataset, "labels", None)))
+    # Each rank decodes (or renders) its slice, once, in parallel workers, into one preallocated tensor (no copy by
+    # torch.cat), and the ranks gather the slices on the device: host memory and decoding are not repeated per rank.
+    n = math.ceil(len(dataset) / dist_env.world_size)  # equal slices for all_gather, the last padded
+    mine = range(dist_env.rank * n, min(len(dataset), (dist_env.rank + 1) * n))
+    images, labels = torch.empty((n, 3, *size), dtype=torch.uint8), torch.zeros(n, dtype=torch.long)
     transform, dataset.transform = dataset.transform, v2.PILToTensor()
-    try:  # decode (or render) every image once, in parallel
-        images, labels = zip(*torch.utils.data.DataLoader(dataset, 256, num_workers=workers))
-        return torch.cat(images), torch.cat(labels)
-    except RuntimeError as error:  # sizes differ after all: stay on the DataLoader path
-        if "equal size" in str(error):
-            return None
-        raise
+    done, unreadable = 0, None
+    try:
+        for batch, targets in torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), 256,
+                                                          num_workers=workers):
+            if batch.shape[1:] != images.shape[1:]:  # not the size of the first images (a folder's first 1000)
+                break
+            images[done:done + len(batch)], labels[done:done + len(batch)] = batch, targets
+            done += len(batch)
+    except RuntimeError as error:  # a batch of unequal sizes: the default collate cannot stack it
+        if "equal size" not in str(error):
+            raise
+    except UserError as error:  # a corrupt image in this rank's slice: every rank stops with its name (rank 0 says it)
+        unreadable = error
     finally:
         dataset.transform = transform
+    outcomes = every_rank((done == len(mine), unreadable), dist_env)
+    if errors := [error for _, error in outcomes if error]:
+        raise errors[0]
+    if not all(whole for whole, _ in outcomes):  # sizes differ after all: every rank stays on the DataLoader path
+        return None
+    images, labels = (all_gather(t.to(dist_env.device), keep_grad=False)[:len(dataset)] for t in (images, labels))
+    return images, labels
 
 
 class DeviceLoader:

@@ -13,6 +13,7 @@ augmentation is not counted). MFU is achieved FLOP/s over the GPU's dense bf16 p
     python benchmarks/throughput.py                                   # every config, on one GPU
     python benchmarks/throughput.py --configs resnet18-32 --methods byol simclr --modes device
     python benchmarks/throughput.py --configs cpu-tiny --steps 3     # CPU smoke run (the test)
+    python benchmarks/throughput.py --configs resnet18-32 --augment-compile  # augment_batch alone: eager vs compiled
 
 The scripts' own optimizers and lr rules run; their schedules start at step 0 of a one-epoch run.
 """
@@ -48,6 +49,14 @@ TINY_HEADS = {"simclr": ["--proj-hidden", "256"], "moco": ["--proj-hidden", "256
               "mae": ["--decoder-dim", "64", "--decoder-depth", "1", "--decoder-heads", "4"],
               "dino": ["--out-dim", "1024", "--head-hidden", "256", "--head-bottleneck", "64"]}
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12}  # dense
+
+
+def parse_method_args(module, config_name):
+    """The method's flags at this config: its defaults, the config's model and size, cpu-tiny's small heads."""
+    arch, size, patch, _, _ = CONFIGS[config_name]
+    return module.get_args_parser().parse_args(
+        ["--data", f"shapes:{size}", "--arch", arch, "--image-size", str(size), "--patch-size", str(patch),
+         *(TINY_HEADS[module.__name__] if config_name == "cpu-tiny" else [])])
 
 
 def benchmark(method, config_name, mode, args, dist_env):
@@ -98,6 +107,28 @@ def benchmark(method, config_name, mode, args, dist_env):
         peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
 
 
+def augment_timing(method, config_name, args, dist_env):
+    """augment_batch alone on one uint8 batch, every view of the method, eager and torch.compile'd (static shapes:
+    one graph per distinct View, its chains of elementwise kernels fused); ms per batch, all views."""
+    _, size, _, batch, _ = CONFIGS[config_name]
+    module = importlib.import_module(method)
+    views = module.augmentations(parse_method_args(module, config_name)).transforms
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=dist_env.device)
+    synchronize = torch.cuda.synchronize if dist_env.device.type == "cuda" else lambda: None
+    timings = {}
+    for name, augment in ("eager", common.augment_batch), ("compiled", torch.compile(common.augment_batch,
+                                                                                    dynamic=False)):
+        for step in range(1 + args.warmup + args.steps):  # the first call compiles
+            if step == 1 + args.warmup:
+                synchronize()
+                start = time.perf_counter()
+            for view in views:
+                augment(images, view)
+        synchronize()
+        timings[f"{name}_ms"] = 1000 * (time.perf_counter() - start) / args.steps
+    return dict(method=method, config=config_name, batch=batch, views=len(views), **timings)
+
+
 def main():
     p = argparse.ArgumentParser("throughput.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -112,13 +143,25 @@ def main():
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count()), help="DataLoader workers (dataloader mode)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (the scripts' --compile)")
     p.add_argument("--log-every", type=int, default=50, help="the scripts' --log-every (host reads every N steps)")
+    p.add_argument("--augment-compile", action="store_true", help="time augment_batch alone instead, eager vs "
+                   "torch.compile'd (static shapes), per method and config (on CPU: inductor compiles for minutes)")
     p.add_argument("--output", default="benchmarks/throughput.json", help="JSON results")
     args = p.parse_args()
     if args.steps < 1 or args.warmup < 0:
         sys.exit("throughput.py: error: --steps must be >= 1 and --warmup >= 0")
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     dist_env = common.DistEnv(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     device_name = torch.cuda.get_device_name() if dist_env.device.type == "cuda" else "CPU"
     print(f"device: {device_name}, torch {torch.__version__}")
+    if args.augment_compile:
+        results = [augment_timing(method, config, args, dist_env) for config in args.configs
+                   for method in args.methods if method in CONFIGS[config][4]]
+        for r in results:
+            print(f"augment_batch {r['method']:8} {r['config']:14} {r['views']} views of {r['batch']}: eager "
+                  f"{r['eager_ms']:.1f} ms, compiled {r['compiled_ms']:.1f} ms", flush=True)
+        with open(args.output, "w") as f:
+            json.dump(dict(device=device_name, torch=torch.__version__, augment=results), f, indent=1)
+        return
     header = (f"{'method':8} {'config':14} {'mode':10} {'img/s':>9} {'views/s':>9} {'ms/step':>8} "
               f"{'GFLOP/img':>9} {'TFLOP/s':>8} {'MFU':>6} {'mem GB':>7}")
     print(header)
@@ -138,7 +181,6 @@ def main():
                 print(f"{method:8} {config:14} {mode:10} {r['images_per_s']:9.0f} {r['views_per_s']:9.0f} "
                       f"{r['step_ms']:8.1f} {r['gflops_per_image']:9.2f} {r['tflops_per_s']:8.2f} {mfu} {memory}",
                       flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(dict(device=device_name, torch=torch.__version__, results=results), f, indent=1)
 

@@ -1,6 +1,8 @@
 """Augmentation on the device (common.augment_batch) draws from the same distribution as the
 torchvision pipeline it replaces, with its own parameters per image, deterministically under a seed."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from torchvision.transforms import v2
 import common
 import shapes
 import mae
+from helpers import run_script
 
 
 def test_crop_boxes_match_torchvision_random_resized_crop():
@@ -50,13 +53,23 @@ def views_statistics(views):
     return torch.stack([*x.mean((2, 3)).T, x.std((1, 2, 3)), saturation.mean((1, 2))], 1)  # (N, 5)
 
 
-@pytest.mark.parametrize("view", [common.View(24), common.View(24, blur=0.1, solarize=0.2),
-                                  mae.augmentations(mae.get_args_parser().parse_args(
-                                      ["--data", "shapes", "--image-size", "24"])).transforms[0],
-                                  common.View(12, scale=(0.05, 0.4), blur=1.0)],
-                         ids=["simclr", "byol-view2", "mae", "dino-local"])
-def test_same_distribution_as_torchvision_pipeline(view):
-    image = shapes.Shapes("train", 32, 1)[0][0]
+def noise_image(size):
+    """Detail at every scale: a view that shrinks it without a low-pass filter aliases, its contrast twice
+    torchvision's (which antialiases)."""
+    generator = torch.Generator().manual_seed(0)
+    return v2.functional.to_pil_image(torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator))
+
+
+@pytest.mark.parametrize("view, image", [
+    (common.View(24), "shapes"), (common.View(24, blur=0.1, solarize=0.2), "shapes"),
+    (mae.augmentations(mae.get_args_parser().parse_args(["--data", "shapes", "--image-size", "24"])).transforms[0],
+     "shapes"),
+    (common.View(12, scale=(0.05, 0.4), blur=1.0), "shapes"),
+    (common.View(16, scale=(0.05, 0.4), interpolation="bicubic"), "noise"),  # DINO's local crops, shrunk 2-4x
+    (common.View(16), "noise")],  # SimCLR's crops at --image-size 16 of 64-px data, shrunk up to 4x
+    ids=["simclr", "byol-view2", "mae", "dino-local", "dino-local-64px", "bilinear-64px"])
+def test_same_distribution_as_torchvision_pipeline(view, image):
+    image = shapes.Shapes("train", 32, 1)[0][0] if image == "shapes" else noise_image(64)
     torch.manual_seed(0)
     reference = views_statistics(torch.stack([view(image) for _ in range(1500)]))
     images = v2.functional.pil_to_tensor(image)[None].expand(1500, -1, -1, -1)
@@ -65,6 +78,39 @@ def test_same_distribution_as_torchvision_pipeline(view):
     # Means within 0.02 (pixels in [0, 1]) and spreads within 15%: what 1500 samples resolve.
     torch.testing.assert_close(ours.mean(0), reference.mean(0), atol=0.02, rtol=0)
     torch.testing.assert_close(ours.std(0), reference.std(0), atol=0.01, rtol=0.15)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_resized_crop_equals_torchvision_antialiased_resize(interpolation):
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, 40, 64)
+    box = [torch.tensor(v, dtype=torch.float) for v in  # (x0, y0, w, h): shrunk, stretched, whole, one pixel wide
+           ([0, 5, 10, 3, 30, 0], [0, 2, 7, 1, 9, 0], [64, 40, 13, 8, 30, 17], [40, 31, 9, 20, 12, 40])]
+    flipped = torch.tensor([False, True, False, True, False, True])
+    mode = getattr(v2.InterpolationMode, interpolation.upper())
+    for size in (16, 24):
+        ours = common.resized_crop(images, box, flipped, size, common.RESIZE_KERNELS[interpolation])
+        expected = torch.stack([v2.functional.resized_crop(image, int(y0), int(x0), int(h), int(w), [size, size],
+                                                           mode, antialias=True)
+                                for image, x0, y0, w, h in zip(images, *box)])
+        expected = torch.where(flipped[:, None, None, None], expected.flip(-1), expected)
+        torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+
+
+def test_views_of_boxes_not_larger_than_the_view_keep_grid_sample_values(monkeypatch):
+    """Only the images whose box is shrunk are resampled with antialias: the others, and every run whose data is
+    not larger than its views, keep their numbers exactly."""
+    images = v2.functional.pil_to_tensor(noise_image(32))[None].expand(64, -1, -1, -1)
+    view = common.View(16, scale=(0.05, 0.4), interpolation="bicubic")
+    torch.manual_seed(0)
+    _, _, w, h = common.crop_boxes(64, 32, 32, view.scale)  # the boxes augment_batch draws first
+    torch.manual_seed(0)
+    antialiased = common.augment_batch(images, view)
+    monkeypatch.setattr(common, "RESIZE_KERNELS", {})  # grid_sample alone, as before antialiasing
+    torch.manual_seed(0)
+    same = (common.augment_batch(images, view) == antialiased).flatten(1).all(1)
+    shrunk = (w > 16) | (h > 16)
+    assert 0 < shrunk.sum() < 64 and torch.equal(same, ~shrunk)
 
 
 def test_rates_of_flip_grayscale_and_jitter():
@@ -120,3 +166,72 @@ def test_device_loader_is_chosen_for_in_memory_data_and_replays_an_epoch(tmp_pat
     for index in (0, 57, 99):
         assert (torch.equal(loader.images[index], v2.functional.pil_to_tensor(raw[index][0]))
                 and loader.labels[index] == raw[index][1])
+
+
+def test_no_host_to_device_copy_per_view(monkeypatch):
+    """On a GPU, torch.tensor(..., device=cuda) is a copy that makes the CPU wait: constants are made once."""
+    images = (torch.rand(1, 3, 32, 32) * 255).to(torch.uint8).expand(8, -1, -1, -1)
+    view = common.View(16, blur=0.5, solarize=0.2)
+    common.augment_batch(images, view)  # the first call may make them
+    made, tensor = [], torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *args, **kwargs: made.append(kwargs) or tensor(*args, **kwargs))
+    common.augment_batch(images, view)
+    assert made == []
+
+
+def test_operations_that_cannot_happen_are_skipped_but_draw_their_numbers(monkeypatch):
+    images = (torch.rand(1, 3, 32, 32) * 255).to(torch.uint8).expand(8, -1, -1, -1)
+    calls = {name: 0 for name in ("adjust_hue", "gaussian_blur", "grayscale")}
+    for name in calls:
+        function = getattr(common, name)
+        monkeypatch.setattr(common, name, lambda *args, name=name, function=function:
+                            calls.__setitem__(name, calls[name] + 1) or function(*args))
+    plain = common.View(16, jitter_prob=0.0, grayscale_prob=0.0, blur=0.0, solarize=0.0)
+    no_hue = common.View(16, jitter=(0.4, 0.4, 0.4, 0.0), grayscale_prob=0.0, blur=0.0)
+    rng_after = []
+    for view, expected in [(plain, dict(adjust_hue=0, gaussian_blur=0, grayscale=0)),
+                           (no_hue, dict(adjust_hue=0, gaussian_blur=0, grayscale=4)),  # the blends' grey
+                           (common.View(16), dict(adjust_hue=4, gaussian_blur=1, grayscale=5))]:
+        calls.update(adjust_hue=0, gaussian_blur=0, grayscale=0)
+        torch.manual_seed(0)
+        common.augment_batch(images, view)
+        assert calls == expected, view
+        rng_after.append(torch.get_rng_state())
+    # The same numbers drawn whatever is skipped: a View's coins do not depend on what another View turns off.
+    assert all(torch.equal(state, rng_after[0]) for state in rng_after)
+
+
+def test_in_memory_decodes_into_one_tensor_and_declines_unequal_sizes(monkeypatch):
+    cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *args, **kwargs: pytest.fail("a second copy of the dataset"))
+    images, labels = common.in_memory(shapes.Shapes("train", 8, 10), workers=0)
+    monkeypatch.setattr(torch, "cat", cat)
+    for index in (0, 9):
+        image, label = shapes.Shapes("train", 8)[index]
+        assert torch.equal(images[index], v2.functional.pil_to_tensor(image)) and labels[index] == label
+
+    class Liar(torch.utils.data.Dataset):
+        """Says 16 px, holds 8-px images (as a folder whose first 1000 headers are not the rest's size)."""
+        image_size, transform = 16, None
+
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, index):
+            return self.transform(shapes.Shapes("train", 8)[index][0]), 0
+    assert common.in_memory(Liar(), workers=0) is None
+
+
+def test_in_memory_decision_is_the_same_on_every_rank(tmp_path):
+    """2 gloo ranks, each seeing its own free memory: where one has room and the other has not, both stay on the
+    DataLoader path (a rank deciding alone would call collectives the other never calls: a hang, hence the timeout);
+    where both have room, both hold the whole dataset in order, decoded half by each rank; a corrupt image that one
+    rank decodes stops both with its name (rank 0 is the one that prints it)."""
+    out = tmp_path / "chosen.json"
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/in_memory_ranks.py",
+                        str(out), "1e12,1e3", "1e3,1e12", "1e12,1e12", timeout=120)
+    assert result.returncode == 0, result.stderr
+    ranks = json.load(open(out))
+    assert ranks[0] == ranks[1], ranks
+    assert [case.get("loader") for case in ranks[0]] == ["DataLoader", "DataLoader", "DeviceLoader", None]
+    assert ranks[0][2]["same_data"] and ranks[0][3]["error"] == "cannot read image 8.png: truncated"
