@@ -83,8 +83,7 @@ def make_loader(dataset, batch_size, dist_env, workers, train=True, on_device=Tr
                       f"{dist_env.device}")
             return DeviceLoader(*data, dataset.transform, batch_size, dist_env)
     if train and dist_env.is_main:  # --cpu-augment, another transform, or too large for half the free memory
-        print(f"data: {len(dataset)} images decoded and augmented per batch by {workers} DataLoader workers per "
-              "process")
+        print(f"data: {len(dataset)} images decoded and augmented by {workers} DataLoader workers per process")
     sampler = torch.utils.data.DistributedSampler(dataset, dist_env.world_size, dist_env.rank, shuffle=train)
     # Workers are not persistent: each epoch starts new ones, seeded from the main RNG that the loop seeds per epoch,
     # so augmentations are a function of (seed, epoch, rank) and a resumed run replays them exactly.
@@ -270,8 +269,7 @@ ARCHS = ("resnet18", "resnet34", "resnet50", *VIT_SIZES)
 
 
 def mlp(dims, last_bn=True, last_affine=False, last_bias=False):
-    """Linear-BN-ReLU heads, dims = (in, hidden, ..., out); no bias where BN follows, nor on the last layer unless
-    last_bias (SimSiam's predictor has one)."""
+    """Linear-BN-ReLU heads, dims = (in, hidden, ..., out); no bias before a BN, nor last unless last_bias (SimSiam)."""
     layers = []
     for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
         last = i == len(dims) - 2
@@ -289,10 +287,7 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self):
-        return self.rank == 0
+    is_main = property(lambda self: self.rank == 0)  # the rank that prints and saves
 
 
 def init_distributed():
@@ -316,8 +311,8 @@ def all_gather(x, keep_grad):
     # One contiguous buffer: a list of outputs like a channels_last x (MoCo v2's images) may be filled as NCHW bytes.
     gathered = x.new_empty((dist.get_world_size() * len(x), *x.shape[1:]))  # (world·N, ...)
     getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(gathered, x.detach().contiguous())  # (older torch)
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)  # x's format again
-    return gathered.contiguous(memory_format=torch.channels_last) if channels_last else gathered
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    return gathered.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 # ----------------------------------------------------------------------------- optimisation
