@@ -1072,7 +1072,7 @@ class Run:
         values = dict(loss=loss, embedding_std=embedding_std(z), **extras)
         for key, value in values.items():  # fp64: the same sums as Python floats of each step's value
             self.sums[key] = self.sums.get(key, 0) + value.detach().double()
-        self.summed, self.z_dim = self.summed + 1, z.shape[1]
+        self.summed, self.z = self.summed + 1, z.detach()  # the last batch's z: its effective rank at the epoch's end
         epoch_end = self.step % self.steps_per_epoch == 0
         if self.step % self.args.log_every and not epoch_end:
             return
@@ -1109,8 +1109,8 @@ class Run:
         check, then the checkpoint, snapshots, log.jsonl and the printed line; a SIGTERM agreed at the epoch's last
         step stops the run after its save."""
         args = self.args
-        record = dict(epoch=self.epoch + 1, **self.means, lr=self.lr, **values,
-                      images_per_s=self.summed * args.batch_size / (time.time() - self.start))
+        record = dict(epoch=self.epoch + 1, **self.means, effective_rank=effective_rank(self.z).item(), lr=self.lr,
+                      **values, images_per_s=self.summed * args.batch_size / (time.time() - self.start))
         if self.due(args.knn_every):
             record["knn_top1"] = self.knn()
         if not all_finite(self.model.state_dict()):  # a finite loss does not prove it: the last update can blow up
@@ -1122,7 +1122,7 @@ class Run:
             log_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                            if v is not None))
-            if warning := collapse_warning(record["embedding_std"], self.z_dim):
+            if warning := collapse_warning(record["embedding_std"], self.z.shape[1]):
                 print(warning, flush=True)
         self.record = record
         if self.preempted.agreed and self.epoch + 1 < args.epochs:
@@ -1199,6 +1199,14 @@ def check_same_run(checkpoint, args, path):
 def all_finite(state_dict):
     floats = [t.isfinite().all() for t in state_dict.values() if torch.is_tensor(t) and t.is_floating_point()]
     return bool(torch.stack(floats).all()) if floats else True
+
+
+def effective_rank(z):
+    """RankMe (Garrido et al. 2023), the second collapse signal: exp of the entropy of z's (N, D) singular values
+    normalised to sum 1: about min(N, D) for spread embeddings, 1 when they collapse onto one direction."""
+    singular_values = torch.linalg.svdvals(z.float())  # (min(N, D),), one SVD an epoch, on the device
+    p = singular_values / singular_values.sum() + 1e-7  # RankMe's ε
+    return torch.exp(-(p * p.log()).sum())
 
 
 def collapse_warning(std, dim):

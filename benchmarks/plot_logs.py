@@ -1,4 +1,4 @@
-"""Plot one or more runs' log.jsonl into one PNG: loss, lr, embedding_std, DINO's teacher entropy and
+"""Plot one or more runs' log.jsonl into one PNG: loss, lr, embedding_std, effective rank, DINO's teacher entropy and
 the k-NN top-1, one panel each against the epoch, one line per run (panels no run logged are left out).
 
     python benchmarks/plot_logs.py runs/simclr/log.jsonl runs/dino/log.jsonl --output curves.png
@@ -11,7 +11,8 @@ import os
 import sys
 
 PANELS = {"loss": "loss", "lr": "learning rate", "embedding_std": "embedding_std (collapse: → 0)",
-          "teacher_entropy": "teacher entropy (DINO)", "knn_top1": "k-NN top-1 (k=20)"}
+          "effective_rank": "effective rank, RankMe (collapse: → 1)", "teacher_entropy": "teacher entropy (DINO)",
+          "knn_top1": "k-NN top-1 (k=20)"}
 
 
 def read_log(path):

@@ -105,6 +105,14 @@ def test_sync_batchnorm_equals_batchnorm_on_the_global_batch_without_a_host_read
     assert result.returncode == 0, result.stderr
 
 
+def test_effective_rank_counts_the_directions_the_embeddings_use():
+    torch.manual_seed(0)
+    assert common.effective_rank(torch.randn(1024, 64)) > 60  # isotropic: nearly all 64
+    assert common.effective_rank(torch.randn(1024, 8) @ torch.randn(8, 64)) == pytest.approx(8, rel=0.15)
+    assert common.effective_rank(torch.randn(1024, 1) @ torch.randn(1, 64)) == pytest.approx(1, abs=0.01)  # collapsed
+    assert common.effective_rank(torch.randn(16, 64)) < 16  # at most the batch
+
+
 def test_embedding_std_separates_spread_from_collapse():
     d = 64
     spread = common.embedding_std(torch.randn(4096, d))

@@ -45,6 +45,7 @@ def test_beats_its_random_init(method, benchmark_row):
     # measured: 0.45 (MAE) to 1.0 (MoCo v3, SimSiam) times the healthy 1/sqrt(width); the warning is at 0.1
     width = flags.get("out_dim") or flags.get("proj_dim") or 128  # z of the collapse signal (MAE: the CLS feature)
     assert all(r["embedding_std"] > 0.3 / math.sqrt(width) for r in log[1:]), [r["embedding_std"] for r in log]
+    assert all(r["effective_rank"] > 2 for r in log[1:]), [r["effective_rank"] for r in log]  # collapsed: 1
     checkpoint = common.load_checkpoint(str(row["folder"] / "train" / "checkpoint.pth"))
     common.build_encoder(**checkpoint["encoder_config"]).load_state_dict(checkpoint["encoder"])  # strictly
     total = row["steps"]
