@@ -28,23 +28,15 @@ from common import knn_classify  # noqa: F401  (the k-NN rule lives in common.py
 def get_args_parser():
     p = argparse.ArgumentParser("probe.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    encoder_args(p)
     add, i, f = p.add_argument, common.positive_int, float
-    add("checkpoint", help="a checkpoint of this project's methods, or a plain state_dict with --arch")
     add("--data", required=True, help="shapes[:SIZE[:N[:V]]], cifar10, cifar100, stl10, or DIR/{train,val}/<class>")
     add("--data-root", default="data", help="where torchvision datasets are downloaded")
     add("--protocol", nargs="+", default=["all"], choices=["knn", "linear", "finetune", "all"], help="one or more "
         "(costs, in passes over the train split: knn, linear 1; linear --augment epochs x seeds; finetune ~3 x that)")
     add("--baselines", action="store_true", help="also at random init, and fine-tuned from scratch (2x the cost)")
-    add("--arch", default=None, choices=common.ARCHS, help="only for a plain torchvision/timm-named state_dict")
-    add("--patch-size", type=i, default=16, help="ViT patch size, with --arch")
-    add("--image-size", type=i, default=None, help="default: the checkpoint's training size")
-    add("--mean", type=f, nargs=3, default=None, help="default: the run's --mean (ImageNet's for a state_dict)")
-    add("--std", type=f, nargs=3, default=None, help="default: the run's --std (ImageNet's for a state_dict)")
-    add("--grayscale-input", action="store_true", help="one channel repeated 3 times (default: as the run did)")
     add("--label-fraction", type=f, default=1.0, help="share of the training labels per class (0.01, 0.1)")
     add("--seeds", type=i, default=3, help="linear / fine-tune repeats, each its own label subset: mean ± std")
-    add("--batch-size", type=i, default=256, help="feature extraction batch per rank")
-    add("--workers", type=common.non_negative_int, default=min(8, os.cpu_count()), help="loader processes per rank")
     add("--output", default=None, help="the JSON (default: by the checkpoint, named by data, protocols, fraction)")
     add("--plot", default=None, choices=["pca", "tsne"], help="a 2-D map of the val features by label, by the JSON "
         "(needs matplotlib; tsne also scikit-learn)")
@@ -56,8 +48,6 @@ def get_args_parser():
     add("--linear-batch-size", type=i, default=None, help="global; default 1024 (DINO), at most a tenth of the labels")
     add("--linear-lr", type=f, default=None, help="SGD lr; default: chosen from 0.01-3 on held-out training labels")
     add("--no-linear-bn", action="store_true", help="no BatchNorm (no affine) before the classifier (as DINO)")
-    add("--n-last-blocks", type=i, default=1, help="ViT: the normalised CLS of the last N blocks (DINO: 4 for ViT-S)")
-    add("--avgpool-patchtokens", action="store_true", help="ViT: and the mean patch token (DINO: ViT-B, with N = 1)")
     add("--augment", action="store_true", help="train on crop + flip views, not cached centre crops (official evals)")
     add = p.add_argument_group("fine-tune").add_argument
     add("--recipe", default=None, choices=["mae", "plain"], help="mae (ViT default: global pool + fc_norm, RandAugment "
@@ -73,6 +63,22 @@ def get_args_parser():
     add("--drop-path", type=f, default=0.1, help="ViT stochastic depth (MAE: 0.1, 0.2 for ViT-L)")
     add("--trainable-blocks", type=int, default=-1, help="fine-tune only the last N blocks / stages (-1: all)")
     return p
+
+
+def encoder_args(p):
+    """How to read an encoder from a file, and which of its features: probe.py's flags, and embed.py's."""
+    add, i, f = p.add_argument_group("encoder").add_argument, common.positive_int, float
+    add("checkpoint", help="a checkpoint of this project's methods, or a plain state_dict with --arch")
+    add("--arch", default=None, choices=common.ARCHS, help="only for a plain torchvision/timm-named state_dict")
+    add("--patch-size", type=i, default=16, help="ViT patch size, with --arch")
+    add("--image-size", type=i, default=None, help="default: the checkpoint's training size")
+    add("--mean", type=f, nargs=3, default=None, help="default: the run's --mean (ImageNet's for a state_dict)")
+    add("--std", type=f, nargs=3, default=None, help="default: the run's --std (ImageNet's for a state_dict)")
+    add("--grayscale-input", action="store_true", help="one channel repeated 3 times (default: as the run did)")
+    add("--n-last-blocks", type=i, default=1, help="ViT: the normalised CLS of the last N blocks (DINO: 4 for ViT-S)")
+    add("--avgpool-patchtokens", action="store_true", help="ViT: and the mean patch token (DINO: ViT-B, with N = 1)")
+    add("--batch-size", type=i, default=256, help="feature extraction batch per rank")
+    add("--workers", type=common.non_negative_int, default=min(8, os.cpu_count()), help="loader processes per rank")
 
 
 # ----------------------------------------------------------------------------- encoder
@@ -101,6 +107,13 @@ def load_encoder(args, drop_path=0.0, random_init=False):
     if not random_init:
         common.load_weights(encoder, state, args.checkpoint, config["arch"])  # a mismatch or a NaN: one line
     return encoder, image_size
+
+
+def check_readout(encoder, args):
+    if not isinstance(encoder, common.VisionTransformer) and (args.n_last_blocks > 1 or args.avgpool_patchtokens):
+        raise common.UserError("--n-last-blocks and --avgpool-patchtokens are ViT readouts (DINO)")
+    if isinstance(encoder, common.VisionTransformer) and args.n_last_blocks > len(encoder.blocks):
+        raise common.UserError(f"--n-last-blocks {args.n_last_blocks}: the ViT has {len(encoder.blocks)} blocks")
 
 
 class Readout(nn.Module):
@@ -435,10 +448,9 @@ def main(args):
     encoder, image_size = load_encoder(args)
     vit = isinstance(encoder, common.VisionTransformer)
     recipe = args.recipe or ("mae" if vit else "plain")
-    if not vit and (recipe == "mae" or args.n_last_blocks > 1 or args.avgpool_patchtokens):
-        raise common.UserError("--recipe mae, --n-last-blocks and --avgpool-patchtokens are ViT protocols (MAE, DINO)")
-    if vit and args.n_last_blocks > len(encoder.blocks):
-        raise common.UserError(f"--n-last-blocks {args.n_last_blocks}: the ViT has {len(encoder.blocks)} blocks")
+    if not vit and recipe == "mae":
+        raise common.UserError("--recipe mae is a ViT protocol (MAE)")
+    check_readout(encoder, args)
     transform = common.eval_transform(image_size, args.mean, args.std, args.grayscale_input)
     build = lambda split, views=transform: common.build_dataset(args.data, split, views, args.data_root)
     train_set, val_set = build("train"), build("val")

@@ -106,8 +106,8 @@ def test_probe_plain_state_dict_of_wrong_arch(tmp_path):
 def test_probe_vit_protocols_on_a_resnet_and_missing_plot_extras(tmp_path):
     torch.save(common.build_encoder("resnet18", 32).state_dict(), tmp_path / "r18.pth")
     flags = [str(tmp_path / "r18.pth"), "--arch", "resnet18", "--data", "shapes:32:64", "--workers", "0"]
-    assert "ViT protocols" in user_error("probe", *flags, "--recipe", "mae")
-    assert "ViT protocols" in user_error("probe", *flags, "--n-last-blocks", "4")
+    assert "ViT protocol" in user_error("probe", *flags, "--recipe", "mae")
+    assert "ViT readouts" in user_error("probe", *flags, "--n-last-blocks", "4")
     if importlib.util.find_spec("matplotlib") is None:  # optional: one line that says how to get it
         assert "--plot pca needs matplotlib: pip install" in user_error("probe", *flags, "--plot", "pca")
 
