@@ -7,8 +7,9 @@ in production; with --neighbours, each query image's nearest images (cosine).
     torchrun --nproc_per_node=8 embed.py runs/dino/checkpoint.pth --data /photos --output photos.npz
 
 OUT.npz holds `features` (N, D) float32, probe.py's readout (default: a ViT's CLS token after the final norm, a
-ResNet's pooled features), `paths` relative to the folder read (DIR, or DIR/train), and `labels` + `classes` where DIR has class folders. Images are
-read as probe.py reads them (the run's resolution and normalisation, a bicubic resize and centre crop).
+ResNet's pooled features), `paths` relative to the folder read (DIR, or DIR/train), and `labels` + `classes` where
+DIR has class folders. Images are read as probe.py reads them (the run's resolution and normalisation, a bicubic
+resize and centre crop).
 """
 import argparse
 import csv
@@ -96,8 +97,9 @@ def main(args):
             with open(path, "w", newline="") as f:
                 rows = csv.writer(f)
                 rows.writerow(["query", "rank", "neighbour", "cosine"])
-                for query, sims, ids in zip(query_paths, similarity.tolist(), index.tolist()):
-                    rows.writerows([query, rank + 1, paths[i], f"{s:.6f}"] for rank, (s, i) in enumerate(zip(sims, ids)))
+                for query, cosines, ids in zip(query_paths, similarity.tolist(), index.tolist()):
+                    rows.writerows([query, rank + 1, paths[i], f"{cosine:.6f}"]
+                                   for rank, (cosine, i) in enumerate(zip(cosines, ids)))
             print(f"{args.neighbours} nearest images of each of {len(query_paths)} queries written to {path}")
     if dist_env.world_size > 1:
         dist.barrier()  # rank 0 has written; shut down together
