@@ -4,12 +4,13 @@ in production; with --neighbours, each query image's nearest images (cosine).
     python embed.py runs/dino/checkpoint.pth --data /photos --output photos.npz
     python embed.py resnet50.pth --arch resnet50 --data /photos --output photos.npz   # a plain state_dict
     python embed.py runs/dino/checkpoint.pth --data /photos --output photos.npz --neighbours 5 --query /new
+    python embed.py runs/dino/checkpoint.pth --head probe_out/linear.pth --data /new --output predictions.csv
     torchrun --nproc_per_node=8 embed.py runs/dino/checkpoint.pth --data /photos --output photos.npz
 
 OUT.npz holds `features` (N, D) float32, probe.py's readout (default: a ViT's CLS token after the final norm, a
 ResNet's pooled features), `paths` relative to the folder read (DIR, or DIR/train), and `labels` + `classes` where
 DIR has class folders. Images are read as probe.py reads them (the run's resolution and normalisation, a bicubic
-resize and centre crop).
+resize and centre crop). With --head (a model probe.py --save kept), OUT is a CSV of predictions instead.
 """
 import argparse
 import csv
@@ -32,7 +33,9 @@ def get_args_parser():
     add = p.add_argument_group("images").add_argument
     add("--data", required=True, help="a folder: DIR/<class>/* (labelled), images at any depth without class folders "
         "(unlabelled), or DIR/{train,val}/<class>/* (its train/ split; pass DIR/val for the other)")
-    add("--output", required=True, help="the .npz to write")
+    add("--output", required=True, help="the .npz to write (with --head: the .csv)")
+    add("--head", default=None, help="a model probe.py --save kept (linear.pth, finetune.pth): write each image's "
+        "predicted class, its probability and the top 5 (and its label, where DIR has class folders) as CSV")
     add("--skip-bad-images", action="store_true", help="leave unreadable images out, and say how many (default: stop "
         "with one line naming the file)")
     add("--neighbours", type=common.positive_int, default=0, help="the K nearest images of DIR for each query image, "
@@ -70,25 +73,49 @@ def nearest(queries, memory, k, same=False):
     return torch.cat([r.values for r in results]), torch.cat([r.indices for r in results])
 
 
+def write_predictions(path, logits, paths, classes, labels=None):
+    """path, predicted class, its probability, the top 5 as 'class:probability ...' (and the label, if known)."""
+    top = logits.softmax(1).topk(min(5, len(classes)), dim=1)  # (N, 5)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        rows = csv.writer(f)
+        rows.writerow(["path", "predicted", "probability", "top5"] + ["label"] * (labels is not None))
+        for i, (probabilities, ids) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+            top5 = " ".join(f"{classes[c]}:{p:.4f}" for p, c in zip(probabilities, ids))
+            rows.writerow([paths[i], classes[ids[0]], f"{probabilities[0]:.6f}", top5] + ([labels[i]] if labels else []))
+    print(f"predictions for {len(paths)} images written to {path}")
+
+
 def main(args):
     if not os.path.isdir(args.data):
         raise common.UserError(f"--data {args.data}: no such folder")
     if args.query and not os.path.isdir(args.query):
         raise common.UserError(f"--query {args.query}: no such folder")
+    saved = args.head and common.read_torch_file(args.head, "--head")
+    if args.head and (not isinstance(saved, dict) or saved.get("protocol") not in ("linear", "finetune")):
+        raise common.UserError(f"--head {args.head}: not a model written by probe.py --save")
+    if args.head:  # the pixels it was trained on, unless given
+        args.image_size, args.grayscale_input = args.image_size or saved["image_size"], saved["grayscale_input"]
+        args.mean, args.std = args.mean or saved["mean"], args.std or saved["std"]
     dist_env = common.init_distributed()
     encoder, image_size = probe.load_encoder(args)
     probe.check_readout(encoder, args)
-    readout = probe.Readout(encoder, args.n_last_blocks, args.avgpool_patchtokens).to(dist_env.device).eval()
+    model = (probe.saved_classifier(saved, encoder, f"--head {args.head}") if args.head else
+             probe.Readout(encoder, args.n_last_blocks, args.avgpool_patchtokens).eval()).to(dist_env.device)
     transform = common.eval_transform(image_size, args.mean, args.std, args.grayscale_input)
-    features, paths, dataset, keep = embed_folder(args.data, readout, transform, args, dist_env)
-    if dist_env.is_main:
+    features, paths, dataset, keep = embed_folder(args.data, model, transform, args, dist_env)
+    if args.head and dist_env.is_main:
+        kept = [dataset.classes[t] for t, k in zip(dataset.targets, keep.tolist()) if k]
+        labels = None if dataset.unlabelled else kept  # class folders' names, as the head's classes
+        write_predictions(args.output, features, paths, saved["classes"], labels)
+    elif dist_env.is_main:
         arrays = dict(features=features.cpu().numpy().astype(np.float32), paths=np.array(paths))
         if not dataset.unlabelled:
             arrays.update(labels=np.array(dataset.targets)[keep.cpu().numpy()], classes=np.array(dataset.classes))
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         np.savez(args.output, **arrays)
         print(f"{len(paths)} features of dimension {features.shape[1]} written to {args.output}")
-    if args.neighbours:
+    if args.neighbours and not args.head:
         queries, query_paths = (embed_folder(args.query, readout, transform, args, dist_env)[:2] if args.query
                                 else (features, paths))
         similarity, index = nearest(queries, features, args.neighbours, same=not args.query)

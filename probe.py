@@ -38,6 +38,8 @@ def get_args_parser():
     add("--label-fraction", type=f, default=1.0, help="share of the training labels per class (0.01, 0.1)")
     add("--seeds", type=i, default=3, help="linear / fine-tune repeats, each its own label subset: mean ± std")
     add("--output", default=None, help="the JSON (default: by the checkpoint, named by data, protocols, fraction)")
+    add("--save", default=None, help="keep seed 0's linear head and fine-tuned model in this folder (linear.pth, "
+        "finetune.pth: the classes, the readout, the pixels): embed.py --head FILE predicts with them")
     add("--plot", default=None, choices=["pca", "tsne"], help="a 2-D map of the val features by label, by the JSON "
         "(needs matplotlib; tsne also scikit-learn)")
     add = p.add_argument_group("k-NN").add_argument
@@ -271,12 +273,16 @@ def run_knn(train_x, train_y, val_x, val_y, args, num_classes):
             for k in ks}
 
 
+def linear_head(dim, num_classes, batch_normalize):
+    head = nn.Linear(dim, num_classes)
+    return nn.Sequential(nn.BatchNorm1d(dim, affine=False), head) if batch_normalize else head
+
+
 def train_linear(batches, steps_per_epoch, dim, num_classes, lr, epochs, seed, batch_normalize, device, ddp=False):
     """A linear classifier: SGD, momentum 0.9, cosine lr, no weight decay. batches(epoch) yields the epoch's
     (features, labels): cached (every rank the whole batch) or this rank's share (DDP)."""
     torch.manual_seed(seed)
-    head = nn.Linear(dim, num_classes)
-    head = (nn.Sequential(nn.BatchNorm1d(dim, affine=False), head) if batch_normalize else head).to(device)
+    head = linear_head(dim, num_classes, batch_normalize).to(device)
     model = DistributedDataParallel(head) if ddp else head
     seed_views(seed)
     optimizer, step = torch.optim.SGD(head.parameters(), lr, momentum=0.9), 0
@@ -292,8 +298,9 @@ def train_linear(batches, steps_per_epoch, dim, num_classes, lr, epochs, seed, b
     return head.eval()
 
 
-def run_linear(train_x, train_y, val_x, val_y, args, num_classes, on_the_fly=None):
-    """Cached features; with on_the_fly(indices, lr, seed) -> head, the head trains on augmented views."""
+def run_linear(train_x, train_y, val_x, val_y, args, num_classes, on_the_fly=None, save=None):
+    """Cached features; with on_the_fly(indices, lr, seed) -> head, the head trains on augmented views. save(name,
+    module, result): seed 0's head, once measured."""
     def fit(x, y, lr, seed):
         batch = global_batch(args.linear_batch_size, len(x), 1)
         batches = lambda epoch: [(x[b], y[b]) for b in torch.randperm(len(x), device=x.device).split(batch)
@@ -317,6 +324,8 @@ def run_linear(train_x, train_y, val_x, val_y, args, num_classes, on_the_fly=Non
         with torch.no_grad():
             runs.append(metrics(head(val_x), val_y))
         chosen.append(lr)
+        if save and seed == 0:
+            save("linear", head, runs[0])
     return {**mean_std(runs), "lr": chosen}
 
 
@@ -350,7 +359,7 @@ def finetune_step(model, optimizer, images, targets):
     return loss.detach()
 
 
-def run_finetune(args, train_set, labels, val_set, dist_env, recipe, scratch=False):
+def run_finetune(args, train_set, labels, val_set, dist_env, recipe, scratch=False, save=None):
     runs, device, num_classes = [], dist_env.device, int(labels.max()) + 1
     for seed in range(args.seeds):
         torch.manual_seed(seed)
@@ -395,7 +404,25 @@ def run_finetune(args, train_set, labels, val_set, dist_env, recipe, scratch=Fal
                 step += 1
         bar.close()
         runs.append(metrics(*embed_split(model, val_set, args, dist_env, "fine-tune: val")))
+        if save and seed == 0:
+            save("finetune", model, runs[0])
     return mean_std(runs)
+
+
+def saved_classifier(saved, encoder, name):
+    """The model probe.py --save kept, on this encoder: images -> logits (a fine-tuned model brings its own
+    encoder weights; a linear head reads the features it was trained on)."""
+    if saved["protocol"] == "finetune":
+        model = trained = Classifier(encoder, len(saved["classes"]), global_pool=saved["recipe"] == "mae")
+    else:
+        readout = Readout(encoder, saved["readout"]["n_last_blocks"], saved["readout"]["avgpool"])
+        trained = linear_head(readout.dim, len(saved["classes"]), saved["batch_normalize"])
+        model = nn.Sequential(readout, trained)
+    try:
+        trained.load_state_dict(saved["state"])
+    except RuntimeError as error:
+        raise common.UserError(f"{name} does not fit this encoder ({str(error).splitlines()[-1].strip()[:200]})")
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------- report
@@ -479,10 +506,21 @@ def main(args):
                                *embed_split(model, val_set, args, dist_env, f"{which}: val features"))
         return features[which]
 
+    def save(name, model, result):  # --save: what embed.py --head needs to predict as this run measured
+        if args.save and dist_env.is_main:
+            os.makedirs(args.save, exist_ok=True)
+            classes = getattr(train_set, "classes", None) or [str(c) for c in range(num_classes)]
+            torch.save(dict(protocol=name, state=model.state_dict(), classes=list(classes), top1=result["top1"],
+                            readout=dict(n_last_blocks=args.n_last_blocks, avgpool=args.avgpool_patchtokens),
+                            batch_normalize=not args.no_linear_bn, recipe=recipe, image_size=image_size,
+                            mean=args.mean, std=args.std, grayscale_input=args.grayscale_input,
+                            checkpoint=os.path.abspath(args.checkpoint)), os.path.join(args.save, f"{name}.pth"))
+
     def run(protocol, which):
         if protocol == "finetune":
             train_aug = build("train", train_augmentation(image_size, args, rand_augment=recipe == "mae"))
-            return run_finetune(args, train_aug, labels, val_set, dist_env, recipe, scratch=which != "checkpoint")
+            return run_finetune(args, train_aug, labels, val_set, dist_env, recipe, scratch=which != "checkpoint",
+                                save=save if which == "checkpoint" else None)
         model, train_x, train_y, val_x, val_y = features_of(which)
         if protocol == "knn":
             subset = balanced_subset(train_y.cpu(), args.label_fraction, 0).to(device)
@@ -491,7 +529,8 @@ def main(args):
             return run_knn(train_x[subset], train_y[subset], val_x, val_y, args, num_classes)
         train_aug = build("train", train_augmentation(image_size, args))
         on_the_fly = linear_on_the_fly(model, train_aug, args, num_classes, dist_env) if args.augment else None
-        return run_linear(train_x, train_y, val_x, val_y, args, num_classes, on_the_fly)
+        return run_linear(train_x, train_y, val_x, val_y, args, num_classes, on_the_fly,
+                          save=save if which == "checkpoint" else None)
 
     for protocol in protocols:  # each result is printed as soon as it is known, with its wall-clock time
         rows = lambda result: result.items() if protocol == "knn" else [("", result)]  # k-NN: a row per k

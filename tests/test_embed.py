@@ -95,3 +95,33 @@ def test_two_ranks_write_the_features_of_one_process(checkpoint, tmp_path):
     np.testing.assert_allclose(two["features"], one["features"], atol=1e-5)
     assert list(two["paths"]) == list(one["paths"]) and list(two["labels"]) == list(one["labels"])
     assert open(tmp_path / "two_neighbours.csv").read().count("\n") == 10
+
+
+def labelled_split(root, count):
+    """root/{train,val}/<shape>/i.png from the built-in shapes (classes a linear head can learn)."""
+    import shapes
+    for split, start in (("train", 0), ("val", 10_000)):
+        data = shapes.Shapes(image_size=16)
+        for i in range(start, start + count):
+            image, label = data[i]
+            (root / split / str(label)).mkdir(parents=True, exist_ok=True)
+            image.save(root / split / str(label) / f"{i}.png")
+
+
+@pytest.mark.parametrize("protocol", ["linear", "finetune"])
+def test_a_saved_head_predicts_what_probe_measured(checkpoint, tmp_path, protocol):
+    """probe.py --save keeps seed 0's model; embed.py --head applies it to the val split: the predictions' top-1 is
+    the reported one, to the digit."""
+    labelled_split(tmp_path / "data", 48)
+    results = probe.main(probe.get_args_parser().parse_args(
+        [checkpoint, "--data", str(tmp_path / "data"), "--protocol", protocol, "--seeds", "1", "--linear-epochs", "5",
+         "--finetune-epochs", "1", "--workers", "0", "--save", str(tmp_path / "heads"),
+         "--output", str(tmp_path / "probe.json")]))
+    run(checkpoint, "--head", str(tmp_path / "heads" / f"{protocol}.pth"), "--data", str(tmp_path / "data" / "val"),
+        "--output", str(tmp_path / "predictions.csv"))
+    rows = list(csv.DictReader(open(tmp_path / "predictions.csv")))
+    assert len(rows) == 48 and all(row["top5"].split()[0].startswith(row["predicted"] + ":") for row in rows)
+    top1 = 100 * sum(row["predicted"] == row["label"] for row in rows) / len(rows)
+    assert top1 == pytest.approx(results[protocol]["top1"], abs=1e-4)  # probe.py's is fp32: one image is 2.08
+    assert "not a model written by probe.py --save" in user_error(
+        "embed", checkpoint, "--head", checkpoint, "--data", str(tmp_path / "data" / "val"), "--output", "x.csv")
