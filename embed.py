@@ -116,7 +116,7 @@ def main(args):
         np.savez(args.output, **arrays)
         print(f"{len(paths)} features of dimension {features.shape[1]} written to {args.output}")
     if args.neighbours and not args.head:
-        queries, query_paths = (embed_folder(args.query, readout, transform, args, dist_env)[:2] if args.query
+        queries, query_paths = (embed_folder(args.query, model, transform, args, dist_env)[:2] if args.query
                                 else (features, paths))
         similarity, index = nearest(queries, features, args.neighbours, same=not args.query)
         if dist_env.is_main:

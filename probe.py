@@ -184,16 +184,41 @@ def finetune_param_groups(encoder, classifier, layer_decay, weight_decay, traina
 
 
 # ----------------------------------------------------------------------------- data and metrics
-def metrics(scores, labels):
-    """top-1, top-5 and macro-F1 (over the classes present in labels or predictions), in %."""
+def metrics(scores, labels, confusion=False):
+    """top-1, top-5, macro-F1 (over the classes present in labels or predictions) and balanced accuracy (the mean
+    recall of the classes present in labels: what top-1 hides about rare classes), in %; per_class: each class's
+    precision and recall (None where it has no prediction / no image), and with confusion its matrix (rows: labels)."""
     num_classes = scores.shape[1]
     top = scores.topk(min(5, num_classes), dim=1).indices  # (N, 5)
     predictions = top[:, 0]
-    tp = torch.bincount(labels[predictions == labels], minlength=num_classes).float()
-    support = torch.bincount(predictions, minlength=num_classes) + torch.bincount(labels, minlength=num_classes)
+    counts = torch.bincount(labels * num_classes + predictions, minlength=num_classes ** 2)
+    matrix = counts.view(num_classes, num_classes)  # (C, C): [label, prediction]
+    tp, predicted, actual = matrix.diag().float(), matrix.sum(0).float(), matrix.sum(1).float()
+    support = predicted + actual
     f1 = 2 * tp[support > 0] / support[support > 0]  # 2TP / (2TP + FP + FN) per class
+    per_class = dict(precision=torch.where(predicted > 0, tp / predicted, torch.nan).tolist(),
+                     recall=torch.where(actual > 0, tp / actual, torch.nan).tolist())
+    per_class = {k: [None if math.isnan(v) else v for v in values] for k, values in per_class.items()}
     return {"top1": 100 * (predictions == labels).float().mean().item(),
-            "top5": 100 * (top == labels[:, None]).any(1).float().mean().item(), "macro_f1": 100 * f1.mean().item()}
+            "top5": 100 * (top == labels[:, None]).any(1).float().mean().item(), "macro_f1": 100 * f1.mean().item(),
+            "balanced_accuracy": 100 * (tp / actual)[actual > 0].mean().item(),
+            "per_class": {**per_class, **({"confusion": matrix.tolist()} if confusion else {})}}
+
+
+def expected_calibration_error(logits, labels, temperature=1.0, bins=15):
+    """ECE (Guo et al. 2017), in %: the top probability of softmax(logits / T) in 15 equal bins, each bin's gap
+    |accuracy − mean confidence| weighted by its share of the images. 0: a score of 0.8 is right 80% of the time."""
+    confidence, predictions = (logits / temperature).softmax(1).max(1)
+    bin_of = (confidence * bins).long().clamp(max=bins - 1)  # (N,)
+    gaps = torch.bincount(bin_of, (predictions == labels).float() - confidence, minlength=bins)  # Σ (correct − conf)
+    return 100 * (gaps.abs().sum() / len(labels)).item()
+
+
+def fit_temperature(logits, labels):
+    """The T > 0 that minimises the cross-entropy of logits / T (temperature scaling, Guo et al. 2017): one number
+    that rescales confidences without moving a prediction; a grid from 0.05 to 20 (log-spaced) is exact enough."""
+    grid = torch.logspace(math.log10(0.05), math.log10(20), 200)
+    return min(grid.tolist(), key=lambda t: F.cross_entropy(logits / t, labels).item())
 
 
 def balanced_subset(labels, fraction, seed):
@@ -208,12 +233,12 @@ def balanced_subset(labels, fraction, seed):
 
 
 def mean_std(runs):
-    """[{'top1': ..}, ..] over seeds -> {'top1': mean, 'top1_std': std}."""
+    """[{'top1': ..}, ..] over seeds -> {'top1': mean, 'top1_std': std}; seed 0's per-class numbers as they are."""
     out = {}
-    for key in runs[0]:
+    for key in (key for key in runs[0] if key != "per_class"):
         values = torch.tensor([r[key] for r in runs])
         out[key], out[key + "_std"] = values.mean().item(), (values.std().item() if len(runs) > 1 else 0.0)
-    return out
+    return {**out, "per_class_seed0": runs[0]["per_class"]}
 
 
 def global_batch(requested, num_images, world_size):
@@ -308,25 +333,33 @@ def run_linear(train_x, train_y, val_x, val_y, args, num_classes, on_the_fly=Non
         return train_linear(batches, math.ceil(len(x) / batch), x.shape[1], num_classes, lr, args.linear_epochs, seed,
                             not args.no_linear_bn, x.device)
 
-    runs, chosen = [], []
+    runs, chosen, temperatures = [], [], []
     for seed in range(args.seeds):
         subset = balanced_subset(train_y.cpu(), args.label_fraction, seed)
         x, y, lr = train_x[subset], train_y[subset], args.linear_lr
-        if lr is None:  # chosen on held-out training labels (cached features, --augment too): val stays unseen
-            held_out = torch.isin(torch.arange(len(y)), balanced_subset(y.cpu(), 0.1, seed + 1000)).to(y.device)
-            held_out_top1 = lambda candidate: (fit(x[~held_out], y[~held_out], candidate, seed)(x[held_out]).argmax(1)
-                                               == y[held_out]).float().mean().item()
-            lr = [max([0.01, 0.03, 0.1, 0.3, 1.0, 3.0], key=held_out_top1)]
+        # 10% of the training labels held out (cached features, --augment too): the lr and the temperature are chosen
+        # on them, by heads trained on the other 90%; val stays unseen until the final head is scored.
+        held_out = torch.isin(torch.arange(len(y)), balanced_subset(y.cpu(), 0.1, seed + 1000)).to(y.device)
+        search = {candidate: fit(x[~held_out], y[~held_out], candidate, seed)
+                  for candidate in ([0.01, 0.03, 0.1, 0.3, 1.0, 3.0] if lr is None else [lr])}
+        with torch.no_grad():
+            held_out_logits = {candidate: head(x[held_out]) for candidate, head in search.items()}
+        if lr is None:
+            lr = [max(search, key=lambda c: (held_out_logits[c].argmax(1) == y[held_out]).float().mean().item())]
             if dist.is_initialized():  # rank 0's pick on every rank: each rank draws its own batches (seed_views),
                 dist.broadcast_object_list(lr)  # and the heads that DDP trains (--augment) need one lr
             lr = lr[0]
+        temperature = fit_temperature(held_out_logits[lr], y[held_out])
         head = fit(x, y, lr, seed) if on_the_fly is None else on_the_fly(subset, lr, seed)
         with torch.no_grad():
-            runs.append(metrics(head(val_x), val_y))
+            logits = head(val_x)
+        runs.append(dict(metrics(logits, val_y, confusion=seed == 0), ece=expected_calibration_error(logits, val_y),
+                         ece_scaled=expected_calibration_error(logits, val_y, temperature)))
         chosen.append(lr)
+        temperatures.append(temperature)
         if save and seed == 0:
             save("linear", head, runs[0])
-    return {**mean_std(runs), "lr": chosen}
+    return {**mean_std(runs), "lr": chosen, "temperature": temperatures}
 
 
 def linear_on_the_fly(readout, train_set, args, num_classes, dist_env):
@@ -403,7 +436,9 @@ def run_finetune(args, train_set, labels, val_set, dist_env, recipe, scratch=Fal
                 bar.update()
                 step += 1
         bar.close()
-        runs.append(metrics(*embed_split(model, val_set, args, dist_env, "fine-tune: val")))
+        logits, val_labels = embed_split(model, val_set, args, dist_env, "fine-tune: val")
+        runs.append(dict(metrics(logits, val_labels, confusion=seed == 0),
+                         ece=expected_calibration_error(logits, val_labels)))  # no held-out labels: no temperature
         if save and seed == 0:
             save("finetune", model, runs[0])
     return mean_std(runs)
@@ -429,14 +464,16 @@ def saved_classifier(saved, encoder, name):
 def difference(a, b):
     """a − b: the means subtract, the seeds' spreads combine (std = sqrt(std_a² + std_b²)); k-NN's dict likewise."""
     return {k: difference(a[k], b[k]) if isinstance(a[k], dict) else math.hypot(a[k], b[k]) if k.endswith("_std")
-            else a[k] - b[k] for k in a if k != "lr"}
+            else a[k] - b[k] for k in a if k not in ("lr", "temperature", "per_class", "per_class_seed0")}
 
 
 def row(name, result, seconds=None, signed=False):
     cell = lambda key: (f"{result[key]:{'+' if signed else ''}.2f}"
                         + (f" ± {result[key + '_std']:.2f}" if key + "_std" in result else ""))
-    return (f"{name:<56}{cell('top1'):>16}{cell('top5'):>16}{cell('macro_f1'):>16}"
-            + (f"{seconds:>9.0f} s" if seconds is not None else ""))
+    ece = (f"{result['ece']:.1f}" + (f" → {result['ece_scaled']:.1f}" if "ece_scaled" in result else "")
+           if "ece" in result and not signed else "")
+    return (f"{name:<56}{cell('top1'):>16}{cell('top5'):>16}{cell('macro_f1'):>16}{cell('balanced_accuracy'):>16}"
+            f"{ece:>14}" + (f"{seconds:>9.0f} s" if seconds is not None else ""))
 
 
 def plot_features(x, y, method, path):
@@ -493,7 +530,8 @@ def main(args):
                 "world_size": dist_env.world_size}
     results = dict(checkpoint=args.checkpoint, data=args.data, label_fraction=args.label_fraction, settings=settings)
     baselines, differences = {}, {}
-    say(f"{'protocol (paper)':<56}{'top-1':>16}{'top-5':>16}{'macro-F1':>16}{'time':>11}")
+    say(f"{'protocol (paper)':<56}{'top-1':>16}{'top-5':>16}{'macro-F1':>16}{'balanced acc':>16}{'ECE (→ T)':>14}"
+        f"{'time':>11}")
 
     features = {}  # "checkpoint" / "random init" -> (readout, train_x, train_y, val_x, val_y), extracted once
 

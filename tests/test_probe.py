@@ -25,7 +25,8 @@ def blobs(n_per_class, num_classes, dim, noise, seed):
 def test_knn_recovers_tight_clusters():
     x, y = blobs(20, 5, 16, 0.1, 0)
     scores = probe.knn_classify(x[::2], y[::2], x[1::2], k=5, temperature=0.07, num_classes=5)
-    assert probe.metrics(scores, y[1::2]) == {"top1": 100.0, "top5": 100.0, "macro_f1": 100.0}
+    m = probe.metrics(scores, y[1::2])
+    assert [m[k] for k in ("top1", "top5", "macro_f1", "balanced_accuracy")] == [100.0] * 4
 
 
 def test_linear_probe_finds_a_direction_knn_cannot_see():
@@ -55,6 +56,7 @@ def test_linear_lr_is_chosen_on_held_out_training_labels_never_on_val():
         permuted = y[160:][torch.randperm(80, generator=torch.Generator().manual_seed(seed))]
         result = probe.run_linear(x[:160], y[:160], x[160:], permuted, args, 4)
         assert result["lr"] == chosen["lr"] and result["top1"] < 50  # the same heads, scored on nonsense labels
+        assert result["temperature"] == chosen["temperature"]  # calibrated on held-out training labels too
 
 
 def test_balanced_subset_keeps_each_class_share():
@@ -73,6 +75,27 @@ def test_metrics_on_a_hand_computed_case():
     assert m["top1"] == 50 and m["top5"] == 100
     # F1: class 0 = 2·1/(2+2) = 0.5, class 1 = 2·1/(2+1) = 2/3, class 2 = 0
     assert abs(m["macro_f1"] - 100 * (0.5 + 2 / 3 + 0) / 3) < 1e-4
+    # recall 1/2, 1, 0: balanced accuracy 50%; precision 1/2, 1/2, none predicted
+    assert m["balanced_accuracy"] == pytest.approx(50) and m["per_class"]["recall"] == [0.5, 1.0, 0.0]
+    assert m["per_class"]["precision"] == [0.5, 0.5, None]
+    assert probe.metrics(scores, labels, confusion=True)["per_class"]["confusion"] == [[1, 1, 0], [0, 1, 0], [1, 0, 0]]
+
+
+def test_calibration_error_is_zero_when_calibrated_and_temperature_scaling_repairs_overconfidence():
+    """2 classes, the top probability c ~ U(0.5, 1) and right with probability c: calibrated, ECE ≈ 0. The same
+    logits ×4 are over-confident (ECE > 10%); the temperature fitted on another sample brings it back (T ≈ 4)."""
+    generator = torch.Generator().manual_seed(0)
+    def sample(n):
+        confidence = 0.5 + 0.5 * torch.rand(n, generator=generator)
+        logits = torch.stack([torch.log(confidence), torch.log(1 - confidence)], 1)  # predicts class 0
+        labels = (torch.rand(n, generator=generator) > confidence).long()  # class 0 with probability c
+        return logits, labels
+    logits, labels = sample(200_000)
+    assert probe.expected_calibration_error(logits, labels) < 0.5
+    assert probe.expected_calibration_error(4 * logits, labels) > 10
+    temperature = probe.fit_temperature(*(lambda l, y: (4 * l, y))(*sample(20_000)))
+    assert temperature == pytest.approx(4, rel=0.1)
+    assert probe.expected_calibration_error(4 * logits, labels, temperature) < 1
 
 
 def test_probe_all_protocols_on_a_checkpoint(tmp_path):
@@ -173,7 +196,10 @@ def test_knn_and_linear_under_torchrun_equal_one_process(two_ranks, tmp_path):
     ddp = json.load(open(folder / "out.json"))
     assert ddp["settings"]["world_size"] == 2 and stdout.count("k-NN k=5") == 1  # rank 0 alone reports
     assert ddp["knn"] == single["knn"] and ddp["linear"]["lr"] == single["linear"]["lr"]
-    assert all(abs(ddp["linear"][key] - value) < 1e-5 for key, value in single["linear"].items() if key != "lr")
+    assert ddp["linear"]["temperature"] == single["linear"]["temperature"]
+    assert all(abs(ddp["linear"][key] - value) < 1e-5 for key, value in single["linear"].items()
+               if key not in ("lr", "temperature", "per_class_seed0"))
+    assert ddp["linear"]["per_class_seed0"]["confusion"] == single["linear"]["per_class_seed0"]["confusion"]
 
 
 def test_key_gather_of_channels_last_images_is_the_global_batch_in_channels_last(two_ranks):
