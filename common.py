@@ -108,7 +108,11 @@ class View:
     jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
     interpolation: str = "bilinear"
-    flip: float = 0.5  # the domain switches (see domain_views): flip probability, one channel repeated, normalisation
+    # The domain switches (see domain_views): horizontal flip probability, vertical flips, quarter turns, one channel
+    # repeated, normalisation.
+    flip: float = 0.5
+    vflip: bool = False
+    rot90: bool = False
     grayscale_input: bool = False
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
@@ -119,7 +123,7 @@ class View:
             self._compose = v2.Compose([
                 v2.ToImage(), *([v2.Grayscale(3)] if self.grayscale_input else []),
                 v2.RandomResizedCrop(self.size, self.scale, antialias=True, interpolation=mode),
-                v2.RandomHorizontalFlip(self.flip),
+                v2.RandomHorizontalFlip(self.flip), *free_orientation(self.vflip, self.rot90),
                 v2.RandomApply([v2.ColorJitter(*self.jitter)], p=self.jitter_prob),
                 v2.RandomGrayscale(self.grayscale_prob),
                 v2.RandomApply([v2.GaussianBlur(blur_kernel(self.size), sigma=(0.1, 2.0))], p=self.blur),
@@ -138,6 +142,13 @@ class MultiView:
         return [t(image) for t in self.transforms]
 
 
+def free_orientation(vflip, rot90):
+    """The transforms of --vflip (p 0.5) and --rot90 (0, 90, 180 or 270°, each p 1/4), for data whose orientation
+    carries no label. torchvision has no random quarter turn, but its rotate is exact at multiples of 90°."""
+    quarter_turn = v2.RandomChoice([v2.RandomRotation((angle, angle)) for angle in (0, 90, 180, 270)])
+    return [v2.RandomVerticalFlip()] * vflip + [quarter_turn] * rot90
+
+
 def eval_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, grayscale_input=False):
     """Resize (bicubic, as DINO's eval_knn.py / eval_linear.py and MAE's util/datasets.py) + centre crop."""
     resize = size if size <= 64 else int(size * 256 / 224)  # ImageNet's 256 -> 224 centre crop
@@ -147,10 +158,12 @@ def eval_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, grayscale_input=F
 
 
 def domain_views(views, args):
-    """The method's views with data_args' domain switches (--no-flip, --no-color, --grayscale-input, --mean, --std)."""
+    """The method's views with data_args' domain switches (--no-flip, --no-color, --vflip, --rot90, --grayscale-input,
+    --mean, --std)."""
     colour_off = dict(jitter_prob=0.0, grayscale_prob=0.0, solarize=0.0) if args.no_color else {}
-    return MultiView([replace(view, flip=0.0 if args.no_flip else view.flip, grayscale_input=args.grayscale_input,
-                              mean=tuple(args.mean), std=tuple(args.std), **colour_off) for view in views.transforms])
+    return MultiView([replace(view, flip=0.0 if args.no_flip else view.flip, vflip=args.vflip, rot90=args.rot90,
+                              grayscale_input=args.grayscale_input, mean=tuple(args.mean), std=tuple(args.std),
+                              **colour_off) for view in views.transforms])
 
 
 # ----------------------------------------------------------------------------- backbones
@@ -627,6 +640,15 @@ def augment_batch(images, view):
     sigma = torch.empty(B, device=device).uniform_(0.1, 2.0)
     x = sometimes(view.blur, lambda x: gaussian_blur(x, sigma, blur_kernel(S)), x)
     x = sometimes(view.solarize, lambda x: torch.where(x >= 128 / 255, 1 - x, x), x)  # 128: uint8's midpoint
+    # --vflip, --rot90: last, and their numbers drawn only when on, so that a seed's crops and colours are the same
+    # with or without them. The views are square, and the colour operations per pixel and the blur isotropic: turned
+    # here or (as torchvision) after the crop, the views have the same distribution.
+    if view.vflip:
+        x = torch.where(per_image(chance(0.5)), x.flip(2), x)
+    if view.rot90:
+        turns = torch.randint(4, (B,), device=device)
+        for k in range(1, 4):  # each image is turned once, by its own k quarter turns
+            x = torch.where(per_image(turns == k), x.rot90(k, (2, 3)), x)
     return (x - on_device(tuple(view.mean), device)) / on_device(tuple(view.std), device)
 
 
@@ -927,6 +949,10 @@ def data_args(parser, crop_scale=None):
             help="area range of the random crops; raise MIN where a small crop loses the signal (a lesion)")
     add("--no-flip", action="store_true", help="no horizontal flip (where left and right differ: text, X-rays)")
     add("--no-color", action="store_true", help="no colour jitter, grayscale or solarize (where colour is the signal)")
+    add("--vflip", action="store_true", help="also flip vertically, p 0.5 (where up and down carry no label: "
+        "satellite tiles, slides)")
+    add("--rot90", action="store_true", help="also turn by 0, 90, 180 or 270°, each p 1/4 (where orientation carries "
+        "no label)")
     add("--grayscale-input", action="store_true", help="every image as one channel repeated 3 times (X-rays, CT)")
     add("--mean", type=float, nargs="+", default=IMAGENET_MEAN, help="normalisation mean (1 or 3 values) of the views "
         "and the k-NN monitor; keep ImageNet's with --init ImageNet weights")

@@ -35,6 +35,13 @@ def get_args_parser():
     add("--protocol", nargs="+", default=["all"], choices=["knn", "linear", "finetune", "all"], help="one or more "
         "(costs, in passes over the train split: knn, linear 1; linear --augment epochs x seeds; finetune ~3 x that)")
     add("--baselines", action="store_true", help="also at random init, and fine-tuned from scratch (2x the cost)")
+    # The run's views, in the training views of linear --augment and fine-tuning; --no-X turns one off.
+    add("--flip", action=argparse.BooleanOptionalAction, help="horizontal flips (default: as the run: off with its "
+        "--no-flip)")
+    add("--color", action=argparse.BooleanOptionalAction, help="RandAugment's colour ops (default: as the run: off "
+        "with its --no-color)")
+    add("--vflip", action=argparse.BooleanOptionalAction, help="vertical flips (default: as the run)")
+    add("--rot90", action=argparse.BooleanOptionalAction, help="random quarter turns (default: as the run)")
     add("--label-fraction", type=f, default=1.0, help="share of the training labels per class (0.01, 0.1)")
     add("--seeds", type=i, default=3, help="linear / fine-tune repeats, each its own label subset: mean ± std")
     add("--output", default=None, help="the JSON (default: by the checkpoint, named by data, protocols, fraction)")
@@ -87,6 +94,7 @@ def encoder_args(p):
 def load_encoder(args, drop_path=0.0, random_init=False):
     """(encoder, image_size) from a project checkpoint, or from a plain state_dict and --arch; random_init: the same
     architecture, not loaded (the baselines)."""
+    saved = {}  # the run's flags: a plain state_dict has none
     if args.arch is None:
         checkpoint = common.load_checkpoint(args.checkpoint)
         config, state = dict(checkpoint["encoder_config"]), checkpoint["encoder"]
@@ -98,6 +106,11 @@ def load_encoder(args, drop_path=0.0, random_init=False):
         config = dict(arch=args.arch, image_size=args.image_size or common.default_image_size(args.data),
                       patch_size=args.patch_size)
     args.mean, args.std = args.mean or common.IMAGENET_MEAN, args.std or common.IMAGENET_STD  # older runs, state_dicts
+    # The run's views too: what it kept out (a mirror image, a colour change: the signal) stays out of the probe's
+    # training views (--augment, fine-tuning); the command line overrides.
+    run_views = dict(flip=not saved.get("no_flip"), color=not saved.get("no_color"), vflip=saved.get("vflip", False),
+                     rot90=saved.get("rot90", False))
+    vars(args).update({name: value for name, value in run_views.items() if getattr(args, name, None) is None})
     image_size = args.image_size or config["image_size"]
     if config["arch"].startswith("resnet") and hasattr(state.get("conv1.weight"), "shape"):
         # The stem follows the weights, not the data: a 224-px ResNet (7x7/2 conv + max-pool) probed on 32 px CIFAR
@@ -248,14 +261,24 @@ def global_batch(requested, num_images, world_size):
     return max(world_size, batch - batch % world_size)
 
 
+class ShapeRandAugment(v2.RandAugment):
+    """RandAugment without the ops that change colours or intensities, for a run with --no-color: the geometric ones
+    (shear, translate, rotate), Identity, and Sharpness (a spatial filter, as the methods keep their blur)."""
+    _AUGMENTATION_SPACE = {name: op for name, op in v2.RandAugment._AUGMENTATION_SPACE.items() if name not in
+                           ("Brightness", "Color", "Contrast", "Posterize", "Solarize", "AutoContrast", "Equalize")}
+
+
 def train_augmentation(image_size, args, rand_augment=False):
-    """Crop + flip, as normalised tensors; small images get CIFAR's pad-and-crop (RandomResizedCrop's 8% crops leave a
-    16-32 px image nothing to see). rand_augment: MAE's fine-tuning views (timm's rand-m9-mstd0.5-inc1, here
-    torchvision's RandAugment without the magnitude noise, then random erasing of 25% of the images, pixel noise)."""
+    """Crop + the run's flips and turns, as normalised tensors; small images get CIFAR's pad-and-crop
+    (RandomResizedCrop's 8% crops leave a 16-32 px image nothing to see). rand_augment: MAE's fine-tuning views
+    (timm's rand-m9-mstd0.5-inc1, here torchvision's RandAugment without the magnitude noise, then random erasing
+    of 25% of the images, pixel noise)."""
     crop = (v2.RandomCrop(image_size, padding=image_size // 8) if image_size <= 64 else
             v2.RandomResizedCrop(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True))
-    return v2.Compose([v2.ToImage(), *[v2.Grayscale(3)] * args.grayscale_input, crop, v2.RandomHorizontalFlip(),
-                       *([v2.RandAugment(num_ops=2, magnitude=9)] if rand_augment else []),
+    rand_augment_class = v2.RandAugment if args.color else ShapeRandAugment
+    return v2.Compose([v2.ToImage(), *[v2.Grayscale(3)] * args.grayscale_input, crop,
+                       *[v2.RandomHorizontalFlip()] * args.flip, *common.free_orientation(args.vflip, args.rot90),
+                       *([rand_augment_class(num_ops=2, magnitude=9)] if rand_augment else []),
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(args.mean, args.std),
                        *([v2.RandomErasing(0.25, value="random")] if rand_augment else [])])
 

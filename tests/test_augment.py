@@ -47,10 +47,13 @@ def test_hue_and_blur_equal_torchvision(shift):
 
 
 def views_statistics(views):
-    """Per-view summaries a wrong distribution would move: colour means, contrast, saturation."""
+    """Per-view summaries a wrong distribution would move: colour means, contrast, saturation, and each channel's
+    left-right and top-bottom differences (which way the view faces)."""
     x = views * torch.tensor(common.IMAGENET_STD)[:, None, None] + torch.tensor(common.IMAGENET_MEAN)[:, None, None]
     saturation = x.max(1)[0] - x.min(1)[0]
-    return torch.stack([*x.mean((2, 3)).T, x.std((1, 2, 3)), saturation.mean((1, 2))], 1)  # (N, 5)
+    left, top = x.mean(2).chunk(2, dim=2), x.mean(3).chunk(2, dim=2)  # (N, 3, S/2) halves of the column, row means
+    facing = [(a.mean(2) - b.mean(2)).T for a, b in (left, top)]  # 2 x (3, N)
+    return torch.stack([*x.mean((2, 3)).T, x.std((1, 2, 3)), saturation.mean((1, 2)), *facing[0], *facing[1]], 1)
 
 
 def noise_image(size):
@@ -60,16 +63,28 @@ def noise_image(size):
     return v2.functional.to_pil_image(torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator))
 
 
+def ramps_image():
+    """Red brightens to the right, green downwards: the left-right and top-bottom differences tell how a view faces."""
+    ramp = torch.linspace(0, 255, 32).round().to(torch.uint8)
+    return v2.functional.to_pil_image(torch.stack([ramp.expand(32, 32), ramp[:, None].expand(32, 32),
+                                                   ramp.new_full((32, 32), 100)]))
+
+
 @pytest.mark.parametrize("view, image", [
     (common.View(24), "shapes"), (common.View(24, blur=0.1, solarize=0.2), "shapes"),
     (mae.augmentations(mae.get_args_parser().parse_args(["--data", "shapes", "--image-size", "24"])).transforms[0],
      "shapes"),
     (common.View(12, scale=(0.05, 0.4), blur=1.0), "shapes"),
     (common.View(16, scale=(0.05, 0.4), interpolation="bicubic"), "noise"),  # DINO's local crops, shrunk 2-4x
-    (common.View(16), "noise")],  # SimCLR's crops at --image-size 16 of 64-px data, shrunk up to 4x
-    ids=["simclr", "byol-view2", "mae", "dino-local", "dino-local-64px", "bilinear-64px"])
+    (common.View(16), "noise"),  # SimCLR's crops at --image-size 16 of 64-px data, shrunk up to 4x
+    (common.View(24, vflip=True, rot90=True), "ramps"),  # --vflip, --rot90: the ramps face all 8 ways
+    (common.View(24, flip=0.0, rot90=True), "ramps"),  # quarter turns alone
+    (common.View(24, flip=0.0, vflip=True, jitter_prob=0.0, grayscale_prob=0.0), "ramps")],  # --vflip --no-flip
+    ids=["simclr", "byol-view2", "mae", "dino-local", "dino-local-64px", "bilinear-64px", "vflip-rot90", "rot90",
+         "vflip"])
 def test_same_distribution_as_torchvision_pipeline(view, image):
-    image = shapes.Shapes("train", 32, 1)[0][0] if image == "shapes" else noise_image(64)
+    image = {"shapes": lambda: shapes.Shapes("train", 32, 1)[0][0], "noise": lambda: noise_image(64),
+             "ramps": ramps_image}[image]()
     torch.manual_seed(0)
     reference = views_statistics(torch.stack([view(image) for _ in range(1500)]))
     images = v2.functional.pil_to_tensor(image)[None].expand(1500, -1, -1, -1)

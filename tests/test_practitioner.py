@@ -190,12 +190,13 @@ def test_every_method_documents_and_applies_the_switches():
     for method in METHODS:
         module = importlib.import_module(method)
         text = module.get_args_parser().format_help()
-        assert all(flag in text for flag in ("--init", "--no-flip", "--no-color", "--grayscale-input", "--mean",
-                                             "--std", "--val", "--skip-bad-images")), method
-        views = views_of("--no-flip", "--no-color", "--grayscale-input", "--mean", "0.5", "0.5", "0.5",
-                         "--std", "1", "1", "1", method=method)
-        assert all(v.flip == 0 and v.jitter_prob == 0 and v.grayscale_prob == 0 and v.solarize == 0
-                   and v.grayscale_input and v.mean == (0.5, 0.5, 0.5) for v in views), method
+        assert all(flag in text for flag in ("--init", "--no-flip", "--no-color", "--vflip", "--rot90", "--mean",
+                                             "--grayscale-input", "--std", "--val", "--skip-bad-images")), method
+        views = views_of("--no-flip", "--no-color", "--vflip", "--rot90", "--grayscale-input", "--mean", "0.5", "0.5",
+                         "0.5", "--std", "1", "1", "1", method=method)
+        assert all(v.flip == 0 and v.jitter_prob == 0 and v.grayscale_prob == 0 and v.solarize == 0 and v.vflip
+                   and v.rot90 and v.grayscale_input and v.mean == (0.5, 0.5, 0.5) for v in views), method
+        assert not any(v.vflip or v.rot90 for v in views_of(method=method))  # the recipe stays the default
     assert [v.scale for v in views_of("--crop-scale", "0.5", "1")] == [(0.5, 1.0)] * 2
     assert [v.scale for v in views_of(method="simsiam")] == [(0.2, 1.0)] * 2  # the recipe stays the default
 
@@ -208,6 +209,28 @@ def test_no_flip_keeps_an_asymmetric_image_unmirrored():
         assert brighter_right(views) == 1.0
     for views in both_paths(views_of("--no-color")[0], image):  # a flip reverses it, half the time
         assert 0.3 < brighter_right(views) < 0.7
+
+
+@pytest.mark.parametrize("flip, vflip, rot90, expected", [
+    (0.5, True, True, {(k, mirrored) for k in range(4) for mirrored in (False, True)}),  # all eight symmetries
+    (0.0, False, True, {(k, False) for k in range(4)}),  # quarter turns alone: never a mirror image
+    (0.0, True, False, {(0, False), (2, True)})])  # a vertical flip is a half turn of the mirror image
+def test_vflip_and_rot90_give_each_symmetry_as_often(flip, vflip, rot90, expected):
+    """Red brightens to the right, green downwards: each of the square's 8 symmetries is another image."""
+    ramp = torch.linspace(0, 255, 16).round().to(torch.uint8)
+    image = torch.stack([ramp.expand(16, 16), ramp[:, None].expand(16, 16), ramp.new_full((16, 16), 128)])
+    view = common.View(16, scale=(1.0, 1.0), jitter_prob=0.0, grayscale_prob=0.0, blur=0.0, flip=flip, vflip=vflip,
+                       rot90=rot90)  # a full crop: the image itself, turned or mirrored
+    mean, std = torch.tensor(common.IMAGENET_MEAN)[:, None, None], torch.tensor(common.IMAGENET_STD)[:, None, None]
+    pixels = (image / 255 - mean) / std
+    symmetries = {(k, mirrored): (pixels.flip(-1) if mirrored else pixels).rot90(k, (1, 2))
+                  for k in range(4) for mirrored in (False, True)}
+    for views in both_paths(view, image, n=800):
+        distance = torch.stack([(views - s).abs().flatten(1).amax(1) for s in symmetries.values()], 1)  # (n, 8)
+        assert (distance.min(1)[0] < 1e-4).all()  # every view is one of them
+        counts = dict(zip(symmetries, distance.argmin(1).bincount(minlength=8).tolist()))
+        assert {key for key, count in counts.items() if count} == expected
+        assert all(abs(counts[key] - 800 / len(expected)) < 0.2 * 800 / len(expected) for key in expected), counts
 
 
 def test_no_color_and_mean_std_leave_a_flat_colour_as_it_is():
@@ -260,6 +283,51 @@ def test_probe_normalises_as_the_run_did(tmp_path):
     probe.load_encoder(args)
     assert (args.mean, args.std, args.grayscale_input) == (common.IMAGENET_MEAN, [1.0] * 3, False)
 
+
+
+def test_probe_trains_on_the_run_s_views(tmp_path):
+    """Linear --augment and fine-tuning keep out what the run kept out (a mirror image, a colour change) and turn
+    the images as it did; probe.py's flags override."""
+    import probe
+    from torchvision.transforms import v2
+    state = {"method": "simclr", "encoder_config": dict(arch="vit_nano", image_size=16, patch_size=8),
+             "encoder": common.build_encoder("vit_nano", 16, 8).state_dict(),
+             "args": {"no_flip": True, "no_color": True, "vflip": True}}
+    torch.save(state, tmp_path / "c.pth")
+
+    def views(*flags):  # the fine-tuning views (linear --augment's are the same without RandAugment and erasing)
+        args = probe.get_args_parser().parse_args([str(tmp_path / "c.pth"), "--data", "shapes", *flags])
+        probe.load_encoder(args)
+        transform = probe.train_augmentation(16, args, rand_augment=True)
+        assert transform(shapes.Shapes("train", 16, 1)[0][0]).shape == (3, 16, 16)
+        kinds = [type(t) for t in transform.transforms]
+        return kinds, next(t for t in transform.transforms if isinstance(t, v2.RandAugment))
+
+    kinds, rand_augment = views()
+    assert v2.RandomHorizontalFlip not in kinds and v2.RandomVerticalFlip in kinds and v2.RandomChoice not in kinds
+    assert set(rand_augment._AUGMENTATION_SPACE) == {"Identity", "ShearX", "ShearY", "TranslateX", "TranslateY",
+                                                     "Rotate", "Sharpness"}  # no colour or intensity op
+    kinds, rand_augment = views("--flip", "--color", "--no-vflip", "--rot90")
+    assert v2.RandomHorizontalFlip in kinds and v2.RandomVerticalFlip not in kinds and v2.RandomChoice in kinds
+    assert type(rand_augment) is v2.RandAugment
+    del state["args"]  # a run from before these flags: the flip and the colour ops, no vertical flip or turn
+    torch.save(state, tmp_path / "c.pth")
+    kinds, rand_augment = views()
+    assert (v2.RandomHorizontalFlip in kinds and v2.RandomVerticalFlip not in kinds and v2.RandomChoice not in kinds
+            and type(rand_augment) is v2.RandAugment)
+
+
+@pytest.mark.parametrize("cpu_augment", [False, True])
+def test_a_run_turns_its_views_and_probe_reads_it(tmp_path, cpu_augment):
+    import probe
+    flags = ["--data", "shapes:16:16:8", *TINY_VIT, *HEADS["simclr"].split(), "--no-flip", "--vflip", "--rot90",
+             *(["--cpu-augment"] if cpu_augment else []), "--output-dir", str(tmp_path)]
+    result = run_script("simclr.py", *flags)
+    assert result.returncode == 0, result.stderr
+    assert ("held and augmented on cpu" in result.stdout) != cpu_augment  # the device path, or torchvision's
+    args = probe.get_args_parser().parse_args([str(tmp_path / "checkpoint.pth"), "--data", "shapes:16:16:8"])
+    probe.load_encoder(args)
+    assert (args.flip, args.color, args.vflip, args.rot90) == (False, True, True, True)
 
 # ----------------------------------------------------------------------------- unlabelled folders
 def write_images(folder, count, start=0, ext="png"):

@@ -287,7 +287,8 @@ def test_mae_classifier_pools_patch_tokens_through_fc_norm():
     assert (head_group[id(model.head[0].weight)]["scale"] == 1
             and head_group[id(model.head[0].weight)]["weight_decay"] == 0)
     pixels = probe.get_args_parser().parse_args(["c.pth", "--data", "shapes"])
-    pixels.mean, pixels.std = common.IMAGENET_MEAN, common.IMAGENET_STD  # what load_encoder sets
+    vars(pixels).update(mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD, flip=True, color=True, vflip=False,
+                        rot90=False)  # what load_encoder sets for a run with the default views
     transform = probe.train_augmentation(16, pixels, rand_augment=True)  # the MAE fine-tuning recipe's views
     names = [type(t).__name__ for t in transform.transforms]
     assert "RandAugment" in names and names[-1] == "RandomErasing" and transform.transforms[-1].p == 0.25

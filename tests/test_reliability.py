@@ -232,8 +232,9 @@ def test_resume_with_other_flags_is_refused(tmp_path):
     good = (tmp_path / "checkpoint.pth").read_bytes()
     # Before: "resumed ... at epoch 1" and trained on with the new data, batch and lr; a head width: a traceback.
     line = user_error("simclr", *RUN, *NANO, *HEADS["simclr"], "--epochs", "2", "--data", "shapes:16:16",
-                      "--base-lr", "0.5", "--proj-dim", "8", *out)
+                      "--base-lr", "0.5", "--proj-dim", "8", "--rot90", *out)
     assert "--data shapes:16:8 (now shapes:16:16)" in line and "--base-lr 0.3 (now 0.5)" in line
+    assert "--rot90 False (now True)" in line  # other views: another run
     assert "--proj-dim 16 (now 8)" in line and "--epochs" in line.split("only")[1]  # and says what may change
     assert (tmp_path / "checkpoint.pth").read_bytes() == good
     # What may change: more epochs, another number of workers, the monitor.
