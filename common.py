@@ -753,27 +753,57 @@ WRAPPERS = ("teacher", "student", "state_dict", "model")
 PREFIXES = ("module.", "backbone.", "base_encoder.", "encoder.")
 
 
+def public_names(state, name):
+    """Other codebases' names -> ours: timm's reg_token is DINOv2's register_tokens. ViT-g's SwiGLU MLP is refused."""
+    if swiglu := next((k for k in state if ".mlp.w12." in k or ".mlp.weights_in." in k), None):  # DINOv2's, HF's
+        raise UserError(f"{name}: {swiglu} is ViT-g's SwiGLU MLP, which this ViT does not have (its MLP is "
+                        "fc1-GELU-fc2): use a ViT-S, B or L file")
+    return {"register_tokens" if k == "reg_token" else k: v for k, v in state.items()}
+
+
+HF_NAMES = (  # Hugging Face's Dinov2Model / ViTMAEModel -> timm's, in this order (attention.output before output)
+    ("embeddings.patch_embeddings.projection.", "patch_embed.proj."), ("embeddings.position_embeddings", "pos_embed"),
+    ("embeddings.", ""), ("encoder.layer.", "blocks."), ("layernorm_before.", "norm1."), ("layernorm_after.", "norm2."),
+    ("attention.output.dense.", "attn.proj."), ("attention.attention.", "attn."), ("intermediate.dense.", "mlp.fc1."),
+    ("output.dense.", "mlp.fc2."), ("layer_scale1.lambda1", "ls1.gamma"), ("layer_scale2.lambda1", "ls2.gamma"),
+    ("layernorm.", "norm."))
+HF_MARK = "embeddings.patch_embeddings.projection.weight"
+
+
+def hugging_face_names(state):
+    """A Hugging Face state_dict in timm's names: prefix (dinov2., vit.) and heads (classifier, MAE's decoder)
+    dropped, keys renamed, the separate query, key, value projections stacked into one qkv, as timm's."""
+    prefix = next(k for k in state if k.endswith(HF_MARK))[:-len(HF_MARK)]
+    renamed = {}
+    for key, value in state.items():
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            for old, new in HF_NAMES:
+                key = key.replace(old, new)
+            renamed[key] = value
+    for query in [k for k in renamed if ".attn.query." in k]:
+        parts = [query.replace("query", part) for part in ("query", "key", "value")]
+        if all(part in renamed for part in parts):  # else one of them is "unexpected": one line from load_weights
+            renamed[query.replace("query", "qkv")] = torch.cat([renamed.pop(part) for part in parts])  # (3D, ...)
+    return renamed
+
+
 def encoder_state(saved, name):
-    """The encoder's state_dict in a loaded file: a project checkpoint's encoder, or a torchvision / timm-named
-    state_dict as official files wrap it: DINO's {'teacher': {'backbone.*'}} (a full checkpoint's teacher), MoCo
-    v3's {'state_dict': {'module.base_encoder.*'}}, MAE's {'model': ...}."""
+    """The encoder's state_dict in a loaded file, in this project's (timm's) names: a project checkpoint's encoder, or
+    a torchvision / timm / Hugging Face state_dict as official files wrap it: DINO's {'teacher': {'backbone.*'}} (a
+    full checkpoint's teacher), MoCo v3's {'state_dict': {'module.base_encoder.*'}}, MAE's and DINOv2's
+    {'model': ...}."""
     state = saved["encoder"] if isinstance(saved, dict) and "encoder_config" in saved else saved
     while isinstance(state, dict) and (wrapper := next((k for k in WRAPPERS if isinstance(state.get(k), dict)), None)):
         state = state[wrapper]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"{name}: holds no state_dict of tensors")
+    if any(k.endswith(HF_MARK) for k in state):
+        state = hugging_face_names(state)
     for prefix in PREFIXES:  # DDP's module.*, then the method's wrapper around the encoder
         if any(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return state
-
-
-def public_names(state, name):
-    """Other codebases' names -> ours: timm's reg_token is DINOv2's register_tokens. ViT-g's SwiGLU MLP is refused."""
-    if "blocks.0.mlp.w12.weight" in state:
-        raise UserError(f"{name}: blocks.0.mlp.w12.weight is ViT-g's SwiGLU MLP, which this ViT does not have (its MLP "
-                        "is fc1-GELU-fc2): use a ViT-S, B or L file")
-    return {"register_tokens" if k == "reg_token" else k: v for k, v in state.items()}
+    return public_names(state, name)
 
 
 LAYOUT = dict(layer_scale=False, registers=0, cls_slot=True)  # build_encoder's defaults: this project's own ViT
@@ -821,11 +851,10 @@ def encoder_layout(encoder):
 
 
 def load_weights(encoder, state, name, arch):
-    """Load state strictly, after renaming other codebases' keys, dropping classifier heads (fc, head), MAE's decoder
+    """Load state (in our names: encoder_state) strictly, after dropping classifier heads (fc, head), MAE's decoder
     and DINOv2's mask token, adopting the file's ViT layout and resizing position embeddings; any other mismatch or a
     non-finite weight is one line. An MAE fine-tuned file (global pool) has no final norm but fc_norm, the LayerNorm
     its features were trained through: it becomes the final norm."""
-    state = public_names(state, name)
     if "fc_norm.weight" in state and "norm.weight" not in state:  # MAE's models_vit.py with global_pool
         state = {"norm." + k[len("fc_norm."):] if k.startswith("fc_norm.") else k: v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head.", "fc_norm.", "decoder", "mask_token"))}

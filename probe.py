@@ -99,7 +99,9 @@ def load_encoder(args, drop_path=0.0, random_init=False):
     if config["arch"].startswith("vit"):
         config["drop_path"] = drop_path
     encoder = common.build_encoder(**config)
-    if not random_init:
+    if random_init:  # the file's architecture (LayerScale, registers), not its weights
+        common.adopt_layout(encoder, state, args.checkpoint)
+    else:
         common.load_weights(encoder, state, args.checkpoint, config["arch"])  # a mismatch or a NaN: one line
     return encoder, image_size
 

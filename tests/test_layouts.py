@@ -138,6 +138,45 @@ def test_the_layout_travels_in_the_checkpoint_and_every_readout_skips_the_regist
     assert torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=False)["epoch"] == 2
 
 
+def hugging_face_file(state, model):
+    """The state in Hugging Face's names, written from its modeling_dinov2.py / modeling_vit_mae.py: query, key, value
+    apart; the task model's prefix and heads around it (Dinov2ForImageClassification, ViTMAEForPreTraining)."""
+    mae = model == "vit_mae"
+    top = {"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
+           "register_tokens": "embeddings.register_tokens", "mask_token": "embeddings.mask_token",
+           "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+           "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+           "norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias"}
+    block = {"norm1": "layernorm_before" if mae else "norm1", "attn.proj": "attention.output.dense",
+             "norm2": "layernorm_after" if mae else "norm2", "mlp.fc1": "intermediate.dense" if mae else "mlp.fc1",
+             "mlp.fc2": "output.dense" if mae else "mlp.fc2", "ls1": "layer_scale1", "ls2": "layer_scale2"}
+    hf = {}
+    for key, value in state.items():
+        if not key.startswith("blocks."):
+            hf.update({top[key]: value} if key in top else {})  # timm's head: the task model has its own
+            continue
+        _, i, rest = key.split(".", 2)
+        module, kind = rest.rsplit(".", 1)
+        if module == "attn.qkv":
+            for part, chunk in zip(("query", "key", "value"), value.chunk(3)):
+                hf[f"encoder.layer.{i}.attention.attention.{part}.{kind}"] = chunk
+        else:
+            hf[f"encoder.layer.{i}.{block[module]}.{'lambda1' if kind == 'gamma' else kind}"] = value
+    prefix, heads = ("vit.", {"decoder.decoder_embed.weight": torch.zeros(32, D)}) if mae else (
+        "dinov2.", {"classifier.weight": torch.zeros(10, 2 * D)})
+    return {**{prefix + k: v for k, v in hf.items()}, **heads}
+
+
+@pytest.mark.parametrize("layout, model", [("dinov2", "dinov2"), ("dinov2_reg4", "dinov2"), ("augreg", "vit_mae")])
+def test_hugging_face_state_dicts_load_and_equal_the_reference(layout, model, tmp_path):
+    state = layout_file(layout, grid=3)
+    torch.save(hugging_face_file(state, model), tmp_path / "hf.pth")
+    images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    for encoder in (probe_encoder(tmp_path / "hf.pth"), init_encoder(tmp_path / "hf.pth", tmp_path)):
+        with torch.no_grad():
+            torch.testing.assert_close(encoder(images), reference_features(state, images), atol=1e-5, rtol=1e-5)
+
+
 def test_dino_attention_maps_skip_the_registers():
     encoder = common.build_encoder("vit_nano", 28, PATCH, layer_scale=True, registers=4).eval()
     import dino
@@ -160,6 +199,8 @@ def malformed(kind):
         return {"model": {"a": 1, "b": "text"}}
     if kind == "vit-g":  # DINOv2's ViT-g/14: SwiGLU MLP
         state["blocks.0.mlp.w12.weight"] = torch.zeros(2 * D, D)
+    if kind == "vit-g hf":  # the same in Hugging Face's names
+        return {**hugging_face_file(state, "dinov2"), "dinov2.encoder.layer.0.mlp.weights_in.weight": torch.zeros(D, D)}
     if kind == "patch 16":
         state["patch_embed.proj.weight"] = torch.zeros(D, 3, 16, 16)
     if kind == "pos_embed":  # timm's reg_token with no_embed_class=False: slots for the registers too
@@ -170,6 +211,7 @@ def malformed(kind):
 @pytest.mark.parametrize("kind, expected", [
     ("non-tensors", "holds no state_dict of tensors"),
     ("vit-g", "blocks.0.mlp.w12.weight is ViT-g's SwiGLU MLP"),
+    ("vit-g hf", "blocks.0.mlp.weights_in.weight is ViT-g's SwiGLU MLP"),
     ("patch 16", "patch_embed.proj.weight is [128, 3, 16, 16] in the file, [128, 3, 14, 14] here"),
     ("pos_embed", "pos_embed is [1, 14, 128], not (1, [1 +] g*g, D)")])
 def test_a_malformed_file_is_one_line_in_probe_and_init(kind, expected, tmp_path):
