@@ -1,6 +1,7 @@
 """Public ViT layouts (issue 25, items 1-2): DINOv2's hub files (with and without registers), timm's *_reg4_dinov2,
-DeiT III and augreg files load through probe.py and --init with no layout flag, and give the features of a reference
-forward written here from the published formula; a malformed file is one error line."""
+DeiT III and augreg files and Hugging Face's Dinov2Model / ViTMAEModel state_dicts load through probe.py and --init
+with no layout flag, and give the features of a reference forward written here from the published formula (timm is
+not needed); a malformed file is one error line."""
 import math
 
 import pytest
@@ -8,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import common
+import dino
 import probe
-import simclr
-from test_practitioner import TINY_VIT, parse
+from test_practitioner import HEADS as HEAD_FLAGS, METHODS, TINY_VIT, parse, targets
 
 D, DEPTH, HEADS, PATCH = 128, 4, 4, 14  # vit_nano at patch 14: 28 px images are a 2 x 2 grid
 
@@ -105,6 +106,22 @@ def test_layout_loads_through_probe_and_init_and_equals_the_reference(layout, gr
             torch.testing.assert_close(encoder(images), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_every_methods_init_gives_its_encoder_and_targets_the_files_layout(method, tmp_path):
+    """Each method builds its encoder plain; --init gives it the file's LayerScale and registers before the EMA
+    copies (BYOL's target, MoCo's momentum encoder) are made and DINO builds its teacher. MAE: no registers."""
+    state = layout_file("dinov2" if method == "mae" else "dinov2_reg4")
+    torch.save({"model": state}, tmp_path / "file.pth")
+    module, args = parse(method, "--data", "shapes:28", *TINY_VIT, "--patch-size", str(PATCH), "--image-size", "28",
+                         *HEAD_FLAGS[method].split(), "--init", str(tmp_path / "file.pth"),
+                         "--output-dir", str(tmp_path))
+    encoder, copies = targets(method, module.build_model(args))
+    images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for network in (encoder, *copies):
+            torch.testing.assert_close(network.eval()(images), reference_features(state, images), atol=1e-5, rtol=1e-5)
+
+
 def test_the_layout_travels_in_the_checkpoint_and_every_readout_skips_the_registers(tmp_path):
     """simclr --init of a DINOv2-reg file at lr 0: the checkpoint's encoder_config rebuilds it in probe.py with no
     flag, with the file's features; the mean-pooled readouts average the patch tokens only."""
@@ -179,7 +196,6 @@ def test_hugging_face_state_dicts_load_and_equal_the_reference(layout, model, tm
 
 def test_dino_attention_maps_skip_the_registers():
     encoder = common.build_encoder("vit_nano", 28, PATCH, layer_scale=True, registers=4).eval()
-    import dino
     assert dino.cls_attention(encoder, torch.randn(2, 3, 28, 28)).shape == (2, HEADS, 4)  # the 2 x 2 patches only
 
 
