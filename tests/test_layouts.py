@@ -238,6 +238,12 @@ def test_a_malformed_file_is_one_line_in_probe_and_init(kind, expected, tmp_path
         assert expected in str(error.value) and "\n" not in str(error.value)
 
 
-def test_num_heads_reaches_probes_arch_path(tmp_path):
+def test_probes_arch_path_takes_num_heads_and_its_baselines_the_files_architecture(tmp_path):
     torch.save(layout_file("augreg"), tmp_path / "vit.pth")
     assert probe_encoder(tmp_path / "vit.pth", "--num-heads", "8").blocks[0].attn.num_heads == 8
+    torch.save(layout_file("dinov2_reg4"), tmp_path / "reg4.pth")
+    args = probe.get_args_parser().parse_args([str(tmp_path / "reg4.pth"), "--data", "shapes:28", "--arch", "vit_nano",
+                                               "--patch-size", str(PATCH), "--image-size", "28"])
+    random = probe.load_encoder(args, random_init=True)[0]  # --baselines: the same architecture, not the weights
+    assert random.num_prefix_tokens == 5 and isinstance(random.blocks[0].ls1, common.LayerScale)
+    assert not torch.equal(random.cls_token, layout_file("dinov2_reg4")["cls_token"])
