@@ -180,8 +180,17 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
+class LayerScale(nn.Module):  # timm's and DINOv2's name: blocks.N.ls1.gamma; CaiT / DeiT III, DINOv2
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))  # a file's gammas replace it: no run here trains one from scratch
+
+    def forward(self, x):
+        return x * self.gamma
+
+
 class Block(nn.Module):
-    def __init__(self, dim, num_heads, mlp_ratio, drop_path):
+    def __init__(self, dim, num_heads, mlp_ratio, drop_path, layer_scale=False):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
@@ -189,10 +198,11 @@ class Block(nn.Module):
         self.mlp = nn.Sequential()  # timm's names: mlp.fc1, mlp.fc2
         self.mlp.fc1, self.mlp.act, self.mlp.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
         self.drop_path = StochasticDepth(drop_path, "row")
+        self.ls1, self.ls2 = (LayerScale(dim) if layer_scale else nn.Identity() for _ in range(2))
 
     def forward(self, x):
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
 
 def sincos_pos_embed(dim, grid_size):
@@ -203,14 +213,16 @@ def sincos_pos_embed(dim, grid_size):
     return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1).float()  # (grid², D)
 
 
-def resize_pos_embed(pos, h, w):
+def resize_pos_embed(pos, h, w, antialias=False):
     """(1, g*g, D) patch position embeddings -> (1, h*w, D) for another grid (DINO's local crops, --init weights) as
-    DINO's interpolate_pos_encoding: scale factor (n + 0.1)/g, not size=(h, w), whose values differ by a third."""
+    DINO(v2)'s interpolate_pos_encoding: scale factor (n + 0.1)/g, not size=(h, w), whose values differ by a third;
+    antialias: size=(h, w) antialiased, as DINOv2 with registers and timm's resample_abs_pos_embed."""
     grid = math.isqrt(pos.shape[1])
     if (h, w) == (grid, grid):
         return pos
     pos = pos.reshape(1, grid, grid, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
-    pos = F.interpolate(pos, scale_factor=((h + 0.1) / grid, (w + 0.1) / grid), mode="bicubic")  # (1, D, h, w)
+    size = dict(size=(h, w)) if antialias else dict(scale_factor=((h + 0.1) / grid, (w + 0.1) / grid))
+    pos = F.interpolate(pos, mode="bicubic", antialias=antialias, **size)  # (1, D, h, w)
     return pos.flatten(2).transpose(1, 2)  # (1, h*w, D)
 
 
@@ -223,15 +235,18 @@ class VisionTransformer(nn.Module):
     gives the CLS feature, embed() + forward_tokens() let MAE run the blocks on a subset of the patch tokens."""
 
     def __init__(self, image_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, drop_path=0.0,
-                 sincos=False):
+                 sincos=False, layer_scale=False, registers=0, cls_slot=True):
         super().__init__()
         self.embed_dim, self.patch_size, grid = embed_dim, patch_size, image_size // patch_size
         self.patch_embed = nn.Sequential()  # timm's name: patch_embed.proj
         self.patch_embed.proj = nn.Conv2d(3, embed_dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim), requires_grad=not sincos)
+        self.cls_slot = int(cls_slot)  # 0: the CLS token has no position (timm's no_embed_class: DeiT III, reg4)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.cls_slot + grid * grid, embed_dim), requires_grad=not sincos)
+        self.register_tokens = nn.Parameter(torch.zeros(1, registers, embed_dim)) if registers else None  # DINOv2-reg
+        self.num_prefix_tokens = 1 + registers  # CLS, then the registers: every readout of patch tokens skips them
         rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth grows with depth
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, 4.0, rate) for rate in rates)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, 4.0, rate, layer_scale) for rate in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -239,18 +254,22 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         if sincos:
-            self.pos_embed.data[0, 1:] = sincos_pos_embed(embed_dim, grid)  # CLS position stays 0
+            self.pos_embed.data[0, self.cls_slot:] = sincos_pos_embed(embed_dim, grid)  # CLS position stays 0
         else:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     def embed(self, x):
         """(B, 3, H, W) -> (B, L, D) patch tokens plus their position embedding."""
         x = self.patch_embed(x)  # (B, D, h, w)
-        return x.flatten(2).transpose(1, 2) + resize_pos_embed(self.pos_embed[:, 1:], *x.shape[-2:])  # (B, L, D)
+        return x.flatten(2).transpose(1, 2) + resize_pos_embed(self.pos_embed[:, self.cls_slot:], *x.shape[-2:])
 
     def forward_tokens(self, x):
-        """Patch tokens (B, L', D), any subset of them -> normalised (B, 1 + L', D), CLS first."""
-        x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x], dim=1)
+        """Patch tokens (B, L', D), any subset of them -> normalised (B, P + L', D): CLS first, then the registers,
+        which have no position (DINOv2 adds them after the position embedding)."""
+        prefix = self.cls_token + self.pos_embed[:, :1] if self.cls_slot else self.cls_token  # (1, 1, D)
+        if self.register_tokens is not None:
+            prefix = torch.cat([prefix, self.register_tokens], dim=1)  # (1, P, D)
+        x = torch.cat([prefix.expand(x.shape[0], -1, -1), x], dim=1)  # (B, P + L', D)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -260,10 +279,11 @@ class VisionTransformer(nn.Module):
 
 
 def build_encoder(arch, image_size=224, patch_size=16, drop_path=0.0, sincos=False, num_heads=None,
-                  zero_init_residual=False):
+                  zero_init_residual=False, **layout):
     """Backbone without classifier, exposing .embed_dim. At 64 px and below a ResNet's 7x7/2 stem + max-pool becomes
     SimCLR's CIFAR stem, 3x3/1 (or a 32 px image is 1x1 before the last stage). num_heads: a ViT's head count if not
-    the usual (MoCo v3's ViT-S has 12): no weight shows it, so it travels in the checkpoint's encoder_config."""
+    the usual (MoCo v3's ViT-S has 12): no weight shows it, so it travels in the checkpoint's encoder_config, with
+    the layout a public file gave the ViT (layer_scale, registers, cls_slot: see vit_layout)."""
     if arch in ("resnet18", "resnet34", "resnet50"):
         model = getattr(torchvision.models, arch)(zero_init_residual=zero_init_residual)
         if image_size <= 64:
@@ -274,7 +294,7 @@ def build_encoder(arch, image_size=224, patch_size=16, drop_path=0.0, sincos=Fal
         dim, depth, heads = VIT_SIZES[arch]
         if image_size % patch_size:
             raise UserError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
-        return VisionTransformer(image_size, patch_size, dim, depth, num_heads or heads, drop_path, sincos)
+        return VisionTransformer(image_size, patch_size, dim, depth, num_heads or heads, drop_path, sincos, **layout)
     raise UserError(f"unknown arch {arch!r}: choose from {', '.join(ARCHS)}")
 
 
@@ -755,33 +775,121 @@ WRAPPERS = ("teacher", "student", "state_dict", "model")
 PREFIXES = ("module.", "backbone.", "base_encoder.", "encoder.")
 
 
+def public_names(state, name):
+    """Other codebases' names -> ours: timm's reg_token is DINOv2's register_tokens. ViT-g's SwiGLU MLP is refused."""
+    if swiglu := next((k for k in state if ".mlp.w12." in k or ".mlp.weights_in." in k), None):  # DINOv2's, HF's
+        raise UserError(f"{name}: {swiglu} is ViT-g's SwiGLU MLP, which this ViT does not have (its MLP is "
+                        "fc1-GELU-fc2): use a ViT-S, B or L file")
+    return {"register_tokens" if k == "reg_token" else k: v for k, v in state.items()}
+
+
+HF_NAMES = (  # Hugging Face's Dinov2Model / ViTMAEModel -> timm's, in this order (attention.output before output)
+    ("embeddings.patch_embeddings.projection.", "patch_embed.proj."), ("embeddings.position_embeddings", "pos_embed"),
+    ("embeddings.", ""), ("encoder.layer.", "blocks."), ("layernorm_before.", "norm1."), ("layernorm_after.", "norm2."),
+    ("attention.output.dense.", "attn.proj."), ("attention.attention.", "attn."), ("intermediate.dense.", "mlp.fc1."),
+    ("output.dense.", "mlp.fc2."), ("layer_scale1.lambda1", "ls1.gamma"), ("layer_scale2.lambda1", "ls2.gamma"),
+    ("layernorm.", "norm."))
+HF_MARK = "embeddings.patch_embeddings.projection.weight"
+
+
+def hugging_face_names(state):
+    """A Hugging Face state_dict in timm's names: prefix (dinov2., vit.) and heads (classifier, MAE's decoder)
+    dropped, keys renamed, the separate query, key, value projections stacked into one qkv, as timm's."""
+    prefix = next(k for k in state if k.endswith(HF_MARK))[:-len(HF_MARK)]
+    renamed = {}
+    for key, value in state.items():
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            for old, new in HF_NAMES:
+                key = key.replace(old, new)
+            renamed[key] = value
+    for query in [k for k in renamed if ".attn.query." in k]:
+        parts = [query.replace("query", part) for part in ("query", "key", "value")]
+        if all(part in renamed for part in parts):  # else one of them is "unexpected": one line from load_weights
+            renamed[query.replace("query", "qkv")] = torch.cat([renamed.pop(part) for part in parts])  # (3D, ...)
+    return renamed
+
+
 def encoder_state(saved, name):
-    """The encoder's state_dict in a loaded file: a project checkpoint's encoder, or a torchvision / timm-named
-    state_dict as official files wrap it: DINO's {'teacher': {'backbone.*'}} (a full checkpoint's teacher), MoCo
-    v3's {'state_dict': {'module.base_encoder.*'}}, MAE's {'model': ...}."""
+    """The encoder's state_dict in a loaded file, in this project's (timm's) names: a project checkpoint's encoder, or
+    a torchvision / timm / Hugging Face state_dict as official files wrap it: DINO's {'teacher': {'backbone.*'}} (a
+    full checkpoint's teacher), MoCo v3's {'state_dict': {'module.base_encoder.*'}}, MAE's and DINOv2's
+    {'model': ...}."""
     state = saved["encoder"] if isinstance(saved, dict) and "encoder_config" in saved else saved
     while isinstance(state, dict) and (wrapper := next((k for k in WRAPPERS if isinstance(state.get(k), dict)), None)):
         state = state[wrapper]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"{name}: holds no state_dict of tensors")
+    if any(k.endswith(HF_MARK) for k in state):
+        state = hugging_face_names(state)
     for prefix in PREFIXES:  # DDP's module.*, then the method's wrapper around the encoder
         if any(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return state
+    return public_names(state, name)
+
+
+LAYOUT = dict(layer_scale=False, registers=0, cls_slot=True)  # build_encoder's defaults: this project's own ViT
+
+
+def vit_layout(state, name):
+    """The ViT options a state_dict's keys and shapes show (a file's or an encoder's): LayerScale (ls1.gamma: DINOv2,
+    DeiT III), registers (register_tokens (1, R, D): DINOv2-reg, timm's *_reg4_dinov2) and a CLS slot in pos_embed,
+    which timm's no_embed_class files lack (DeiT III, *_reg4_dinov2): a length g² is a square, 1 + g² never is."""
+    pos, registers = state["pos_embed"], state.get("register_tokens")
+    n = pos.shape[1] if pos.ndim == 3 else 0
+    cls_slot = math.isqrt(n) ** 2 != n
+    if n < 2 or math.isqrt(n - cls_slot) ** 2 != n - cls_slot:
+        raise UserError(f"{name}: pos_embed is {list(pos.shape)}, not (1, [1 +] g*g, D) for a g x g grid of patches")
+    return dict(layer_scale="blocks.0.ls1.gamma" in state, cls_slot=cls_slot,
+                registers=registers.shape[1] if registers is not None and registers.ndim == 3 else 0)
+
+
+def adopt_layout(encoder, state, name):
+    """Give a built ViT the layout of the file it loads, as build_encoder(**layout) would have built it, so neither
+    --init nor probe.py's --arch needs a flag for it. Before any optimizer or EMA copy holds the encoder's
+    parameters: each method calls load_encoder_weights right after build_encoder."""
+    if not isinstance(encoder, VisionTransformer) or "pos_embed" not in state:
+        return
+    layout, dim = vit_layout(state, name), encoder.embed_dim
+    if layout == vit_layout(encoder.state_dict(), name):
+        return
+    for block in encoder.blocks:
+        block.ls1, block.ls2 = (LayerScale(dim) if layout["layer_scale"] else nn.Identity() for _ in range(2))
+    encoder.register_tokens = nn.Parameter(torch.zeros(1, layout["registers"], dim)) if layout["registers"] else None
+    encoder.num_prefix_tokens = 1 + layout["registers"]
+    if layout["cls_slot"] != encoder.cls_slot:
+        length = encoder.pos_embed.shape[1] - encoder.cls_slot + layout["cls_slot"]
+        encoder.pos_embed = nn.Parameter(torch.zeros(1, length, dim), requires_grad=encoder.pos_embed.requires_grad)
+        encoder.cls_slot = int(layout["cls_slot"])
+    encoder.to(encoder.cls_token.device)  # the new parameters join the others
+
+
+def encoder_layout(encoder):
+    """The layout options of an encoder that differ from build_encoder's defaults: its checkpoint's encoder_config
+    carries them, so probe.py rebuilds a ViT that --init gave LayerScale or registers."""
+    if not isinstance(encoder, VisionTransformer):
+        return {}
+    return {k: v for k, v in vit_layout(encoder.state_dict(), "encoder").items() if v != LAYOUT[k]}
 
 
 def load_weights(encoder, state, name, arch):
-    """Load state strictly, after dropping classifier heads (fc, head), MAE's decoder and mask token, and resizing
-    position embeddings; any other mismatch or a non-finite weight is one line. An MAE fine-tuned file (global pool)
-    has no final norm but fc_norm, the LayerNorm its features were trained through: it becomes the final norm."""
+    """Load state (in our names: encoder_state) strictly, after dropping classifier heads (fc, head), MAE's decoder
+    and DINOv2's mask token, adopting the file's ViT layout and resizing position embeddings; any other mismatch or a
+    non-finite weight is one line. An MAE fine-tuned file (global pool) has no final norm but fc_norm, the LayerNorm
+    its features were trained through: it becomes the final norm."""
     if "fc_norm.weight" in state and "norm.weight" not in state:  # MAE's models_vit.py with global_pool
         state = {"norm." + k[len("fc_norm."):] if k.startswith("fc_norm.") else k: v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head.", "fc_norm.", "decoder", "mask_token"))}
+    adopt_layout(encoder, state, name)
     expected = encoder.state_dict()
     pos, pos_here = state.get("pos_embed"), expected.get("pos_embed")
     if pos is not None and pos_here is not None and pos.shape[1] != pos_here.shape[1]:  # trained at another size
-        grid = math.isqrt(pos_here.shape[1] - 1)
-        state["pos_embed"] = torch.cat([pos[:, :1], resize_pos_embed(pos[:, 1:], grid, grid)], 1)  # CLS slot kept
+        slot = encoder.cls_slot  # the file's, after adopt_layout
+        grid = math.isqrt(pos_here.shape[1] - slot)
+        # Each family's own resize: DINOv2 with registers and timm's no_embed_class files (the layouts with registers
+        # or no CLS slot) antialias to size=(g, g); DINO and DINOv2 without registers scale by (g + 0.1)/n.
+        antialias = encoder.num_prefix_tokens > 1 or not slot
+        state["pos_embed"] = torch.cat([pos[:, :slot], resize_pos_embed(pos[:, slot:], grid, grid, antialias)], 1)
     problems = ([f"{k} is {list(state[k].shape)} in the file, {list(v.shape)} here" for k, v in expected.items()
                  if k in state and state[k].shape != v.shape] + [f"{k} is missing" for k in expected if k not in state]
                 + [f"{k} is unexpected" for k in state if k not in expected])
@@ -794,8 +902,14 @@ def load_weights(encoder, state, name, arch):
 
 
 def load_encoder_weights(encoder, args):
-    """--init PATH: the encoder starts from PATH, unless the run resumes (the checkpoint's weights replace these)."""
-    if args.init and not (args.resume or os.path.exists(os.path.join(args.output_dir, "checkpoint.pth"))):
+    """--init PATH: the encoder starts from PATH, unless the run resumes: then the checkpoint's weights replace these,
+    and its encoder gives the layout (LayerScale, registers) that PATH gave the run; PATH is not read again."""
+    if not args.init:
+        return
+    path = os.path.join(args.output_dir, "checkpoint.pth")
+    if resume := args.resume or (path if os.path.exists(path) else ""):
+        adopt_layout(encoder, load_checkpoint(resume)["encoder"], resume)
+    else:
         load_weights(encoder, encoder_state(read_torch_file(args.init, "--init"), f"--init {args.init}"),
                      f"--init {args.init}", args.arch)
 
@@ -1025,8 +1139,8 @@ class Run:
         only), DDP, --compile. encoder: what the k-NN monitor reads and the checkpoint exports for probe.py."""
         args, cuda = self.args, self.device.type == "cuda"
         self.model, self.optimizer, self.encoder = model, optimizer, encoder
-        self.encoder_config = encoder_config or dict(arch=args.arch, image_size=args.image_size,
-                                                     patch_size=args.patch_size)
+        self.encoder_config = {**(encoder_config or dict(arch=args.arch, image_size=args.image_size,
+                                                         patch_size=args.patch_size)), **encoder_layout(encoder)}
         self.channels_last = cuda and args.arch.startswith("resnet")
         if self.channels_last:
             model.to(memory_format=torch.channels_last)

@@ -270,10 +270,11 @@ def cls_attention(backbone, images):
     hook = last.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
     backbone(images)
     hook.remove()
-    x = last.norm1(inputs[0])                                                   # (B, 1 + L, D)
+    x = last.norm1(inputs[0])                                                   # (B, P + L, D)
     B, N, D = x.shape
     q, k, _ = last.attn.qkv(x).reshape(B, N, 3, last.attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, D/h)
-    return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)[:, :, 0, 1:]  # the CLS row, without CLS
+    attention = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, h, N, N)
+    return attention[:, :, 0, backbone.num_prefix_tokens:]  # the CLS row, to the patches (not CLS nor registers)
 
 
 @torch.no_grad()

@@ -212,6 +212,9 @@ def build_model(args):
                                f"{args.decoder_heads}")
     model = MAE(encoder, args.decoder_dim, args.decoder_depth, args.decoder_heads)
     common.load_encoder_weights(model.encoder, args)  # --init: after MAE's own init, which would overwrite it
+    if model.encoder.num_prefix_tokens > 1:  # the masking and the decoder take token 0 as the only non-patch token
+        raise common.UserError(f"--init {args.init}: MAE keeps no register tokens; take a file without (DINOv2's "
+                               "dinov2_vit*14_pretrain.pth, not *_reg4_pretrain.pth)")
     return model
 
 

@@ -80,6 +80,7 @@ def encoder_args(p):
     add("checkpoint", help="a checkpoint of this project's methods, or a plain state_dict with --arch")
     add("--arch", default=None, choices=common.ARCHS, help="only for a plain torchvision/timm-named state_dict")
     add("--patch-size", type=i, default=16, help="ViT patch size, with --arch")
+    add("--num-heads", type=i, default=None, help="ViT heads, with --arch, if not the usual (MoCo v3 ViT-S: 12)")
     add("--image-size", type=i, default=None, help="default: the checkpoint's training size")
     add("--mean", type=f, nargs=3, default=None, help="default: the run's --mean (ImageNet's for a state_dict)")
     add("--std", type=f, nargs=3, default=None, help="default: the run's --std (ImageNet's for a state_dict)")
@@ -104,7 +105,7 @@ def load_encoder(args, drop_path=0.0, random_init=False):
     else:  # a torchvision / timm-named state_dict, or an official file, unwrapped as --init unwraps it
         state = common.encoder_state(common.read_torch_file(args.checkpoint), args.checkpoint)
         config = dict(arch=args.arch, image_size=args.image_size or common.default_image_size(args.data),
-                      patch_size=args.patch_size)
+                      patch_size=args.patch_size, num_heads=args.num_heads)  # the layout: from the file's keys
     args.mean, args.std = args.mean or common.IMAGENET_MEAN, args.std or common.IMAGENET_STD  # older runs, state_dicts
     # The run's views too: what it kept out (a mirror image, a colour change: the signal) stays out of the probe's
     # training views (--augment, fine-tuning); the command line overrides.
@@ -119,7 +120,9 @@ def load_encoder(args, drop_path=0.0, random_init=False):
     if config["arch"].startswith("vit"):
         config["drop_path"] = drop_path
     encoder = common.build_encoder(**config)
-    if not random_init:
+    if random_init:  # the file's architecture (LayerScale, registers), not its weights
+        common.adopt_layout(encoder, state, args.checkpoint)
+    else:
         common.load_weights(encoder, state, args.checkpoint, config["arch"])  # a mismatch or a NaN: one line
     return encoder, image_size
 
@@ -150,8 +153,9 @@ class Readout(nn.Module):
         self.encoder(images)
         for hook in hooks:
             hook.remove()
-        tokens = [self.encoder.norm(x) for x in outputs]  # n x (B, 1 + L, D)
-        return torch.cat([x[:, 0] for x in tokens] + [tokens[-1][:, 1:].mean(1)] * self.avgpool, dim=1)  # (B, D(n+a))
+        tokens = [self.encoder.norm(x) for x in outputs]  # n x (B, P + L, D): CLS, registers, patches
+        patches = tokens[-1][:, self.encoder.num_prefix_tokens:]  # (B, L, D)
+        return torch.cat([x[:, 0] for x in tokens] + [patches.mean(1)] * self.avgpool, dim=1)  # (B, D(n+a))
 
 
 class Classifier(nn.Module):
@@ -171,7 +175,8 @@ class Classifier(nn.Module):
     def forward(self, images):
         if not self.global_pool:
             return self.head(self.encoder(images))
-        return self.head(self.encoder.forward_tokens(self.encoder.embed(images))[:, 1:].mean(1))  # no final norm
+        tokens = self.encoder.forward_tokens(self.encoder.embed(images))  # (B, P + L, D): CLS, registers, patches
+        return self.head(tokens[:, self.encoder.num_prefix_tokens:].mean(1))  # no final norm
 
 
 def finetune_param_groups(encoder, classifier, layer_decay, weight_decay, trainable_blocks=-1):
