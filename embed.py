@@ -82,7 +82,8 @@ def write_predictions(path, logits, paths, classes, labels=None):
         rows.writerow(["path", "predicted", "probability", "top5"] + ["label"] * (labels is not None))
         for i, (probabilities, ids) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
             top5 = " ".join(f"{classes[c]}:{p:.4f}" for p, c in zip(probabilities, ids))
-            rows.writerow([paths[i], classes[ids[0]], f"{probabilities[0]:.6f}", top5] + ([labels[i]] if labels else []))
+            label = [labels[i]] if labels is not None else []
+            rows.writerow([paths[i], classes[ids[0]], f"{probabilities[0]:.6f}", top5, *label])
     print(f"predictions for {len(paths)} images written to {path}")
 
 
