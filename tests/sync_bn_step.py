@@ -116,3 +116,8 @@ with HostReads() as reads:
 assert "aten.index.Tensor" in reads.ops, reads.ops
 dist.barrier()
 dist.destroy_process_group()  # before exit: gloo's threads may abort a process that exits with its group alive
+# Every check passed. Skip the interpreter's teardown: there, now and then (once in ~10 suite runs under load), the
+# CPU kernels registered from Python above were torn down with gloo's threads and the rank aborted ("terminate called
+# without an active exception", SIGABRT), failing a run whose checks had all passed.
+sys.stdout.flush(), sys.stderr.flush()
+os._exit(0)
