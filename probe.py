@@ -235,8 +235,9 @@ def expected_calibration_error(logits, labels, temperature=1.0, bins=15):
 def fit_temperature(logits, labels):
     """The T > 0 that minimises the cross-entropy of logits / T (temperature scaling, Guo et al. 2017): one number
     that rescales confidences without moving a prediction; a grid from 0.05 to 20 (log-spaced) is exact enough."""
-    grid = torch.logspace(math.log10(0.05), math.log10(20), 200)
-    return min(grid.tolist(), key=lambda t: F.cross_entropy(logits / t, labels).item())
+    grid = torch.logspace(math.log10(0.05), math.log10(20), 200).tolist()
+    losses = torch.stack([F.cross_entropy(logits / t, labels) for t in grid])  # (200,): one read, not 200
+    return grid[int(losses.argmin())]
 
 
 def balanced_subset(labels, fraction, seed):
