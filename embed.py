@@ -93,7 +93,8 @@ def main(args):
     if args.query and not os.path.isdir(args.query):
         raise common.UserError(f"--query {args.query}: no such folder")
     saved = args.head and common.read_torch_file(args.head, "--head")
-    keys = {"protocol", "state", "classes", "readout", "batch_normalize", "recipe", "image_size", "mean", "std", "grayscale_input"}
+    keys = {"protocol", "state", "classes", "readout", "batch_normalize", "recipe", "image_size", "mean", "std",
+            "grayscale_input"}  # what probe.py --save writes
     if args.head and (not isinstance(saved, dict) or saved.get("protocol") not in ("linear", "finetune")
                       or not keys <= set(saved)):
         raise common.UserError(f"--head {args.head}: not a model written by probe.py --save")
