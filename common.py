@@ -40,7 +40,8 @@ DATASETS = ("shapes", "cifar10", "cifar100", "stl10")
 def build_dataset(spec, split, transform=None, root="data", skip_bad=False):
     """spec: 'shapes[:SIZE[:N[:V]]]' (built in), 'cifar10', 'cifar100', 'stl10', or a folder DIR/{train,val}/<class>/*
     (class folders alone: train only; no class folders: unlabelled, see is_unlabelled). split: 'pretrain' (what SSL
-    trains on: STL-10 adds its 100k unlabeled images), 'train' or 'val'. skip_bad: see ImageFiles."""
+    trains on: STL-10 adds its 100k unlabeled images), 'train', 'val' or 'test' (folders only). skip_bad: see
+    ImageFiles."""
     train = split in ("pretrain", "train")
     if spec.split(":")[0] == "shapes":  # the offline dataset of the quick start and the tests, in shapes.py
         import shapes
@@ -60,7 +61,7 @@ def build_dataset(spec, split, transform=None, root="data", skip_bad=False):
                             "download it where there is internet, or pass an ImageFolder path") from None
         finally:
             socket.setdefaulttimeout(previous)
-    return folder_dataset(spec, train, transform, skip_bad)
+    return folder_dataset(spec, split, transform, skip_bad)
 
 
 def default_image_size(spec):
@@ -432,14 +433,16 @@ def load_checkpoint(path, method=None):
 
 # ========================================================================== PART II: what one reads to change it
 # ----------------------------------------------------------------------------- folder intake
-def folder_dataset(spec, train, transform, skip_bad):
-    """DIR/{train,val}/<class>/*, class folders alone (train only), or images without class folders (unlabelled)."""
+def folder_dataset(spec, split, transform, skip_bad):
+    """DIR/{train,val,test}/<class>/*, class folders alone (train only), or images without class folders
+    (unlabelled)."""
     if not os.path.isdir(spec):
         raise UserError(f"--data {spec!r}: no such folder (and not {', '.join(DATASETS)})")
-    if not train and not has_val(spec):
-        raise UserError(f"--data {spec}: no val/ split (expected {spec}/train/<class>/ and {spec}/val/<class>/)")
+    train = split in ("pretrain", "train")
+    if not train and not has_split(spec, split):
+        raise UserError(f"--data {spec}: no {split}/ split (expected {spec}/train/<class>/ and {split}/<class>/)")
     splits = os.path.isdir(os.path.join(spec, "train"))
-    folder = os.path.join(spec, "train" if train else "val") if splits else spec
+    folder = os.path.join(spec, "train" if train else split) if splits else spec
     try:
         dataset = ImageFiles(folder, transform, is_unlabelled(folder), skip_bad)
         labelled = splits and not is_unlabelled(os.path.join(spec, "train"))
@@ -448,15 +451,16 @@ def folder_dataset(spec, train, transform, skip_bad):
         raise UserError(f"--data {folder}: {error}") from None
     if not train and len(train_classes) > 1:  # labels by class NAME, as train/ numbers them (not by val/'s order)
         if missing := sorted(set(dataset.classes) - set(train_classes)):
-            raise UserError(f"--data {spec}: val/ has classes that train/ lacks: {', '.join(missing[:5])}")
+            raise UserError(f"--data {spec}: {split}/ has classes that train/ lacks: {', '.join(missing[:5])}")
         dataset.samples = [(path, train_classes[dataset.classes[label]]) for path, label in dataset.samples]
         dataset.targets = [label for _, label in dataset.samples]
         dataset.classes, dataset.class_to_idx = sorted(train_classes, key=train_classes.get), train_classes
     return dataset
 
 
-def has_val(spec):
-    return not os.path.isdir(spec) or os.path.isdir(os.path.join(spec, "val"))  # built-in datasets have one
+def has_split(spec, split="val"):
+    """A labelled val/ (test/) split: in a folder that has one; the built-in datasets have val, never test."""
+    return os.path.isdir(os.path.join(spec, split)) if os.path.isdir(spec) else split == "val"
 
 
 def read_image(path):
@@ -957,7 +961,7 @@ def knn_monitor(encoder, args, batch_size, dist_env, k=20):
     """k-NN top-1 of encoder on the val split of --val (default --data), its train split the memory, with the run's
     normalisation; None without a val split (Run says so once)."""
     data = args.val or args.data
-    if not has_val(data):
+    if not has_split(data):
         return None
     transform = eval_transform(args.image_size, args.mean, args.std, args.grayscale_input)
     build = lambda split: build_dataset(data, split, transform, args.data_root, args.skip_bad_images)
@@ -1303,7 +1307,7 @@ def check_flags(args, dist_env):
     args.mean, args.std = [list(v) * (3 if len(v) == 1 else 1) for v in (args.mean, args.std)]
     if args.val and not os.path.isdir(args.val) and args.val.split(":")[0] not in DATASETS:
         raise UserError(f"--val {args.val!r}: no such folder (and not {', '.join(DATASETS)})")
-    if args.knn_every and not has_val(args.val or args.data):
+    if args.knn_every and not has_split(args.val or args.data):
         if dist_env.is_main:  # decided once here, not silently at every k-NN epoch
             print(f"k-NN monitor off: {args.val or args.data} has no labelled val/ split (pass --val DIR with "
                   "DIR/train/<class>/ and DIR/val/<class>/)")

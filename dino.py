@@ -313,7 +313,7 @@ def main(args):
         optimizer = torch.optim.AdamW(groups, lr=lr, fused=run.device.type == "cuda")
     if args.attention_maps and run.is_main:  # a few fixed images (val if there is one)
         transform = common.eval_transform(args.image_size, args.mean, args.std, args.grayscale_input)
-        split = "val" if common.has_val(args.data) else "train"
+        split = "val" if common.has_split(args.data) else "train"
         shown = common.build_dataset(args.data, split, transform, args.data_root, args.skip_bad_images)
         shown = torch.stack([shown[i][0] for i in range(min(4, len(shown)))]).to(run.device)
     # The teacher's backbone is what the paper evaluates: the k-NN monitor reads it and the checkpoint exports it.

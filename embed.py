@@ -46,7 +46,7 @@ def get_args_parser():
 
 def embed_folder(folder, readout, transform, args, dist_env):
     """(features (N, D), paths relative to folder, the dataset) of every readable image of folder, every rank."""
-    dataset = common.folder_dataset(folder, True, transform, args.skip_bad_images)
+    dataset = common.folder_dataset(folder, "train", transform, args.skip_bad_images)
     features, _ = probe.embed_split(readout, dataset, args, dist_env, f"embedding {folder}")
     bad = dataset.bad.to(features.device, torch.uint8)  # --skip-bad-images: replaced by the next image, left out
     if dist_env.world_size > 1:
@@ -87,6 +87,22 @@ def write_predictions(path, logits, paths, classes, labels=None):
     print(f"predictions for {len(paths)} images written to {path}")
 
 
+def saved_classifier(saved, encoder, name):
+    """The model probe.py --save kept, on this encoder: images -> logits (a fine-tuned model brings its own
+    encoder weights; a linear head reads the features it was trained on)."""
+    if saved["protocol"] == "finetune":
+        model = trained = probe.Classifier(encoder, len(saved["classes"]), saved["recipe"] == "mae")
+    else:
+        readout = probe.Readout(encoder, saved["readout"]["n_last_blocks"], saved["readout"]["avgpool"])
+        trained = probe.linear_head(readout.dim, len(saved["classes"]), saved["batch_normalize"])
+        model = torch.nn.Sequential(readout, trained)
+    try:
+        trained.load_state_dict(saved["state"])
+    except RuntimeError as error:
+        raise common.UserError(f"{name} does not fit this encoder ({str(error).splitlines()[-1].strip()[:200]})")
+    return model.eval()
+
+
 def main(args):
     if not os.path.isdir(args.data):
         raise common.UserError(f"--data {args.data}: no such folder")
@@ -104,7 +120,7 @@ def main(args):
     dist_env = common.init_distributed()
     encoder, image_size = probe.load_encoder(args)
     probe.check_readout(encoder, args)
-    model = (probe.saved_classifier(saved, encoder, f"--head {args.head}") if args.head else
+    model = (saved_classifier(saved, encoder, f"--head {args.head}") if args.head else
              probe.Readout(encoder, args.n_last_blocks, args.avgpool_patchtokens).eval()).to(dist_env.device)
     transform = common.eval_transform(image_size, args.mean, args.std, args.grayscale_input)
     features, paths, dataset, keep = embed_folder(args.data, model, transform, args, dist_env)

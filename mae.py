@@ -232,7 +232,7 @@ def main(args):
                                   fused=run.device.type == "cuda")  # β2 = 0.95 as in iGPT (§A.1)
     if args.visualize and run.is_main:  # the same 8 images and the same masks every time
         transform = common.eval_transform(args.image_size, args.mean, args.std, args.grayscale_input)
-        split = "val" if common.has_val(args.data) else "train"
+        split = "val" if common.has_split(args.data) else "train"
         shown = common.build_dataset(args.data, split, transform, args.data_root, args.skip_bad_images)
         shown = torch.stack([shown[i][0] for i in range(min(8, len(shown)))]).to(run.device)
         noise = torch.rand(len(shown), num_patches, generator=torch.Generator().manual_seed(0)).to(run.device)

@@ -1,7 +1,9 @@
-"""How good is a saved encoder, and did its pre-training help? k-NN, linear probe and fine-tuning on labelled data,
-mean ± std over seeds, printed as each protocol ends and written as JSON (the protocols and their costs: README).
+"""How good is a saved encoder, did its pre-training help, and does it beat a public backbone? k-NN, linear probe and
+fine-tuning on labelled data, mean ± std over seeds, at one or several label budgets, printed as each protocol ends and
+written as JSON (the protocols and their costs: README). A test/ split is scored apart, never used for a choice.
 
     python probe.py runs/simclr/checkpoint.pth --data shapes --protocol all --baselines
+    python probe.py runs/dino/checkpoint.pth --data DIR --compare dinov2_vits14.pth:vit_small --label-fraction 0.01 1
     python probe.py resnet50.pth --arch resnet50 --data /imagenet --protocol linear   # plain state_dict
     torchrun --nproc_per_node=8 probe.py runs/dino/checkpoint.pth --data /imagenet --n-last-blocks 4 --augment
     torchrun --nproc_per_node=8 probe.py runs/mae/checkpoint.pth --data /imagenet --protocol finetune
@@ -35,20 +37,23 @@ def get_args_parser():
     add("--protocol", nargs="+", default=["all"], choices=["knn", "linear", "finetune", "all"], help="one or more "
         "(costs, in passes over the train split: knn, linear 1; linear --augment epochs x seeds; finetune ~3 x that)")
     add("--baselines", action="store_true", help="also at random init, and fine-tuned from scratch (2x the cost)")
-    # The run's views, in the training views of linear --augment and fine-tuning; --no-X turns one off.
-    add("--flip", action=argparse.BooleanOptionalAction, help="horizontal flips (default: as the run: off with its "
-        "--no-flip)")
-    add("--color", action=argparse.BooleanOptionalAction, help="RandAugment's colour ops (default: as the run: off "
-        "with its --no-color)")
-    add("--vflip", action=argparse.BooleanOptionalAction, help="vertical flips (default: as the run)")
-    add("--rot90", action=argparse.BooleanOptionalAction, help="random quarter turns (default: as the run)")
-    add("--label-fraction", type=f, default=1.0, help="share of the training labels per class (0.01, 0.1)")
-    add("--seeds", type=i, default=3, help="linear / fine-tune repeats, each its own label subset: mean ± std")
+    for name, views in [("flip", "horizontal flips"), ("color", "RandAugment's colour ops"),
+                        ("vflip", "vertical flips"), ("rot90", "random quarter turns")]:  # --no-X turns one off
+        add(f"--{name}", action=argparse.BooleanOptionalAction, help=f"{views} in the training views of linear "
+            f"--augment and fine-tuning (default: as the run did)")
+    add("--label-fraction", type=f, nargs="+", default=None, help="shares of the training labels per class, a row "
+        "each: the label-efficiency curve (e.g. 0.01 0.1 1; default 1 unless --labels-per-class)")
+    add("--labels-per-class", type=i, nargs="+", default=[], help="N labelled images of each class, a row each "
+        "(e.g. 1 5 25; all of a class that has fewer)")
+    add("--compare", nargs="+", default=[], metavar="FILE[:ARCH]", help="other backbones (DINOv2, a supervised ResNet) "
+        "through the same protocols, label subsets and seeds, each with its difference from the checkpoint, paired by "
+        "seed; ARCH for a plain state_dict (its patch size and layout: from the file)")
+    add("--seeds", type=i, default=3, help="repeats, each its own label subset (k-NN: 1 with all labels): mean ± std")
     add("--output", default=None, help="the JSON (default: by the checkpoint, named by data, protocols, fraction)")
     add("--save", default=None, help="keep seed 0's linear head and fine-tuned model in this folder (linear.pth, "
         "finetune.pth: the classes, the readout, the pixels): embed.py --head FILE predicts with them")
-    add("--plot", default=None, choices=["pca", "tsne"], help="a 2-D map of the val features by label, by the JSON "
-        "(needs matplotlib; tsne also scikit-learn)")
+    add("--plot", default=None, choices=["pca", "tsne"], help="a 2-D map of the val features by label and the "
+        "confusion matrix of seed 0's linear head or fine-tuned model, by the JSON (needs matplotlib; tsne: sklearn)")
     add = p.add_argument_group("k-NN").add_argument
     add("--k", type=i, nargs="+", default=[10, 20, 100, 200], help="neighbours (above the images per class: skipped)")
     add("--knn-temperature", type=common.positive_float, default=0.07, help="T in the exp(s/T) vote")
@@ -71,6 +76,9 @@ def get_args_parser():
     add("--layer-decay", type=f, default=0.65, help="layer-wise lr decay (MAE: 0.65 ViT-B, 0.75 ViT-L; scratch: off)")
     add("--drop-path", type=f, default=0.1, help="ViT stochastic depth (MAE: 0.1, 0.2 for ViT-L)")
     add("--trainable-blocks", type=int, default=-1, help="fine-tune only the last N blocks / stages (-1: all)")
+    add("--freeze-epochs", type=common.non_negative_int, default=0, help="first N epochs of the head alone, encoder "
+        "frozen (no warm-up, its own cosine), then --finetune-epochs of the blocks --trainable-blocks names: a random "
+        "head's first gradients do not reach the features (LP-FT, Kumar et al. 2022)")
     return p
 
 
@@ -79,7 +87,7 @@ def encoder_args(p):
     add, i, f = p.add_argument_group("encoder").add_argument, common.positive_int, float
     add("checkpoint", help="a checkpoint of this project's methods, or a plain state_dict with --arch")
     add("--arch", default=None, choices=common.ARCHS, help="only for a plain torchvision/timm-named state_dict")
-    add("--patch-size", type=i, default=16, help="ViT patch size, with --arch")
+    add("--patch-size", type=i, default=None, help="ViT patch size, with --arch (default: the file's)")
     add("--num-heads", type=i, default=None, help="ViT heads, with --arch, if not the usual (MoCo v3 ViT-S: 12)")
     add("--image-size", type=i, default=None, help="default: the checkpoint's training size")
     add("--mean", type=f, nargs=3, default=None, help="default: the run's --mean (ImageNet's for a state_dict)")
@@ -104,8 +112,10 @@ def load_encoder(args, drop_path=0.0, random_init=False):
         args.grayscale_input = args.grayscale_input or saved.get("grayscale_input", False)
     else:  # a torchvision / timm-named state_dict, or an official file, unwrapped as --init unwraps it
         state = common.encoder_state(common.read_torch_file(args.checkpoint), args.checkpoint)
+        patch = state.get("patch_embed.proj.weight")  # (D, 3, p, p)
         config = dict(arch=args.arch, image_size=args.image_size or common.default_image_size(args.data),
-                      patch_size=args.patch_size, num_heads=args.num_heads)  # the layout: from the file's keys
+                      patch_size=args.patch_size or (patch.shape[-1] if patch is not None else 16),
+                      num_heads=args.num_heads)  # the layout: from the file's keys
     args.mean, args.std = args.mean or common.IMAGENET_MEAN, args.std or common.IMAGENET_STD  # older runs, state_dicts
     # The run's views too: what it kept out (a mirror image, a colour change: the signal) stays out of the probe's
     # training views (--augment, fine-tuning); the command line overrides.
@@ -240,24 +250,46 @@ def fit_temperature(logits, labels):
     return grid[int(losses.argmin())]
 
 
-def balanced_subset(labels, fraction, seed):
-    """Indices of `fraction` of every class (at least one image each), drawn with this seed."""
-    if fraction >= 1:
+def balanced_subset(labels, seed, fraction=1.0, per_class=None):
+    """Indices of `fraction` of every class (at least one image each), or of per_class images of each (all of a class
+    that has fewer), drawn with this seed: for a given seed, the same images whichever backbone is probed."""
+    if fraction >= 1 and per_class is None:
         return torch.arange(len(labels))
     generator, keep = torch.Generator().manual_seed(seed), []
     for c in labels.unique():
         members = (labels == c).nonzero().flatten()
-        keep.append(members[torch.randperm(len(members), generator=generator)[:max(1, round(fraction * len(members)))]])
+        count = per_class or max(1, round(fraction * len(members)))
+        keep.append(members[torch.randperm(len(members), generator=generator)[:count]])
     return torch.cat(keep).sort().values
 
 
+def budget_name(budget):
+    return f"{100 * budget['fraction']:g}% labels" if "fraction" in budget else f"{budget['per_class']} labels a class"
+
+
+def scores(outputs, seed, temperature=None, calibration=True):
+    """{split: (logits, labels)} -> {split: metrics (seed 0: with the confusion matrix), the ECE (after temperature
+    scaling too, with the temperature fitted on held-out training labels)}; k-NN's votes are no logits: no ECE."""
+    ece = lambda logits, labels: dict(ece=expected_calibration_error(logits, labels), **(
+        {"ece_scaled": expected_calibration_error(logits, labels, temperature)} if temperature else {}))
+    return {split: dict(metrics(logits, labels, confusion=seed == 0), **(ece(logits, labels) if calibration else {}))
+            for split, (logits, labels) in outputs.items()}
+
+
 def mean_std(runs):
-    """[{'top1': ..}, ..] over seeds -> {'top1': mean, 'top1_std': std}; seed 0's per-class numbers as they are."""
-    out = {}
-    for key in (key for key in runs[0] if key != "per_class"):
-        values = torch.tensor([r[key] for r in runs])
+    """[{'top1': ..}, ..] over seeds -> {'top1': mean, 'top1_std': std, 'seeds': each seed's numbers (the paired
+    differences read them)}; seed 0's per-class numbers as they are."""
+    out, seeds = {}, [{k: v for k, v in r.items() if k != "per_class"} for r in runs]
+    for key in seeds[0]:
+        values = torch.tensor([r[key] for r in seeds])
         out[key], out[key + "_std"] = values.mean().item(), (values.std().item() if len(runs) > 1 else 0.0)
-    return {**out, "per_class_seed0": runs[0]["per_class"]}
+    return {**out, "seeds": seeds, **({"per_class_seed0": runs[0]["per_class"]} if "per_class" in runs[0] else {})}
+
+
+def summary(runs, **extra):
+    """Each seed's {split: metrics} -> (the val result with extra, the test split's apart: None without one)."""
+    val = {**mean_std([run["val"] for run in runs]), **extra}
+    return val, (mean_std([run["test"] for run in runs]) if "test" in runs[0] else None)
 
 
 def global_batch(requested, num_images, world_size):
@@ -320,11 +352,24 @@ def seed_views(seed):
         torch.manual_seed(seed + 1000003 * dist.get_rank())  # a prime stride: no rank meets another seed's stream
 
 
-def run_knn(train_x, train_y, val_x, val_y, args, num_classes):
-    # k above the images per class would let other classes outvote every class (k = 200 of 256 images): skipped
-    ks = [k for k in args.k if k <= len(train_x) // num_classes] or [min(min(args.k), len(train_x))]
-    return {f"k={k}": metrics(knn_classify(train_x, train_y, val_x, k, args.knn_temperature, num_classes), val_y)
-            for k in ks}
+def run_knn(features, budget, args, num_classes):
+    """Weighted k-NN for each k, a seed per label subset (one when every label is used: nothing to draw); the test
+    split at the k chosen on val."""
+    (train_x, train_y), evals = features["train"], {s: xy for s, xy in features.items() if s != "train"}
+    runs = {}
+    for seed in range(args.seeds if len(balanced_subset(train_y.cpu(), 0, **budget)) < len(train_y) else 1):
+        subset = balanced_subset(train_y.cpu(), seed, **budget).to(train_y.device)
+        # k above the images per class would let other classes outvote every class (k = 200 of 256 images): skipped
+        ks = [k for k in args.k if k <= len(subset) // num_classes] or [min(min(args.k), len(subset))]
+        if seed == 0 and len(ks) < len(args.k) and (not dist.is_initialized() or dist.get_rank() == 0):
+            print(f"(k-NN: k above the {len(subset) // num_classes} labelled training images per class skipped)")
+        for k in ks:
+            votes = lambda x: knn_classify(train_x[subset], train_y[subset], x, k, args.knn_temperature, num_classes)
+            runs.setdefault(f"k={k}", []).append(scores({s: (votes(x), y) for s, (x, y) in evals.items()}, seed,
+                                                        calibration=False))
+    results = {k: summary(r) for k, r in runs.items()}  # k -> (val, test)
+    best = max(results, key=lambda k: results[k][0]["top1"])
+    return {k: val for k, (val, _) in results.items()}, results[best][1] and {**results[best][1], "k": best}
 
 
 def linear_head(dim, num_classes, batch_normalize):
@@ -352,9 +397,9 @@ def train_linear(batches, steps_per_epoch, dim, num_classes, lr, epochs, seed, b
     return head.eval()
 
 
-def run_linear(train_x, train_y, val_x, val_y, args, num_classes, on_the_fly=None, save=None):
+def run_linear(features, budget, args, num_classes, on_the_fly=None, save=None):
     """Cached features; with on_the_fly(indices, lr, seed) -> head, the head trains on augmented views. save(name,
-    module, result): seed 0's head, once measured."""
+    module, result): seed 0's head, once measured. Returns (val result, test result or None)."""
     def fit(x, y, lr, seed):
         batch = global_batch(args.linear_batch_size, len(x), 1)
         batches = lambda epoch: [(x[b], y[b]) for b in torch.randperm(len(x), device=x.device).split(batch)
@@ -362,13 +407,14 @@ def run_linear(train_x, train_y, val_x, val_y, args, num_classes, on_the_fly=Non
         return train_linear(batches, math.ceil(len(x) / batch), x.shape[1], num_classes, lr, args.linear_epochs, seed,
                             not args.no_linear_bn, x.device)
 
+    (train_x, train_y), evals = features["train"], {s: xy for s, xy in features.items() if s != "train"}
     runs, chosen, temperatures = [], [], []
     for seed in range(args.seeds):
-        subset = balanced_subset(train_y.cpu(), args.label_fraction, seed)
+        subset = balanced_subset(train_y.cpu(), seed, **budget)
         x, y, lr = train_x[subset], train_y[subset], args.linear_lr
         # 10% of the training labels held out (cached features, --augment too): the lr and the temperature are chosen
         # on them, by heads trained on the other 90%; val stays unseen until the final head is scored.
-        held_out = torch.isin(torch.arange(len(y)), balanced_subset(y.cpu(), 0.1, seed + 1000)).to(y.device)
+        held_out = torch.isin(torch.arange(len(y)), balanced_subset(y.cpu(), seed + 1000, 0.1)).to(y.device)
         search = {candidate: fit(x[~held_out], y[~held_out], candidate, seed)
                   for candidate in ([0.01, 0.03, 0.1, 0.3, 1.0, 3.0] if lr is None else [lr])}
         with torch.no_grad():
@@ -381,14 +427,12 @@ def run_linear(train_x, train_y, val_x, val_y, args, num_classes, on_the_fly=Non
         temperature = fit_temperature(held_out_logits[lr], y[held_out])
         head = fit(x, y, lr, seed) if on_the_fly is None else on_the_fly(subset, lr, seed)
         with torch.no_grad():
-            logits = head(val_x)
-        runs.append(dict(metrics(logits, val_y, confusion=seed == 0), ece=expected_calibration_error(logits, val_y),
-                         ece_scaled=expected_calibration_error(logits, val_y, temperature)))
+            runs.append(scores({s: (head(x), y) for s, (x, y) in evals.items()}, seed, temperature))
         chosen.append(lr)
         temperatures.append(temperature)
         if save and seed == 0:
-            save("linear", head, runs[0])
-    return {**mean_std(runs), "lr": chosen, "temperature": temperatures}
+            save("linear", head, runs[0]["val"])
+    return summary(runs, lr=chosen, temperature=temperatures)
 
 
 def linear_on_the_fly(readout, train_set, args, num_classes, dist_env):
@@ -421,7 +465,9 @@ def finetune_step(model, optimizer, images, targets):
     return loss.detach()
 
 
-def run_finetune(args, train_set, labels, val_set, dist_env, recipe, scratch=False, save=None):
+def run_finetune(args, train_set, labels, eval_sets, dist_env, recipe, budget, scratch=False, save=None):
+    """Each seed: the encoder and a new head trained on its label subset (after --freeze-epochs of the head alone),
+    then scored on each eval split. Returns (val result, test result or None)."""
     runs, device, num_classes = [], dist_env.device, int(labels.max()) + 1
     for seed in range(args.seeds):
         torch.manual_seed(seed)
@@ -429,71 +475,141 @@ def run_finetune(args, train_set, labels, val_set, dist_env, recipe, scratch=Fal
         model = Classifier(encoder, num_classes, global_pool=recipe == "mae").to(device)
         if dist_env.world_size > 1 and device.type == "cuda":
             model = common.convert_sync_batchnorm(model)  # ResNets: BN statistics over the global batch
-        # From scratch: no layer decay, which assumes lower layers that are already good.
-        groups = finetune_param_groups(model.encoder, model.head, 1.0 if scratch else args.layer_decay,
-                                       args.finetune_weight_decay, args.trainable_blocks)
-        subset = balanced_subset(labels, args.label_fraction, seed)
+        subset = balanced_subset(labels, seed, **budget)
         batch = global_batch(args.finetune_batch_size, len(subset), dist_env.world_size)
         loader = train_loader(train_set, subset, batch, dist_env, args.workers, seed)
-        lr = args.finetune_base_lr * batch / 256
-        optimizer = torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")  # CPU: the default loop, as before
-        trained = DistributedDataParallel(model) if dist_env.world_size > 1 else model
+        lr, epoch = args.finetune_base_lr * batch / 256, 0
         seed_views(seed)
         # MAE (timm's Mixup): MixUp α 0.8 or CutMix α 1.0, one of them per batch (switch prob 0.5)
         mix = v2.RandomChoice([v2.MixUp(alpha=0.8, num_classes=num_classes),
                                v2.CutMix(alpha=1.0, num_classes=num_classes)])
-        total, step = args.finetune_epochs * len(loader), 0
-        bar = tqdm(total=total, desc=f"fine-tune{' from scratch' if scratch else ''} seed {seed}", leave=False,
-                   disable=not dist_env.is_main)
-        for epoch in range(args.finetune_epochs):
-            loader.sampler.set_epoch(epoch)
-            model.train()
-            for module in model.modules():  # frozen BN layers keep their statistics
-                frozen = not any(p.requires_grad for p in module.parameters())
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and frozen:
-                    module.eval()
-            for images, targets in loader:
-                for group in optimizer.param_groups:
-                    warmup = args.finetune_warmup_epochs * len(loader)
-                    group["lr"] = group["scale"] * common.cosine_schedule(step, total, lr, 1e-6, warmup)
-                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-                if recipe == "mae":
-                    images, targets = mix(images, targets)
-                loss = finetune_step(trained, optimizer, images, targets)
-                if step % 50 == 0 and dist_env.is_main:  # .item() waits for the GPU: read the loss now and then
-                    bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-                bar.update()
-                step += 1
+        bar = tqdm(total=(args.freeze_epochs + args.finetune_epochs) * len(loader), leave=False,
+                   desc=f"fine-tune{' from scratch' if scratch else ''} seed {seed}", disable=not dist_env.is_main)
+        for epochs, blocks, warmup in [(args.freeze_epochs, 0, 0),  # the head (and a ViT's final norm) alone
+                                       (args.finetune_epochs, args.trainable_blocks,
+                                        args.finetune_warmup_epochs * len(loader))]:
+            # From scratch: no layer decay, which assumes lower layers that are already good.
+            groups = finetune_param_groups(model.encoder, model.head, 1.0 if scratch else args.layer_decay,
+                                           args.finetune_weight_decay, blocks)
+            optimizer = torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")  # CPU: the default loop
+            trained = DistributedDataParallel(model) if dist_env.world_size > 1 and epochs else model
+            total, step = epochs * len(loader), 0
+            for epoch in range(epoch, epoch + epochs):
+                loader.sampler.set_epoch(epoch)
+                model.train()
+                for module in model.modules():  # frozen BN layers keep their statistics
+                    frozen = not any(p.requires_grad for p in module.parameters())
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm) and frozen:
+                        module.eval()
+                for images, targets in loader:
+                    for group in optimizer.param_groups:  # warm-up and cosine: each phase its own
+                        group["lr"] = group["scale"] * common.cosine_schedule(step, total, lr, 1e-6, warmup)
+                    images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                    if recipe == "mae":
+                        images, targets = mix(images, targets)
+                    loss = finetune_step(trained, optimizer, images, targets)
+                    if step % 50 == 0 and dist_env.is_main:  # .item() waits for the GPU: read the loss now and then
+                        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                    bar.update()
+                    step += 1
+            epoch += epochs
+            del trained  # its hooks with it: the next phase's DDP covers the parameters it trains
         bar.close()
-        logits, val_labels = embed_split(model, val_set, args, dist_env, "fine-tune: val")
-        runs.append(dict(metrics(logits, val_labels, confusion=seed == 0),
-                         ece=expected_calibration_error(logits, val_labels)))  # no held-out labels: no temperature
+        # No held-out labels here (every one trains the model): the ECE without temperature scaling.
+        runs.append(scores({split: embed_split(model, dataset, args, dist_env, f"fine-tune: {split}")
+                            for split, dataset in eval_sets.items()}, seed))
         if save and seed == 0:
-            save("finetune", model, runs[0])
-    return mean_std(runs)
+            save("finetune", model, runs[0]["val"])
+    return summary(runs)
 
 
-def saved_classifier(saved, encoder, name):
-    """The model probe.py --save kept, on this encoder: images -> logits (a fine-tuned model brings its own
-    encoder weights; a linear head reads the features it was trained on)."""
-    if saved["protocol"] == "finetune":
-        model = trained = Classifier(encoder, len(saved["classes"]), global_pool=saved["recipe"] == "mae")
-    else:
-        readout = Readout(encoder, saved["readout"]["n_last_blocks"], saved["readout"]["avgpool"])
-        trained = linear_head(readout.dim, len(saved["classes"]), saved["batch_normalize"])
-        model = nn.Sequential(readout, trained)
-    try:
-        trained.load_state_dict(saved["state"])
-    except RuntimeError as error:
-        raise common.UserError(f"{name} does not fit this encoder ({str(error).splitlines()[-1].strip()[:200]})")
-    return model.eval()
+class Backbone:
+    """One encoder on the labelled data: the splits through its own eval transform (its image size and pixels), its
+    features extracted once, the protocols run on it. random_init: its architecture, not its weights (the baselines:
+    k-NN and linear at random init, fine-tuning from scratch)."""
+
+    def __init__(self, args, dist_env, random_init=False):
+        self.args, self.dist, self.random_init, self.features = args, dist_env, random_init, None
+        torch.manual_seed(0)
+        self.encoder, self.image_size = load_encoder(args, random_init=random_init)
+        check_readout(self.encoder, args)
+        self.vit = isinstance(self.encoder, common.VisionTransformer)
+        self.recipe = args.recipe or ("mae" if self.vit else "plain")
+        if not self.vit and self.recipe == "mae":
+            raise common.UserError("--recipe mae is a ViT protocol (MAE)")
+        self.splits = {split: self.build(split) for split in ["train", "val"] + ["test"] * common.has_split(
+            args.data, "test")}
+        self.labels = torch.tensor(labels_of(self.splits["train"]))
+        self.num_classes = int(self.labels.max()) + 1
+        self.classes = getattr(self.splits["train"], "classes", None) or [str(c) for c in range(self.num_classes)]
+
+    def build(self, split, views=None):
+        args = self.args
+        views = views or common.eval_transform(self.image_size, args.mean, args.std, args.grayscale_input)
+        return common.build_dataset(args.data, split, views, args.data_root)
+
+    def cached(self):
+        if self.features is None:  # the readout and every split's features, once
+            model = Readout(self.encoder, self.args.n_last_blocks, self.args.avgpool_patchtokens)
+            model = model.to(self.dist.device).eval()
+            self.features = model, {split: embed_split(model, dataset, self.args, self.dist, f"{split} features")
+                                    for split, dataset in self.splits.items()}
+        return self.features
+
+    def save(self, name, model, result):
+        """--save: seed 0's head or model, with what embed.py --head needs to predict as this probe measured."""
+        args = self.args
+        if self.dist.is_main:
+            os.makedirs(args.save, exist_ok=True)
+            torch.save(dict(protocol=name, state=model.state_dict(), classes=list(self.classes), top1=result["top1"],
+                            readout=dict(n_last_blocks=args.n_last_blocks, avgpool=args.avgpool_patchtokens),
+                            batch_normalize=not args.no_linear_bn, recipe=self.recipe, image_size=self.image_size,
+                            mean=args.mean, std=args.std, grayscale_input=args.grayscale_input,
+                            checkpoint=os.path.abspath(args.checkpoint)), os.path.join(args.save, f"{name}.pth"))
+
+    def run(self, protocol, budget, save=None):
+        """(val result, test result or None) of one protocol at one label budget."""
+        args, num_classes = self.args, self.num_classes
+        if protocol == "finetune":
+            train_set = self.build("train", train_augmentation(self.image_size, args, self.recipe == "mae"))
+            evals = {split: dataset for split, dataset in self.splits.items() if split != "train"}
+            return run_finetune(args, train_set, self.labels, evals, self.dist, self.recipe, budget, self.random_init,
+                                save)
+        model, features = self.cached()
+        if protocol == "knn":
+            return run_knn(features, budget, args, num_classes)
+        on_the_fly = linear_on_the_fly(model, self.build("train", train_augmentation(self.image_size, args)), args,
+                                       num_classes, self.dist) if args.augment else None
+        return run_linear(features, budget, args, num_classes, on_the_fly, save)
+
+
+def compared_args(given, spec, run_views):
+    """--compare FILE[:ARCH]: the command line's flags on another file (its own image size and pixels unless given);
+    the checkpoint's training views (flips, colour), which belong to the data, not to the backbone."""
+    path, _, arch = spec.rpartition(":")
+    path, arch = (path, arch) if arch in common.ARCHS else (spec, None)
+    return argparse.Namespace(**{**given, **run_views, "checkpoint": path, "arch": arch})
 
 
 # ----------------------------------------------------------------------------- report
 def difference(a, b):
-    """a − b: the means subtract, the seeds' spreads combine (std = sqrt(std_a² + std_b²)); k-NN's dict likewise."""
-    return {k: difference(a[k], b[k]) if isinstance(a[k], dict) else math.hypot(a[k], b[k]) if k.endswith("_std")
-            else a[k] - b[k] for k in a if k not in ("lr", "temperature", "per_class", "per_class_seed0")}
+    """a − b, seed by seed (each seed the same label subset for both), as mean ± std; k-NN's dict, k by k."""
+    if "seeds" not in a:
+        return {k: difference(a[k], b[k]) for k in a if k in b}
+    pairs = list(zip(a["seeds"], b["seeds"])) or [(a, b)]
+    differences = mean_std([{k: x[k] - y[k] for k in x if k in y and isinstance(x[k], float)} for x, y in pairs])
+    return {k: v for k, v in differences.items() if k != "seeds"}
+
+
+def reading(delta, other):
+    """What a paired top-1 difference (checkpoint − other) says: pre-training should beat a public or supervised
+    backbone by 2-3 points to pay for itself."""
+    mean, std = delta["top1"], delta["top1_std"]
+    noise = "" if abs(mean) > 2 * std else f"; the seeds cannot tell them apart (± {std:.2f})"
+    if mean >= 2:
+        return f"    → pre-training beats {other} by {mean:.2f} points: it paid{noise}"
+    return (f"    → pre-training is {mean:+.2f} points from {other}, short of the 2-3 points that would pay for it: "
+            f"the unlabelled data probably did not help{noise}")
 
 
 def row(name, result, seconds=None, signed=False):
@@ -505,8 +621,9 @@ def row(name, result, seconds=None, signed=False):
             f"{ece:>14}" + (f"{seconds:>9.0f} s" if seconds is not None else ""))
 
 
-def plot_features(x, y, method, path):
-    """A 2-D map of the features coloured by label: PCA (torch) or t-SNE (scikit-learn)."""
+def plot(x, y, method, confusion, classes, path):
+    """Two panels: a 2-D map of the val features coloured by label (PCA: torch; t-SNE: scikit-learn), and where each
+    class's val images went (confusion: seed 0's of the linear head or the fine-tuned model, rows: labels)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -516,19 +633,29 @@ def plot_features(x, y, method, path):
     else:
         _, _, components = torch.pca_lowrank(x, q=2)  # centres x itself
         xy = ((x - x.mean(0)) @ components).cpu().numpy()  # (N, 2)
-    fig, ax = plt.subplots(figsize=(6, 6))
-    cmap = "tab10" if int(y.max()) < 10 else "nipy_spectral"
-    points = ax.scatter(xy[:, 0], xy[:, 1], c=y.cpu().numpy(), s=4, cmap=cmap)
-    fig.colorbar(points, ax=ax, label="class")
-    ax.set(title=f"{dict(pca='PCA', tsne='t-SNE')[method]} of the val features, by label", xticks=[], yticks=[])
+    panels = 1 + (confusion is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 6), squeeze=False)
+    points = axes[0, 0].scatter(xy[:, 0], xy[:, 1], c=y.cpu().numpy(), s=4, cmap="tab10" if len(classes) <= 10 else
+                                "nipy_spectral")
+    fig.colorbar(points, ax=axes[0, 0], label="class")
+    axes[0, 0].set(title=f"{dict(pca='PCA', tsne='t-SNE')[method]} of the val features, by label", xticks=[], yticks=[])
+    if confusion is not None:
+        rates = torch.tensor(confusion, dtype=torch.float)
+        rates = (rates / rates.sum(1, keepdim=True).clamp(min=1)).numpy()  # (C, C): each label's share per prediction
+        fig.colorbar(axes[0, 1].imshow(rates, cmap="Blues", vmin=0, vmax=1), ax=axes[0, 1], label="share of the class")
+        axes[0, 1].set(title="confusion (seed 0)", xlabel="predicted", ylabel="label")
+        if len(classes) <= 30:
+            axes[0, 1].set_xticks(range(len(classes)), classes, rotation=90)
+            axes[0, 1].set_yticks(range(len(classes)), classes)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- main
 def main(args):
-    if not 0 < args.label_fraction <= 1:
-        raise common.UserError(f"--label-fraction must be in (0, 1], got {args.label_fraction}")
+    args.label_fraction = args.label_fraction or ([] if args.labels_per_class else [1.0])
+    if bad := [f for f in args.label_fraction if not 0 < f <= 1]:
+        raise common.UserError(f"--label-fraction must be in (0, 1], got {bad[0]}")
     try:  # optional extras: fail now, not after an hour of fine-tuning
         __import__("matplotlib") if args.plot else None
         __import__("sklearn") if args.plot == "tsne" else None
@@ -537,100 +664,77 @@ def main(args):
                                "pca)") from None
     protocols = ["knn", "linear", "finetune"] if "all" in args.protocol else list(dict.fromkeys(args.protocol))
     dist_env = common.init_distributed()
-    device, say = dist_env.device, print if dist_env.is_main else (lambda *_, **__: None)
-    encoder, image_size = load_encoder(args)
-    vit = isinstance(encoder, common.VisionTransformer)
-    recipe = args.recipe or ("mae" if vit else "plain")
-    if not vit and recipe == "mae":
-        raise common.UserError("--recipe mae is a ViT protocol (MAE)")
-    check_readout(encoder, args)
-    transform = common.eval_transform(image_size, args.mean, args.std, args.grayscale_input)
-    build = lambda split, views=transform: common.build_dataset(args.data, split, views, args.data_root)
-    train_set, val_set = build("train"), build("val")
-    labels = torch.tensor(labels_of(train_set))
-    num_classes = int(labels.max()) + 1
+    say = print if dist_env.is_main else (lambda *_, **__: None)
+    given = dict(vars(args))  # the command line, before the checkpoint fills in its pixels and views
+    primary = Backbone(args, dist_env)
+    views = {name: getattr(args, name) for name in ("flip", "color", "vflip", "rot90")}  # the data's: every backbone's
+    backbones = {args.checkpoint: lambda: primary}
+    backbones.update({"random init": lambda: Backbone(args, dist_env, True)} if args.baselines else {})
+    backbones.update({spec: lambda spec=spec: Backbone(compared_args(given, spec, views), dist_env)
+                      for spec in args.compare})
+    budgets = [dict(fraction=f) for f in args.label_fraction] + [dict(per_class=n) for n in args.labels_per_class]
+    vit, first = primary.vit, budget_name(budgets[0])
     readout = "avg pool" if not vit else (("CLS" if args.n_last_blocks == 1 else f"CLS of {args.n_last_blocks} blocks")
                                           + " + avg patch" * args.avgpool_patchtokens)
     names = {"knn": f"k-NN {{}} (DINO, T {args.knn_temperature:g})",
              "linear": f"linear, {readout}, {'augmented' if args.augment else 'cached'} "
                        f"({'DINO' if vit and readout != 'CLS' else 'MAE §A.2'})",
-             "finetune": f"fine-tune, {'MAE §A.3' if recipe == 'mae' else 'plain'} recipe"}
-    settings = {**vars(args), "protocol": protocols, "recipe": recipe, "readout": readout, "image_size": image_size,
-                "world_size": dist_env.world_size}
-    results = dict(checkpoint=args.checkpoint, data=args.data, label_fraction=args.label_fraction, settings=settings)
-    baselines, differences = {}, {}
-    say(f"{'protocol (paper)':<56}{'top-1':>16}{'top-5':>16}{'macro-F1':>16}{'balanced acc':>16}{'ECE (→ T)':>14}"
-        f"{'time':>11}")
-
-    features = {}  # "checkpoint" / "random init" -> (readout, train_x, train_y, val_x, val_y), extracted once
-
-    def features_of(which):
-        if which not in features:
-            torch.manual_seed(0)
-            model = Readout(encoder if which == "checkpoint" else load_encoder(args, random_init=True)[0],
-                            args.n_last_blocks, args.avgpool_patchtokens).to(device).eval()
-            features[which] = (model, *embed_split(model, train_set, args, dist_env, f"{which}: train features"),
-                               *embed_split(model, val_set, args, dist_env, f"{which}: val features"))
-        return features[which]
-
-    def save(name, model, result):  # --save: what embed.py --head needs to predict as this run measured
-        if args.save and dist_env.is_main:
-            os.makedirs(args.save, exist_ok=True)
-            classes = getattr(train_set, "classes", None) or [str(c) for c in range(num_classes)]
-            torch.save(dict(protocol=name, state=model.state_dict(), classes=list(classes), top1=result["top1"],
-                            readout=dict(n_last_blocks=args.n_last_blocks, avgpool=args.avgpool_patchtokens),
-                            batch_normalize=not args.no_linear_bn, recipe=recipe, image_size=image_size,
-                            mean=args.mean, std=args.std, grayscale_input=args.grayscale_input,
-                            checkpoint=os.path.abspath(args.checkpoint)), os.path.join(args.save, f"{name}.pth"))
-
-    def run(protocol, which):
-        if protocol == "finetune":
-            train_aug = build("train", train_augmentation(image_size, args, rand_augment=recipe == "mae"))
-            return run_finetune(args, train_aug, labels, val_set, dist_env, recipe, scratch=which != "checkpoint",
-                                save=save if which == "checkpoint" else None)
-        model, train_x, train_y, val_x, val_y = features_of(which)
-        if protocol == "knn":
-            subset = balanced_subset(train_y.cpu(), args.label_fraction, 0).to(device)
-            if max(args.k) > len(subset) // num_classes:
-                say(f"(k-NN: k above the {len(subset) // num_classes} labelled training images per class skipped)")
-            return run_knn(train_x[subset], train_y[subset], val_x, val_y, args, num_classes)
-        train_aug = build("train", train_augmentation(image_size, args))
-        on_the_fly = linear_on_the_fly(model, train_aug, args, num_classes, dist_env) if args.augment else None
-        return run_linear(train_x, train_y, val_x, val_y, args, num_classes, on_the_fly,
-                          save=save if which == "checkpoint" else None)
-
-    for protocol in protocols:  # each result is printed as soon as it is known, with its wall-clock time
-        rows = lambda result: result.items() if protocol == "knn" else [("", result)]  # k-NN: a row per k
-        start = time.time()
-        results[protocol] = run(protocol, "checkpoint")
-        for k, result in rows(results[protocol]):
-            say(row(names[protocol].format(k), result, time.time() - start))
-        if args.baselines:
-            start = time.time()
-            baselines[protocol] = run(protocol, "random init")
-            differences[protocol] = difference(results[protocol], baselines[protocol])
-            for (k, baseline), (_, delta) in zip(rows(baselines[protocol]), rows(differences[protocol])):
-                say(row(f"  {'from scratch' if protocol == 'finetune' else 'random init'} {k}", baseline,
-                        time.time() - start))
-                say(row(f"  difference {k}", delta, signed=True))
-            if not {"knn", "linear"} & set(protocols[protocols.index(protocol) + 1:]):
-                features.pop("random init", None)  # no later protocol reads them: free the memory for what follows
+             "finetune": f"fine-tune, {'MAE §A.3' if primary.recipe == 'mae' else 'plain'} recipe"}
+    name_of = lambda protocol, k, labels: f"{names[protocol].format(k)}" + f", {labels}" * (len(budgets) > 1)
+    settings = {**vars(args), "protocol": protocols, "recipe": primary.recipe, "readout": readout,
+                "image_size": primary.image_size, "world_size": dist_env.world_size}
+    # backbone -> labels -> protocol -> result: on val, on test (apart), and the checkpoint − backbone differences
+    results = dict(checkpoint=args.checkpoint, data=args.data, settings=settings, val={}, test={}, difference_from={})
+    at = lambda split, name, labels: results[split].setdefault(name, {}).setdefault(labels, {})
+    say(f"{'backbone: protocol (paper)':<56}{'top-1':>16}{'top-5':>16}{'macro-F1':>16}{'balanced acc':>16}"
+        f"{'ECE (→ T)':>14}{'time':>11}")
+    for name, make in backbones.items():
+        backbone = make()
+        say(name + ("" if backbone is primary else "  (differences: the checkpoint − this, paired by seed)"))
+        for labels, budget in ((budget_name(budget), budget) for budget in budgets):
+            for protocol in protocols:
+                start = time.time()
+                keep = (backbone, labels) == (primary, first) and args.save
+                at("val", name, labels)[protocol], test = backbone.run(protocol, budget, keep and primary.save)
+                if test is not None:
+                    at("test", name, labels)[protocol] = test
+                result = results["val"][name][labels][protocol]
+                for k, r in (result.items() if protocol == "knn" else [("", result)]):  # k-NN: a row per k
+                    say(row("  " + name_of(protocol, k, labels), r, time.time() - start))
+                if backbone is not primary:
+                    delta = difference(results["val"][args.checkpoint][labels][protocol], result)
+                    at("difference_from", name, labels)[protocol] = delta
+                    for k, d in (delta.items() if protocol == "knn" else [("", delta)]):
+                        say(row(f"  difference {k}".rstrip(), d, signed=True))
+                    if name != "random init":  # the rule of thumb, on k-NN's first k or the protocol's result
+                        say(reading(next(iter(delta.values())) if protocol == "knn" else delta, name))
+        backbone.features = None if backbone is not primary else backbone.features  # the checkpoint's: --plot
+    results.update(results["val"][args.checkpoint][first])  # the checkpoint's results at the first budget, on top
     if args.baselines:
-        results.update(baselines=baselines, difference=differences)
-
-    name = f"probe_{os.path.basename(args.data.rstrip('/'))}_{'+'.join(protocols)}_labels{args.label_fraction:g}.json"
+        results.update(baselines=results["val"]["random init"][first],
+                       difference=results["difference_from"]["random init"][first])
+    if results["test"]:  # scored by the heads and models that val reported, at the k val chose: printed only now
+        say("test split (scored once, with the choices made without it)")
+        for name, by_labels in results["test"].items():
+            for labels, by_protocol in by_labels.items():
+                for protocol, result in by_protocol.items():
+                    say(row(f"  {name}: " + name_of(protocol, result.get("k", ""), labels), result))
+    tag = "+".join(f"{f:g}" for f in args.label_fraction) + "".join(f"_{n}pc" for n in args.labels_per_class)
+    name = f"probe_{os.path.basename(args.data.rstrip('/'))}_{'+'.join(protocols)}_labels{tag}.json"
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), name.replace(":", "_"))
     if dist_env.is_main:
         with open(output, "w") as f:
             json.dump(results, f, indent=2)
         say(f"results written to {output}")
     if args.plot:
-        _, _, _, val_x, val_y = features_of("checkpoint")  # every rank takes part in the extraction
+        _, features = primary.cached()  # every rank takes part in the extraction
     if dist_env.world_size > 1:  # the last collective: t-SNE takes minutes, NCCL's watchdog aborts a rank left waiting
         dist.barrier()  # rank 0 has written; the others exit while it plots
     if args.plot and dist_env.is_main:
-        plot_features(val_x, val_y, args.plot, os.path.splitext(output)[0] + f"_{args.plot}.png")
-        say(f"{args.plot} plot written to {os.path.splitext(output)[0]}_{args.plot}.png")
+        trained = [results[p]["per_class_seed0"]["confusion"] for p in ("linear", "finetune") if p in protocols]
+        plot(*features["val"], args.plot, (trained or [None])[0], primary.classes, image := os.path.splitext(
+            output)[0] + f"_{args.plot}.png")
+        say(f"{args.plot} plot written to {image}")
     return results
 
 

@@ -32,7 +32,7 @@ def plot_once_rank_1_is_gone(*_):
     saved["plotted"] = True
 
 
-saved, probe.plot_features = {}, plot_once_rank_1_is_gone
+saved, probe.plot = {}, plot_once_rank_1_is_gone
 sys.modules.setdefault("matplotlib", types.ModuleType("matplotlib"))  # main checks the import; the plot is a stub
 probe.main(probe.get_args_parser().parse_args([checkpoint, *flags, "--plot", "pca", "--output", out + ".json"]))
 dist_env = common.DistEnv(torch.distributed.get_rank(), torch.distributed.get_world_size())  # main's process group
@@ -67,7 +67,7 @@ def first_step(model, optimizer, images, targets, step=probe.finetune_step):
 probe.Classifier, probe.finetune_step = Built, first_step
 # Of the labels, run_finetune reads only their number and the classes (10); the targets are the image's label.
 probe.run_finetune(args, one_image(probe.train_augmentation(image_size, args, rand_augment=True)),
-                   torch.full((8,), 9), val_set, dist_env, "mae", scratch=True)
+                   torch.full((8,), 9), {"val": val_set}, dist_env, "mae", dict(fraction=1.0), scratch=True)
 readout = probe.Readout(encoder)
 readout.register_forward_pre_hook(lambda module, inputs: saved.setdefault("linear_images", inputs[0]))
 probe.linear_on_the_fly(readout, one_image(probe.train_augmentation(image_size, args)), args, 10, dist_env)(

@@ -2,6 +2,7 @@
 import json
 import os
 import runpy
+import shutil
 import sys
 
 import numpy as np
@@ -37,8 +38,9 @@ def test_linear_probe_finds_a_direction_knn_cannot_see():
     x[:, 0] = (2 * y - 1) + 0.1 * torch.randn(2000, generator=generator)
     args = probe.get_args_parser().parse_args(["c.pth", "--data", "shapes", "--seeds", "2", "--linear-epochs", "30",
                                                "--k", "20"])
-    linear = probe.run_linear(x[:1500], y[:1500], x[1500:], y[1500:], args, 2)
-    knn = probe.run_knn(x[:1500], y[:1500], x[1500:], y[1500:], args, 2)["k=20"]
+    features = {"train": (x[:1500], y[:1500]), "val": (x[1500:], y[1500:])}
+    linear, _ = probe.run_linear(features, dict(fraction=1.0), args, 2)
+    knn = probe.run_knn(features, dict(fraction=1.0), args, 2)[0]["k=20"]
     assert linear["top1"] > 97 and linear["top1_std"] < 2 and len(linear["lr"]) == 2
     assert knn["top1"] < 70
 
@@ -50,22 +52,27 @@ def test_linear_lr_is_chosen_on_held_out_training_labels_never_on_val():
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))
     x, y = x[order], y[order]
     args = probe.get_args_parser().parse_args(["c.pth", "--data", "shapes", "--seeds", "2", "--linear-epochs", "2"])
-    chosen = probe.run_linear(x[:160], y[:160], x[160:], y[160:], args, 4)
+    features = {"train": (x[:160], y[:160]), "val": (x[160:], y[160:])}
+    chosen, _ = probe.run_linear(features, dict(fraction=1.0), args, 4)
     assert chosen["top1"] > 80
     for seed in range(3):
         permuted = y[160:][torch.randperm(80, generator=torch.Generator().manual_seed(seed))]
-        result = probe.run_linear(x[:160], y[:160], x[160:], permuted, args, 4)
+        result, _ = probe.run_linear({"train": (x[:160], y[:160]), "val": (x[160:], permuted)}, dict(fraction=1.0),
+                                     args, 4)
         assert result["lr"] == chosen["lr"] and result["top1"] < 50  # the same heads, scored on nonsense labels
         assert result["temperature"] == chosen["temperature"]  # calibrated on held-out training labels too
 
 
 def test_balanced_subset_keeps_each_class_share():
     labels = torch.arange(10).repeat_interleave(100)
-    subset = probe.balanced_subset(labels, 0.1, seed=3)
+    subset = probe.balanced_subset(labels, 3, 0.1)
     assert torch.bincount(labels[subset]).tolist() == [10] * 10
-    assert not torch.equal(subset, probe.balanced_subset(labels, 0.1, seed=4))
-    assert torch.equal(subset, probe.balanced_subset(labels, 0.1, seed=3))
-    assert len(probe.balanced_subset(labels, 0.001, seed=0)) == 10  # at least one image per class
+    assert not torch.equal(subset, probe.balanced_subset(labels, 4, 0.1))
+    assert torch.equal(subset, probe.balanced_subset(labels, 3, 0.1))
+    assert len(probe.balanced_subset(labels, 0, 0.001)) == 10  # at least one image per class
+    per_class = probe.balanced_subset(labels[:250], 0, per_class=30)  # classes 0, 1: 100 images; class 2: 50
+    assert torch.bincount(labels[per_class]).tolist() == [30, 30, 30]
+    assert len(probe.balanced_subset(labels[:250], 0, per_class=80)) == 80 + 80 + 50  # all of a smaller class
 
 
 def test_metrics_on_a_hand_computed_case():
@@ -198,7 +205,7 @@ def test_knn_and_linear_under_torchrun_equal_one_process(two_ranks, tmp_path):
     assert ddp["knn"] == single["knn"] and ddp["linear"]["lr"] == single["linear"]["lr"]
     assert ddp["linear"]["temperature"] == single["linear"]["temperature"]
     assert all(abs(ddp["linear"][key] - value) < 1e-5 for key, value in single["linear"].items()
-               if key not in ("lr", "temperature", "per_class_seed0"))
+               if key not in ("lr", "temperature", "per_class_seed0", "seeds"))
     assert ddp["linear"]["per_class_seed0"]["confusion"] == single["linear"]["per_class_seed0"]["confusion"]
 
 
@@ -245,10 +252,11 @@ def test_baselines_show_that_pretraining_helped(tmp_path, capsys):
         "--seeds", "2", "--linear-epochs", "10", "--k", "20", "--workers", "0"]))
     out = capsys.readouterr().out
     print(out)
-    assert "random init k=20" in out and "difference" in out and "linear, CLS, cached (MAE §A.2)" in out
+    assert "\nrandom init  (" in out and "difference k=20" in out and "linear, CLS, cached (MAE §A.2)" in out
     # random init: 32.5% k-NN, 26% linear; the supervised encoder: 41% and 39% (400 val images: ±2.5%)
     assert results["difference"]["knn"]["k=20"]["top1"] > 4 and results["difference"]["linear"]["top1"] > 6
-    assert results["difference"]["linear"]["top1"] == results["linear"]["top1"] - results["baselines"]["linear"]["top1"]
+    assert results["difference"]["linear"]["top1"] == pytest.approx(results["linear"]["top1"]
+                                                                    - results["baselines"]["linear"]["top1"])
     saved = json.load(open(tmp_path / "probe_shapes_16_400_400_knn+linear_labels1.json"))
     assert (saved["settings"]["baselines"] and saved["settings"]["protocol"] == ["knn", "linear"]
             and saved["settings"]["k"] == [20])
@@ -433,3 +441,96 @@ def test_plot_of_the_features(tmp_path):
                                                    "--plot", "pca", "--workers", "0",
                                                    "--output", str(tmp_path / "r.json")]))
     assert os.path.getsize(tmp_path / "r_pca.png") > 1000
+
+
+def shapes_folder(root, test_label):
+    """root/{train,val}/<class>/ from the built-in shapes (200 + 100 images), and root/test/: val's images again,
+    filed under test_label(their label)."""
+    for split, folders, count in (("train", [lambda c: c], 200), ("val", [lambda c: c], 100)):
+        data = shapes.Shapes(split, 16, count)
+        for i in range(count):
+            image, label = data[i]
+            for folder, relabel in zip((split, "test"), [lambda c: c] + [test_label] * (split == "val")):
+                (root / folder / str(relabel(label))).mkdir(parents=True, exist_ok=True)
+                image.save(root / folder / str(relabel(label)) / f"{i}.png")
+    return str(root)
+
+
+def test_the_test_split_is_scored_apart_and_never_chooses(tmp_path, capsys):
+    """A test/ split is scored by the heads and models val reports (k-NN: at the k val chose), printed apart at the
+    end, and never read for a choice: with test/ a copy of val its numbers are val's; with every test/ label wrong,
+    every val number, lr, temperature and chosen k stay as they were (a choice made on test/ would move)."""
+    checkpoint = save_checkpoint(tmp_path / "c.pth")
+    flags = ["--protocol", "knn", "linear", "finetune", "--seeds", "2", "--linear-epochs", "3", "--finetune-epochs",
+             "1", "--finetune-base-lr", "5e-3", "--k", "1", "5", "20", "--workers", "0"]
+    runs = {}
+    for name, relabel in (("copy", lambda c: c), ("wrong", lambda c: (c + 1) % 10)):
+        data = shapes_folder(tmp_path / name, relabel)
+        runs[name] = probe.main(probe.get_args_parser().parse_args([checkpoint, "--data", data, *flags, "--output",
+                                                                    str(tmp_path / f"{name}.json")]))
+    out = capsys.readouterr().out
+    assert out.count("test split (scored once") == 2 and out.rindex("test split") > out.rindex("  fine-tune, MAE")
+    copy, wrong = runs["copy"], runs["wrong"]
+    assert copy["val"] == wrong["val"]  # every val number, lr and temperature
+    copy_test, wrong_test = (run["test"][checkpoint]["100% labels"] for run in runs.values())
+    best = max(copy["knn"], key=lambda k: copy["knn"][k]["top1"])
+    assert copy_test["knn"]["k"] == wrong_test["knn"]["k"] == best  # the k chosen on val
+    assert {k: v for k, v in copy_test["knn"].items() if k != "k"} == copy["knn"][best]
+    for protocol in ("linear", "finetune"):  # the same heads and models, scored on the same images
+        assert {k: v for k, v in copy_test[protocol].items()} == {k: v for k, v in copy[protocol].items()
+                                                                  if k not in ("lr", "temperature")}
+    assert all(wrong_test[p]["top1"] < copy_test[p]["top1"] for p in ("knn", "linear"))  # scored on test's labels
+
+
+def test_compare_runs_every_backbone_on_the_same_label_subsets_at_each_budget(tmp_path, capsys):
+    """--compare: the same protocols, label subsets and seeds for every backbone. Two files with the checkpoint's
+    weights (one a plain state_dict whose patch size 8 comes from the file) differ from it by exactly 0 at every
+    budget, seed by seed: any difference in subsets or seeds would show. The curve: a row per budget."""
+    checkpoint = save_checkpoint(tmp_path / "c.pth")
+    torch.save(torch.load(checkpoint, weights_only=False)["encoder"], tmp_path / "plain.pth")
+    shutil.copy(checkpoint, tmp_path / "copy.pth")
+    others = [f"{tmp_path / 'plain.pth'}:vit_nano", str(tmp_path / "copy.pth")]
+    results = probe.main(probe.get_args_parser().parse_args([
+        checkpoint, "--data", "shapes:16:200:100", "--protocol", "knn", "linear", "--compare", *others,
+        "--label-fraction", "0.2", "1", "--labels-per-class", "5", "--seeds", "2", "--linear-epochs", "3", "--k", "5",
+        "--workers", "0", "--output", str(tmp_path / "r.json")]))
+    out = capsys.readouterr().out
+    budgets = ["20% labels", "100% labels", "5 labels a class"]
+    assert list(results["val"]) == [checkpoint, *others] and list(results["val"][checkpoint]) == budgets
+    for labels in budgets:
+        assert out.count(f"linear, CLS, cached (MAE §A.2), {labels} ") == 3  # a row per backbone and budget
+        for other in others:
+            delta = results["difference_from"][other][labels]
+            assert delta["linear"]["top1"] == delta["linear"]["top1_std"] == delta["knn"]["k=5"]["top1"] == 0
+    assert [len(results["val"][checkpoint][labels]["knn"]["k=5"]["seeds"]) for labels in budgets] == [2, 1, 2]
+    assert out.count("→ pre-training is +0.00 points from") == 2 * 3 * 2  # the reading, per protocol and budget
+
+
+def test_freeze_epochs_train_the_head_alone_first(tmp_path, monkeypatch):
+    """--freeze-epochs 1: an epoch of the head alone (the encoder out of the optimizer, its weights as loaded), on its
+    own cosine without warm-up; then the fine-tuning of every block, its warm-up and cosine from the start."""
+    data, checkpoint = tone_folder(tmp_path / "tones"), save_checkpoint(tmp_path / "c.pth", seed=7)
+    steps, real_step = [], probe.finetune_step
+
+    def recording_step(model, optimizer, images, targets):
+        lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+        steps.append(dict(lr={n: lr_of[id(p)] for n, p in model.named_parameters() if id(p) in lr_of},
+                          patch=model.encoder.patch_embed.proj.weight.detach().clone()))
+        return real_step(model, optimizer, images, targets)
+    monkeypatch.setattr(probe, "finetune_step", recording_step)
+    probe.main(probe.get_args_parser().parse_args([
+        checkpoint, "--data", data, "--protocol", "finetune", "--seeds", "1", "--freeze-epochs", "1",
+        "--finetune-epochs", "2", "--finetune-warmup-epochs", "1", "--layer-decay", "1", "--label-fraction", "0.5",
+        "--workers", "0", "--output", str(tmp_path / "r.json")]))
+    saved = torch.load(checkpoint, weights_only=False)["encoder"]["patch_embed.proj.weight"]
+    lr = 5e-4 * 8 / 256
+    assert len(steps) == 2 + 4  # 2 steps an epoch
+    for s, step in enumerate(steps[:2]):  # the head alone: fc_norm and the linear layer
+        assert set(step["lr"]) == {"head.0.weight", "head.0.bias", "head.1.weight", "head.1.bias"}
+        assert list(step["lr"].values()) == pytest.approx([common.cosine_schedule(s, 2, lr, 1e-6)] * 4)
+        assert torch.equal(step["patch"], saved)
+    assert torch.equal(steps[2]["patch"], saved)  # untouched until the blocks train
+    for s, step in enumerate(steps[2:]):
+        assert "encoder.patch_embed.proj.weight" in step["lr"] and len(step["lr"]) > 4
+        assert list(step["lr"].values())[0] == pytest.approx(common.cosine_schedule(s, 4, lr, 1e-6, 2))
+    assert not torch.equal(steps[-1]["patch"], saved)
