@@ -44,6 +44,10 @@ def get_args_parser():
     g.add_argument("--init", default="", help="continued pre-training: the encoder starts from a torchvision ResNet or "
                    "timm-named ViT state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; "
                    "the target starts equal to it, the heads fresh")
+    g.add_argument("--freeze-encoder-epochs", type=common.non_negative_int, default=0, metavar="N",
+                   help="with --init: the encoder stays as loaded for N epochs while the fresh projector and "
+                   "predictor learn, then all train: a random head's first large gradients would otherwise "
+                   "wreck the loaded features (0: off, the paper's recipe)")
     g.add_argument("--proj-hidden", type=common.positive_int, default=4096, help="projector hidden width")
     g.add_argument("--proj-dim", type=common.positive_int, default=256, help="projector output width (z)")
     g.add_argument("--pred-hidden", type=common.positive_int, default=4096,
@@ -154,6 +158,8 @@ def main(args):
                 loss, z = training_step(ddp_model, views, args)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if epoch < args.freeze_encoder_epochs:  # no gradient: the optimizer leaves the --init weights alone
+                model.encoder.zero_grad(set_to_none=True)  # while the fresh heads settle (no decay, no momentum)
             optimizer.step()
             momentum_update(model, momentum)  # after the online step, at the τ of this step k
             run.step_done(loss, z)  # progress, divergence and SIGTERM stops

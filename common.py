@@ -1314,6 +1314,11 @@ def check_flags(args, dist_env):
         args.knn_every = 0
     if not 0 < getattr(args, "crop_min", 1) <= 1:  # MoCo's smallest crop area
         raise UserError(f"--crop-min {args.crop_min} is not an area fraction in (0, 1]")
+    frozen = getattr(args, "freeze_encoder_epochs", 0)  # --init's warm-up: the encoder stays as loaded
+    if frozen and not args.init:
+        raise UserError(f"--freeze-encoder-epochs {frozen} needs --init: a random encoder has no features to protect")
+    if frozen >= args.epochs:
+        raise UserError(f"--freeze-encoder-epochs {frozen} >= --epochs {args.epochs}: the encoder would never train")
     if args.warmup_epochs > args.epochs and dist_env.is_main:  # legal (a short test run), but rarely meant
         print(f"warning: --warmup-epochs {args.warmup_epochs} is longer than the run (--epochs {args.epochs}): the lr "
               "never reaches base-lr x batch-size / 256")

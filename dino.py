@@ -55,6 +55,10 @@ def get_args_parser():
     g.add_argument("--init", default="", help="continued pre-training: the encoder starts from a torchvision ResNet or "
                    "timm-named ViT state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; "
                    "student and teacher start from it, the heads fresh")
+    g.add_argument("--freeze-encoder-epochs", type=common.non_negative_int, default=0, metavar="N",
+                   help="with --init: the encoder stays as loaded for N epochs while the fresh DINO head learns, "
+                   "then all train: a random head's first large gradients would otherwise wreck the loaded "
+                   "features (0: off, the paper's recipe)")
     g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the student ViT (not the teacher)")
     g.add_argument("--head-hidden", type=common.positive_int, default=2048, help="hidden width of the 3-layer head MLP")
     g.add_argument("--head-bottleneck", type=common.positive_int, default=256,
@@ -336,6 +340,8 @@ def main(args):
             if epoch < args.freeze_last_layer:  # no gradient: the optimizer leaves it alone (no decay either)
                 for p in model.student.head.last_layer.parameters():
                     p.grad = None
+            if epoch < args.freeze_encoder_epochs:  # no gradient: the optimizer leaves the --init weights alone
+                model.student.backbone.zero_grad(set_to_none=True)  # while the fresh head settles (no decay either)
             optimizer.step()
             momentum_update(model, values["momentum"])
             run.step_done(loss, teacher_out, teacher_entropy=entropy)  # progress, divergence and SIGTERM stops

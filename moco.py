@@ -74,6 +74,10 @@ def get_args_parser():
     g.add_argument("--init", default="", help="continued pre-training: the encoder starts from a torchvision ResNet or "
                    "timm-named ViT state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; "
                    "the momentum encoder starts equal to it, the heads fresh")
+    g.add_argument("--freeze-encoder-epochs", type=common.non_negative_int, default=0, metavar="N",
+                   help="with --init: the encoder stays as loaded for N epochs while the fresh heads learn, "
+                   "then all train: a random head's first large gradients would otherwise wreck the loaded "
+                   "features (0: off, the paper's recipe)")
     g.add_argument("--stop-grad-conv1", action=argparse.BooleanOptionalAction, default=True,
                    help="ViT: freeze the patch projection at its random init (v3 §4.2: stable training)")
     recipe_flag(g, "proj_hidden", "hidden width of the projector and predictor MLPs", type=common.positive_int)
@@ -255,6 +259,8 @@ def main(args):
                 loss, z = training_step(ddp_model, views, args)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if epoch < args.freeze_encoder_epochs:  # no gradient: the optimizer leaves the --init weights alone
+                model.encoder.zero_grad(set_to_none=True)  # while the fresh heads settle (no decay, no momentum)
             optimizer.step()
             # v3: m rises from 0.99 to 1 on a half cosine (as BYOL's), at the step count after this step: the keys
             # settle as training ends. v2: fixed.

@@ -43,6 +43,10 @@ def get_args_parser():
     g.add_argument("--init", default="", help="continued pre-training: the encoder starts from a torchvision ResNet or "
                    "timm-named ViT state_dict (official DINO, MAE, MoCo v3 files too) or a checkpoint of this project; "
                    "projector and predictor start fresh")
+    g.add_argument("--freeze-encoder-epochs", type=common.non_negative_int, default=0, metavar="N",
+                   help="with --init: the encoder stays as loaded for N epochs while the fresh projector and "
+                   "predictor learn, then all train: a random head's first large gradients would otherwise "
+                   "wreck the loaded features (0: off, the paper's recipe)")
     g.add_argument("--proj-hidden", type=common.positive_int, default=2048,
                    help="projector hidden width (3 layers, BN after each)")
     g.add_argument("--proj-dim", type=common.positive_int, default=2048, help="projector output width (z)")
@@ -141,6 +145,8 @@ def main(args):
                 loss, z = training_step(ddp_model, views, args)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if epoch < args.freeze_encoder_epochs:  # no gradient: the optimizer leaves the --init weights alone
+                model.encoder.zero_grad(set_to_none=True)  # while the fresh heads settle (no decay, no momentum)
             optimizer.step()
             run.step_done(loss, z)  # progress, divergence and SIGTERM stops
         run.epoch_done()  # k-NN, checkpoint, log

@@ -1,5 +1,6 @@
 """What practitioners reach for (issue 16): --init from public weights, domain switches for the views,
 unlabelled folders with --val and --skip-bad-images, and the plots."""
+import copy
 import importlib
 import json
 import sys
@@ -172,6 +173,41 @@ def test_init_mismatch_is_one_line(tmp_path, content, expected):
     assert expected in str(error.value) and "\n" not in str(error.value)
 
 
+ENCODER = {"dino": "student.backbone."}  # where the --init weights sit in the model's state; the rest: "encoder."
+EMA_COPY = {"byol": "target.0.", "moco": "momentum_encoder.0.", "dino": "teacher.backbone."}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_freeze_encoder_epochs_trains_the_heads_first(method, tmp_path, monkeypatch):
+    """--freeze-encoder-epochs 1 of 2: after epoch 1 the encoder (and its EMA copy) is exactly the --init file's
+    while the heads moved; after epoch 2 the encoder moved too."""
+    weights = official_vit_file(tmp_path / "vit.pth")
+    module, args = parse(method, "--data", "shapes:32:16:8", *TINY_VIT, "--epochs", "2", "--warmup-epochs", "0",
+                         "--save-every", "1", "--init", str(tmp_path / "vit.pth"), "--freeze-encoder-epochs", "1",
+                         *HEADS[method].split(), "--output-dir", str(tmp_path / "run"))
+    built, build_model = [], module.build_model  # keep a copy of the model as main() builds it: the heads' init
+    monkeypatch.setattr(module, "build_model", lambda a: (m := build_model(a), built.append(copy.deepcopy(m)))[0])
+    module.main(args)
+    epoch1, epoch2 = (torch.load(tmp_path / "run" / f"checkpoint_{e:04d}.pth", weights_only=False) for e in (1, 2))
+    encoder = ENCODER.get(method, "encoder.")
+    for prefix in (encoder, EMA_COPY.get(method, encoder)):
+        assert all(torch.equal(epoch1["model"][prefix + k], v) for k, v in weights.items()), prefix
+    heads = {k: p for k, p in built[0].named_parameters() if p.requires_grad and not k.startswith(encoder)}
+    assert any(not torch.equal(epoch1["model"][k], p) for k, p in heads.items())  # trained, not just BN statistics
+    assert not all(torch.equal(epoch2["model"][encoder + k], v) for k, v in weights.items())
+
+
+@pytest.mark.parametrize("method, flags, expected", [
+    ("simclr", ["--freeze-encoder-epochs", "1", "--epochs", "2"],
+     "--freeze-encoder-epochs 1 needs --init: a random encoder has no features to protect"),
+    ("dino", ["--freeze-encoder-epochs", "2", "--epochs", "2", "--init", "x.pth"],
+     "--freeze-encoder-epochs 2 >= --epochs 2: the encoder would never train")], ids=["no-init", "not-below-epochs"])
+def test_freeze_encoder_epochs_refusals_are_one_line(method, flags, expected, tmp_path):
+    result = run_script(f"{method}.py", "--data", "shapes:32:16:8", *TINY_VIT[:4], *flags,
+                        "--output-dir", str(tmp_path))
+    assert result.returncode == 1 and error_line(result) == f"{method}.py: error: {expected}"
+
+
 # ----------------------------------------------------------------------------- domain switches
 def both_paths(view, image, n=64):
     """n views of one uint8 (3, H, W) image from the device path (augment_batch) and the DataLoader path."""
@@ -190,8 +226,9 @@ def test_every_method_documents_and_applies_the_switches():
     for method in METHODS:
         module = importlib.import_module(method)
         text = module.get_args_parser().format_help()
-        assert all(flag in text for flag in ("--init", "--no-flip", "--no-color", "--vflip", "--rot90", "--mean",
-                                             "--grayscale-input", "--std", "--val", "--skip-bad-images")), method
+        assert all(flag in text for flag in ("--init", "--freeze-encoder-epochs", "--no-flip", "--no-color", "--vflip",
+                                             "--rot90", "--mean", "--grayscale-input", "--std", "--val",
+                                             "--skip-bad-images")), method
         views = views_of("--no-flip", "--no-color", "--vflip", "--rot90", "--grayscale-input", "--mean", "0.5", "0.5",
                          "0.5", "--std", "1", "1", "1", method=method)
         assert all(v.flip == 0 and v.jitter_prob == 0 and v.grayscale_prob == 0 and v.solarize == 0 and v.vflip
