@@ -10,6 +10,7 @@ import torchvision
 from PIL import Image
 
 import common
+import device_views
 import shapes
 from helpers import ROOT, error_line, run_script
 
@@ -176,7 +177,7 @@ def test_init_mismatch_is_one_line(tmp_path, content, expected):
 def both_paths(view, image, n=64):
     """n views of one uint8 (3, H, W) image from the device path (augment_batch) and the DataLoader path."""
     torch.manual_seed(0)
-    device = common.augment_batch(image.expand(n, -1, -1, -1), view)
+    device = device_views.augment_batch(image.expand(n, -1, -1, -1), view)
     loader = torch.stack([view(Image.fromarray(image.permute(1, 2, 0).numpy())) for _ in range(n)])
     return device, loader
 
