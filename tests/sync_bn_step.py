@@ -88,7 +88,8 @@ reference = nn.Sequential(nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.BatchNo
 for param in reference.parameters():
     nn.init.normal_(param)
 layer = common.convert_sync_batchnorm(copy.deepcopy(reference))
-assert [type(module) for module in layer] == [device_views.SyncBatchNorm, nn.Tanh, nn.Flatten, device_views.SyncBatchNorm]
+SyncBN = device_views.SyncBatchNorm
+assert [type(module) for module in layer] == [SyncBN, nn.Tanh, nn.Flatten, SyncBN]
 for step in range(2):  # the second step starts from the running statistics and num_batches_tracked of the first
     x = (3 * torch.randn(8, 3, 5, 5) + 1).requires_grad_()  # the global batch, its mean far from 0
     dy = torch.randn(8, 75)  # the gradient of the output
