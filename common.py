@@ -1,6 +1,6 @@
 """What the method files share, and all they import: a method file plus this one is a project's whole copy.
-Part I, to read: data, views, backbones, DDP, schedules, LARS, checkpoints. Part II, to change: folder intake,
-augmentation on the device, --init weights, the k-NN monitor, and the run harness that every main() drives."""
+Part I, to read: data, views, backbones, DDP, schedules, LARS, checkpoints. Part II, to change: folder intake, --init
+weights, the k-NN monitor, the optional speed path (device_views.py) and the run harness that every main() drives."""
 import json
 import math
 import os
@@ -23,8 +23,7 @@ from tqdm import tqdm
 
 
 class UserError(Exception):
-    """Bad input (path, data, checkpoint, flags) or a run that must stop (diverged, pre-empted): scripts print it
-    as one line and exit with code 1 (see error_line); argparse's own errors exit with 2."""
+    """Bad input (path, data, checkpoint, flags) or a run that must stop: one line and exit code 1 (error_line)."""
 
     def __init__(self, message):  # a DataLoader worker re-raises with its traceback as the message: keep the last line
         super().__init__(str(message).strip().splitlines()[-1].split("UserError: ")[-1])
@@ -37,9 +36,8 @@ DATASETS = ("shapes", "cifar10", "cifar100", "stl10")
 
 
 def build_dataset(spec, split, transform=None, root="data", skip_bad=False):
-    """spec: 'shapes[:SIZE[:N[:V]]]' (built in), 'cifar10', 'cifar100', 'stl10', or a folder DIR/{train,val}/<class>/*
-    (class folders alone: train only; no class folders: unlabelled, see is_unlabelled). split: 'pretrain' (what SSL
-    trains on: STL-10 adds its 100k unlabeled images), 'train' or 'val'. skip_bad: see ImageFiles."""
+    """spec: 'shapes[:SIZE[:N[:V]]]' (built in), 'cifar10', 'cifar100', 'stl10', or a folder (see folder_dataset).
+    split: 'pretrain' (what SSL trains on: STL-10 adds its 100k unlabeled images), 'train' or 'val'."""
     train = split in ("pretrain", "train")
     if spec.split(":")[0] == "shapes":  # the offline dataset of the quick start and the tests, in shapes.py
         import shapes
@@ -60,14 +58,6 @@ def build_dataset(spec, split, transform=None, root="data", skip_bad=False):
         finally:
             socket.setdefaulttimeout(previous)
     return folder_dataset(spec, train, transform, skip_bad)
-
-
-def default_image_size(spec):
-    """The usual training resolution: shapes' own, 32 for CIFAR, 96 for STL-10, 224 for a folder (ImageNet)."""
-    if spec.split(":")[0] == "shapes":
-        import shapes
-        return shapes.spec(spec)[0]
-    return {"cifar10": 32, "cifar100": 32, "stl10": 96}.get(spec, 224)
 
 
 def make_loader(dataset, batch_size, dist_env, workers, train=True, on_device=True):
@@ -98,7 +88,7 @@ def blur_kernel(image_size):
 @dataclass
 class View:
     """One random view (SimCLR §B.9, BYOL Table 6), drawn by torchvision on one PIL image when called (DataLoader
-    workers) or by augment_batch on a uint8 batch on the device. BYOL's asymmetric pair is two Views."""
+    workers) or by device_views.augment_batch on a uint8 batch on the device. BYOL's asymmetric pair is two Views."""
     size: int
     scale: tuple = (0.08, 1.0)
     jitter: tuple = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
@@ -107,8 +97,7 @@ class View:
     jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
     interpolation: str = "bilinear"
-    # The domain switches (see domain_views): horizontal flip probability, vertical flips, quarter turns, one channel
-    # repeated, normalisation.
+    # Domain switches (domain_views): flip probability, vertical flips, quarter turns, grayscale input, normalisation
     flip: float = 0.5
     vflip: bool = False
     rot90: bool = False
@@ -142,8 +131,7 @@ class MultiView:
 
 
 def free_orientation(vflip, rot90):
-    """The transforms of --vflip (p 0.5) and --rot90 (0, 90, 180 or 270°, each p 1/4), for data whose orientation
-    carries no label. torchvision has no random quarter turn, but its rotate is exact at multiples of 90°."""
+    """--vflip (p 0.5) and --rot90 (0, 90, 180 or 270°, each p 1/4): torchvision's rotate is exact at those angles."""
     quarter_turn = v2.RandomChoice([v2.RandomRotation((angle, angle)) for angle in (0, 90, 180, 270)])
     return [v2.RandomVerticalFlip()] * vflip + [quarter_turn] * rot90
 
@@ -157,8 +145,7 @@ def eval_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, grayscale_input=F
 
 
 def domain_views(views, args):
-    """The method's views with data_args' domain switches (--no-flip, --no-color, --vflip, --rot90, --grayscale-input,
-    --mean, --std)."""
+    """The method's views with data_args' domain switches (--no-flip, --no-color, --vflip, --rot90, ...)."""
     colour_off = dict(jitter_prob=0.0, grayscale_prob=0.0, solarize=0.0) if args.no_color else {}
     return MultiView([replace(view, flip=0.0 if args.no_flip else view.flip, vflip=args.vflip, rot90=args.rot90,
                               grayscale_input=args.grayscale_input, mean=tuple(args.mean), std=tuple(args.std),
@@ -227,6 +214,7 @@ def resize_pos_embed(pos, h, w, antialias=False):
 
 VIT_SIZES = {"vit_nano": (128, 4, 4), "vit_tiny": (192, 12, 3),  # (width, depth, heads); nano: CPU scale, the tests
              "vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
+ARCHS = ("resnet18", "resnet34", "resnet50", *VIT_SIZES)
 
 
 class VisionTransformer(nn.Module):
@@ -280,9 +268,8 @@ class VisionTransformer(nn.Module):
 def build_encoder(arch, image_size=224, patch_size=16, drop_path=0.0, sincos=False, num_heads=None,
                   zero_init_residual=False, **layout):
     """Backbone without classifier, exposing .embed_dim. At 64 px and below a ResNet's 7x7/2 stem + max-pool becomes
-    SimCLR's CIFAR stem, 3x3/1 (or a 32 px image is 1x1 before the last stage). num_heads: a ViT's head count if not
-    the usual (MoCo v3's ViT-S has 12): no weight shows it, so it travels in the checkpoint's encoder_config, with
-    the layout a public file gave the ViT (layer_scale, registers, cls_slot: see vit_layout)."""
+    SimCLR's CIFAR stem, 3x3/1 (else a 32 px image is 1x1 before the last stage). num_heads (MoCo v3's ViT-S has 12)
+    and the layout (see vit_layout) show in no weight's shape: they travel in the checkpoint's encoder_config."""
     if arch in ("resnet18", "resnet34", "resnet50"):
         model = getattr(torchvision.models, arch)(zero_init_residual=zero_init_residual)
         if image_size <= 64:
@@ -295,9 +282,6 @@ def build_encoder(arch, image_size=224, patch_size=16, drop_path=0.0, sincos=Fal
             raise UserError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
         return VisionTransformer(image_size, patch_size, dim, depth, num_heads or heads, drop_path, sincos, **layout)
     raise UserError(f"unknown arch {arch!r}: choose from {', '.join(ARCHS)}")
-
-
-ARCHS = ("resnet18", "resnet34", "resnet50", *VIT_SIZES)
 
 
 def mlp(dims, last_bn=True, last_affine=False, last_bias=False):
@@ -388,11 +372,6 @@ class LARS(torch.optim.Optimizer):
             torch._foreach_mul_(buffers, group["momentum"])
             torch._foreach_add_(buffers, updates)
             torch._foreach_add_(params, buffers, alpha=-group["lr"])
-
-
-def embedding_std(z):
-    """Collapse signal (SimSiam §4.1): per-dimension std of the normalised z, ≈ 1/sqrt(d) spread, 0 collapsed."""
-    return F.normalize(z.float(), dim=1).std(dim=0).mean()
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -763,6 +742,14 @@ def positive_float(text):
     return float(text)
 
 
+def default_image_size(spec):
+    """The usual training resolution: shapes' own, 32 for CIFAR, 96 for STL-10, 224 for a folder (ImageNet)."""
+    if spec.split(":")[0] == "shapes":
+        import shapes
+        return shapes.spec(spec)[0]
+    return {"cifar10": 32, "cifar100": 32, "stl10": 96}.get(spec, 224)
+
+
 def data_args(parser, crop_scale=None):
     """The data flags of every method; the domain switches leave the method's views as the default. crop_scale: the
     method's crop area range, where it has no crop flag of its own (MoCo: --crop-min; DINO: --*-crops-scale)."""
@@ -1055,6 +1042,11 @@ def check_same_run(checkpoint, args, path):
 def all_finite(state_dict):
     floats = [t.isfinite().all() for t in state_dict.values() if torch.is_tensor(t) and t.is_floating_point()]
     return bool(torch.stack(floats).all()) if floats else True
+
+
+def embedding_std(z):
+    """Collapse signal (SimSiam §4.1): per-dimension std of the normalised z, ≈ 1/sqrt(d) spread, 0 collapsed."""
+    return F.normalize(z.float(), dim=1).std(dim=0).mean()
 
 
 def effective_rank(z):
