@@ -540,10 +540,9 @@ def hugging_face_names(state):
 
 
 def encoder_state(saved, name):
-    """The encoder's state_dict in a loaded file, in this project's (timm's) names: a project checkpoint's encoder, or
-    a torchvision / timm / Hugging Face state_dict as official files wrap it: DINO's {'teacher': {'backbone.*'}} (a
-    full checkpoint's teacher), MoCo v3's {'state_dict': {'module.base_encoder.*'}}, MAE's and DINOv2's
-    {'model': ...}."""
+    """The encoder's state_dict in a loaded file, in timm's names: a checkpoint's encoder, or a torchvision / timm /
+    Hugging Face state_dict as official files wrap it: DINO's {'teacher': {'backbone.*'}} (a full checkpoint's
+    teacher), MoCo v3's {'state_dict': {'module.base_encoder.*'}}, MAE's and DINOv2's {'model': ...}."""
     state = saved["encoder"] if isinstance(saved, dict) and "encoder_config" in saved else saved
     while isinstance(state, dict) and (wrapper := next((k for k in WRAPPERS if isinstance(state.get(k), dict)), None)):
         state = state[wrapper]
@@ -574,9 +573,8 @@ def vit_layout(state, name):
 
 
 def adopt_layout(encoder, state, name):
-    """Give a built ViT the layout of the file it loads, as build_encoder(**layout) would have built it, so neither
-    --init nor probe.py's --arch needs a flag for it. Before any optimizer or EMA copy holds the encoder's
-    parameters: each method calls load_encoder_weights right after build_encoder."""
+    """Give a built ViT the layout of the file it loads (as build_encoder(**layout)): --init and probe.py need no flag
+    for it. Before any optimizer or EMA copy holds the parameters: methods call it right after build_encoder."""
     if not isinstance(encoder, VisionTransformer) or "pos_embed" not in state:
         return
     layout, dim = vit_layout(state, name), encoder.embed_dim
@@ -594,18 +592,16 @@ def adopt_layout(encoder, state, name):
 
 
 def encoder_layout(encoder):
-    """The layout options of an encoder that differ from build_encoder's defaults: its checkpoint's encoder_config
-    carries them, so probe.py rebuilds a ViT that --init gave LayerScale or registers."""
+    """An encoder's layout options that differ from LAYOUT, for its checkpoint's encoder_config (probe.py rebuilds)."""
     if not isinstance(encoder, VisionTransformer):
         return {}
     return {k: v for k, v in vit_layout(encoder.state_dict(), "encoder").items() if v != LAYOUT[k]}
 
 
 def load_weights(encoder, state, name, arch):
-    """Load state (in our names: encoder_state) strictly, after dropping classifier heads (fc, head), MAE's decoder
-    and DINOv2's mask token, adopting the file's ViT layout and resizing position embeddings; any other mismatch or a
-    non-finite weight is one line. An MAE fine-tuned file (global pool) has no final norm but fc_norm, the LayerNorm
-    its features were trained through: it becomes the final norm."""
+    """Load state (encoder_state's names) strictly, less classifier heads, MAE's decoder and DINOv2's mask token,
+    with the file's ViT layout and position embeddings resized; any other mismatch or a non-finite weight is one line.
+    An MAE fine-tuned file (global pool) has fc_norm, the LayerNorm its features were trained through, as final norm."""
     if "fc_norm.weight" in state and "norm.weight" not in state:  # MAE's models_vit.py with global_pool
         state = {"norm." + k[len("fc_norm."):] if k.startswith("fc_norm.") else k: v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head.", "fc_norm.", "decoder", "mask_token"))}
@@ -646,9 +642,8 @@ def load_encoder_weights(encoder, args):
 # ----------------------------------------------------------------------------- the k-NN monitor
 @torch.no_grad()
 def extract_features(encoder, loader, dist_env):
-    """Features and labels of a whole split in dataset order, on every rank: each rank embeds its shard (the eval
-    DistributedSampler pads it to equal size), then the shards go out rank by rank, each written into its rows:
-    memory holds the output and two shards (an all-gather's buffer would be a second output)."""
+    """Features and labels of a whole split in dataset order, on every rank: each embeds its (padded) shard, then the
+    shards are broadcast rank by rank into their rows: no all-gather buffer, which would be a second output."""
     encoder.eval()
     features, labels = [], []
     for images, targets in loader:  # fp32, as DINO's eval_knn.py: a k-NN ranks near-equal cosines
@@ -722,24 +717,20 @@ def convert_sync_batchnorm(module):
 
 
 # ----------------------------------------------------------------------------- the run harness
-def positive_int(text):
-    """argparse types: a bad count, period or temperature is argparse's one-line error, not a traceback deep in the
-    loop (τ = 0 would divide by zero, and the run go on with NaN losses)."""
-    if int(text) < 1:
-        raise ValueError(text)
-    return int(text)
+def argparse_type(name, cast, accept):
+    """argparse types: a bad count, period or temperature is argparse's one-line error ("invalid positive_int value"),
+    not a traceback deep in the loop (τ = 0 would divide by zero, and the run go on with NaN losses)."""
+    def check(text):
+        if not accept(cast(text)):  # NaN fails `> 0` too
+            raise ValueError(text)
+        return cast(text)
+    check.__name__ = name
+    return check
 
 
-def non_negative_int(text):
-    if int(text) < 0:
-        raise ValueError(text)
-    return int(text)
-
-
-def positive_float(text):
-    if not float(text) > 0:
-        raise ValueError(text)
-    return float(text)
+positive_int = argparse_type("positive_int", int, lambda n: n >= 1)
+non_negative_int = argparse_type("non_negative_int", int, lambda n: n >= 0)
+positive_float = argparse_type("positive_float", float, lambda x: x > 0)
 
 
 def default_image_size(spec):
@@ -806,9 +797,8 @@ MAY_CHANGE_ON_RESUME = ("epochs", "output_dir", "resume", "workers", "cpu_augmen
 
 
 class Run:
-    """What every main() repeats, once: start checks, the loader, resume, SyncBN / DDP / compile, the k-NN monitor,
-    per-epoch seeding, mid-epoch resume, progress, the divergence and SIGTERM stops, and each epoch's record, k-NN,
-    checkpoint, snapshots and log. main() keeps the method: views, model, optimizer, schedules and the step."""
+    """What every main() repeats, once (README's Layout lists it); main() keeps the method: views, model, optimizer,
+    schedules and the step."""
 
     def __init__(self, args, method):
         self.args, self.method, self.dist = args, method, init_distributed()
@@ -948,9 +938,8 @@ class Run:
                             "run the same command to resume")
 
     def epoch_done(self, **values):
-        """The epoch's record (means of the steps' values, lr, these values, images/s), the k-NN when due, a weight
-        check, then the checkpoint, snapshots, log.jsonl and the printed line; a SIGTERM agreed at the epoch's last
-        step stops the run after its save."""
+        """The epoch's record (the steps' means, lr, these values, images/s, k-NN when due), a weight check, then the
+        checkpoint, snapshots, log.jsonl and printed line; a SIGTERM agreed at its last step stops after the save."""
         args = self.args
         record = dict(epoch=self.epoch + 1, **self.means, effective_rank=effective_rank(self.z).item(), lr=self.lr,
                       **values, images_per_s=self.summed * args.batch_size / (time.time() - self.start))
@@ -1091,9 +1080,8 @@ def keep_snapshots(path, epoch, every, keep):
 
 
 class Preemption:
-    """SIGTERM (what Slurm, Kubernetes and spot instances send before a kill) only sets a flag; the loop reads it every
-    --log-every steps, and all ranks agree (Run.step_done), since one may be signalled first. A second SIGTERM does what
-    it did before (by default: end the process at once)."""
+    """SIGTERM (Slurm, Kubernetes and spot instances send it before a kill) only sets a flag, which all ranks read in
+    Run.step_done. A second SIGTERM does what it did before (by default: end the process at once)."""
 
     def __init__(self):
         self.signalled, self.agreed, self.previous = False, False, signal.signal(signal.SIGTERM, self.handler)
