@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 
 class UserError(Exception):
-    """Bad input (path, data, checkpoint, flags) or a run that must stop: one line and exit code 1 (error_line)."""
+    """Bad input (path, data, checkpoint, flags) or a run that must stop: one line, exit with code 1 (error_line)."""
 
     def __init__(self, message):  # a DataLoader worker re-raises with its traceback as the message: keep the last line
         super().__init__(str(message).strip().splitlines()[-1].split("UserError: ")[-1])
