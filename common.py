@@ -1,7 +1,6 @@
 """What the method files share, and all they import: a method file plus this one is a project's whole copy.
-Part I, to read: data, views, backbones, DDP, schedules, LARS, checkpoints. Part II, to change: folder intake,
-augmentation on the device, --init weights, the k-NN monitor, and the run harness that every main() drives."""
-import functools
+Part I, to read: data, views, backbones, DDP, schedules, LARS, checkpoints. Part II, to change: folder intake, --init
+weights, the k-NN monitor, the optional speed path (device_views.py) and the run harness that every main() drives."""
 import json
 import math
 import os
@@ -24,8 +23,7 @@ from tqdm import tqdm
 
 
 class UserError(Exception):
-    """Bad input (path, data, checkpoint, flags) or a run that must stop (diverged, pre-empted): scripts print it
-    as one line and exit with code 1 (see error_line); argparse's own errors exit with 2."""
+    """Bad input (path, data, checkpoint, flags) or a run that must stop: one line, exit with code 1 (error_line)."""
 
     def __init__(self, message):  # a DataLoader worker re-raises with its traceback as the message: keep the last line
         super().__init__(str(message).strip().splitlines()[-1].split("UserError: ")[-1])
@@ -38,10 +36,8 @@ DATASETS = ("shapes", "cifar10", "cifar100", "stl10")
 
 
 def build_dataset(spec, split, transform=None, root="data", skip_bad=False):
-    """spec: 'shapes[:SIZE[:N[:V]]]' (built in), 'cifar10', 'cifar100', 'stl10', or a folder DIR/{train,val}/<class>/*
-    (class folders alone: train only; no class folders: unlabelled, see is_unlabelled). split: 'pretrain' (what SSL
-    trains on: STL-10 adds its 100k unlabeled images), 'train', 'val' or 'test' (folders only). skip_bad: see
-    ImageFiles."""
+    """spec: 'shapes[:SIZE[:N[:V]]]' (built in), 'cifar10', 'cifar100', 'stl10', or a folder (see folder_dataset).
+    split: 'pretrain' (what SSL trains on: STL-10 adds its 100k unlabeled images), 'train', 'val', 'test' (folders)."""
     train = split in ("pretrain", "train")
     if spec.split(":")[0] == "shapes":  # the offline dataset of the quick start and the tests, in shapes.py
         import shapes
@@ -64,25 +60,17 @@ def build_dataset(spec, split, transform=None, root="data", skip_bad=False):
     return folder_dataset(spec, split, transform, skip_bad)
 
 
-def default_image_size(spec):
-    """The usual training resolution: shapes' own, 32 for CIFAR, 96 for STL-10, 224 for a folder (ImageNet)."""
-    if spec.split(":")[0] == "shapes":
-        import shapes
-        return shapes.spec(spec)[0]
-    return {"cifar10": 32, "cifar100": 32, "stl10": 96}.get(spec, 224)
-
-
 def make_loader(dataset, batch_size, dist_env, workers, train=True, on_device=True):
     """Per-rank loader. Training uses a DistributedSampler even alone, so that set_epoch makes the order a function of
-    the epoch (a resumed run replays it). Views of data that fits in memory are made on the device (DeviceLoader)."""
+    the epoch (a resumed run replays it). Views of data that fits in memory are made on the device (device_views.py)."""
     views = dataset.transform.transforms if isinstance(dataset.transform, MultiView) else [None]
-    if train and on_device and all(isinstance(view, View) for view in views):
-        data = in_memory(dataset, workers, dist_env)
+    if train and on_device and all(isinstance(view, View) for view in views) and (fast := speed_path(dist_env)):
+        data = fast.in_memory(dataset, workers, dist_env)
         if data is not None:
             if dist_env.is_main:
                 print(f"data: {len(dataset)} images ({data[0].nbytes / 2**20:.1f} MiB) held and augmented on "
                       f"{dist_env.device}")
-            return DeviceLoader(*data, dataset.transform, batch_size, dist_env)
+            return fast.DeviceLoader(*data, dataset.transform, batch_size, dist_env)
     if train and dist_env.is_main:  # --cpu-augment, another transform, or too large for half the free memory
         print(f"data: {len(dataset)} images decoded and augmented by {workers} DataLoader workers per process")
     sampler = torch.utils.data.DistributedSampler(dataset, dist_env.world_size, dist_env.rank, shuffle=train)
@@ -100,7 +88,7 @@ def blur_kernel(image_size):
 @dataclass
 class View:
     """One random view (SimCLR §B.9, BYOL Table 6), drawn by torchvision on one PIL image when called (DataLoader
-    workers) or by augment_batch on a uint8 batch on the device. BYOL's asymmetric pair is two Views."""
+    workers) or by device_views.augment_batch on a uint8 batch on the device. BYOL's asymmetric pair is two Views."""
     size: int
     scale: tuple = (0.08, 1.0)
     jitter: tuple = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
@@ -109,8 +97,7 @@ class View:
     jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
     interpolation: str = "bilinear"
-    # The domain switches (see domain_views): horizontal flip probability, vertical flips, quarter turns, one channel
-    # repeated, normalisation.
+    # Domain switches (domain_views): flip probability, vertical flips, quarter turns, grayscale input, normalisation
     flip: float = 0.5
     vflip: bool = False
     rot90: bool = False
@@ -144,8 +131,7 @@ class MultiView:
 
 
 def free_orientation(vflip, rot90):
-    """The transforms of --vflip (p 0.5) and --rot90 (0, 90, 180 or 270°, each p 1/4), for data whose orientation
-    carries no label. torchvision has no random quarter turn, but its rotate is exact at multiples of 90°."""
+    """--vflip (p 0.5) and --rot90 (0, 90, 180 or 270°, each p 1/4): torchvision's rotate is exact at those angles."""
     quarter_turn = v2.RandomChoice([v2.RandomRotation((angle, angle)) for angle in (0, 90, 180, 270)])
     return [v2.RandomVerticalFlip()] * vflip + [quarter_turn] * rot90
 
@@ -159,8 +145,7 @@ def eval_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, grayscale_input=F
 
 
 def domain_views(views, args):
-    """The method's views with data_args' domain switches (--no-flip, --no-color, --vflip, --rot90, --grayscale-input,
-    --mean, --std)."""
+    """The method's views with data_args' domain switches (--no-flip, --no-color, --vflip, --rot90, ...)."""
     colour_off = dict(jitter_prob=0.0, grayscale_prob=0.0, solarize=0.0) if args.no_color else {}
     return MultiView([replace(view, flip=0.0 if args.no_flip else view.flip, vflip=args.vflip, rot90=args.rot90,
                               grayscale_input=args.grayscale_input, mean=tuple(args.mean), std=tuple(args.std),
@@ -229,6 +214,7 @@ def resize_pos_embed(pos, h, w, antialias=False):
 
 VIT_SIZES = {"vit_nano": (128, 4, 4), "vit_tiny": (192, 12, 3),  # (width, depth, heads); nano: CPU scale, the tests
              "vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
+ARCHS = ("resnet18", "resnet34", "resnet50", *VIT_SIZES)
 
 
 class VisionTransformer(nn.Module):
@@ -282,9 +268,8 @@ class VisionTransformer(nn.Module):
 def build_encoder(arch, image_size=224, patch_size=16, drop_path=0.0, sincos=False, num_heads=None,
                   zero_init_residual=False, **layout):
     """Backbone without classifier, exposing .embed_dim. At 64 px and below a ResNet's 7x7/2 stem + max-pool becomes
-    SimCLR's CIFAR stem, 3x3/1 (or a 32 px image is 1x1 before the last stage). num_heads: a ViT's head count if not
-    the usual (MoCo v3's ViT-S has 12): no weight shows it, so it travels in the checkpoint's encoder_config, with
-    the layout a public file gave the ViT (layer_scale, registers, cls_slot: see vit_layout)."""
+    SimCLR's CIFAR stem, 3x3/1 (else a 32 px image is 1x1 before the last stage). num_heads (MoCo v3's ViT-S has 12)
+    and the layout (see vit_layout) show in no weight's shape: they travel in the checkpoint's encoder_config."""
     if arch in ("resnet18", "resnet34", "resnet50"):
         model = getattr(torchvision.models, arch)(zero_init_residual=zero_init_residual)
         if image_size <= 64:
@@ -297,9 +282,6 @@ def build_encoder(arch, image_size=224, patch_size=16, drop_path=0.0, sincos=Fal
             raise UserError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
         return VisionTransformer(image_size, patch_size, dim, depth, num_heads or heads, drop_path, sincos, **layout)
     raise UserError(f"unknown arch {arch!r}: choose from {', '.join(ARCHS)}")
-
-
-ARCHS = ("resnet18", "resnet34", "resnet50", *VIT_SIZES)
 
 
 def mlp(dims, last_bn=True, last_affine=False, last_bias=False):
@@ -390,11 +372,6 @@ class LARS(torch.optim.Optimizer):
             torch._foreach_mul_(buffers, group["momentum"])
             torch._foreach_add_(buffers, updates)
             torch._foreach_add_(params, buffers, alpha=-group["lr"])
-
-
-def embedding_std(z):
-    """Collapse signal (SimSiam §4.1): per-dimension std of the normalised z, ≈ 1/sqrt(d) spread, 0 collapsed."""
-    return F.normalize(z.float(), dim=1).std(dim=0).mean()
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -525,255 +502,6 @@ def report_bad_images(dataset, dist_env):
                    f"{first})")
 
 
-# ----------------------------------------------------------------------------- augmentation on the device
-# At 32 px a ResNet-18 step takes less GPU time than a CPU worker needs to augment its batch with PIL. Data that fits
-# in memory lives on the device as uint8, and each View is applied to whole batches, every image its own parameters.
-def crop_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), device="cpu"):
-    """torchvision's RandomResizedCrop for n images: area ~ U(scale), log aspect ~ U(log ratio), the first of 10
-    tries that fits, else the central crop with the ratio clamped. Returns (x0, y0, w, h), each (n,)."""
-    area = height * width * torch.empty(n, 10, device=device).uniform_(*scale)
-    aspect = torch.empty(n, 10, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
-    w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()  # (n, 10)
-    fits = (w <= width) & (h <= height) & (w > 0) & (h > 0)
-    first = fits.float().argmax(1, keepdim=True)
-    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
-    x0 = (torch.rand(n, device=device) * (width - w + 1)).floor()
-    y0 = (torch.rand(n, device=device) * (height - h + 1)).floor()
-    fallback_w = min(width, round(height * ratio[1]))
-    fallback_h = min(height, round(fallback_w / ratio[0]))
-    fallback = ((width - fallback_w) // 2, (height - fallback_h) // 2, fallback_w, fallback_h)
-    fit = fits.any(1)  # Python numbers in torch.where: no host-to-device copy, which would block the CPU
-    return tuple(torch.where(fit, v, float(f)) for v, f in zip((x0, y0, w, h), fallback))
-
-
-def grayscale(x):
-    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # (B, 1, H, W), ITU-R 601
-
-
-def adjust_hue(x, shift):
-    """Rotate the hue of (B, 3, H, W) images in [0, 1] by shift (B,) turns (torchvision's HSV math)."""
-    value = x.max(1)[0]  # (B, H, W)
-    chroma = value - x.min(1)[0]
-    r, g, b = x.unbind(1)
-    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    hue = torch.where(value == r, ((g - b) / safe) % 6, torch.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4))
-    hue = (torch.where(chroma > 0, hue / 6, torch.zeros_like(hue)) + shift[:, None, None]) % 1.0
-    k = (torch.arange(5.0, 0.0, -2.0, device=x.device)[:, None, None] + 6 * hue[:, None]) % 6  # (B, 3, H, W), 5 3 1
-    return value[:, None] - chroma[:, None] * (torch.minimum(k, 4 - k)).clamp(0, 1)
-
-
-def gaussian_blur(x, sigma, kernel_size):
-    """Separable blur with a per-image sigma (B,), reflect padding, as torchvision's GaussianBlur."""
-    B, C, H, W = x.shape
-    offsets = torch.arange(kernel_size, device=x.device) - (kernel_size - 1) / 2
-    kernel = torch.exp(-0.5 * (offsets[None] / sigma[:, None]) ** 2)
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B*C, k)
-    x = F.pad(x.reshape(1, B * C, H, W), [kernel_size // 2] * 4, mode="reflect")
-    x = F.conv2d(x, kernel[:, None, None, :], groups=B * C)  # (1, B*C, H', W), horizontal
-    return F.conv2d(x, kernel[:, None, :, None], groups=B * C).reshape(B, C, H, W)
-
-
-def cubic(x):
-    """Keys' cubic with a = -0.5: the bicubic of PIL and of torch's antialiased resize (grid_sample's has -0.75)."""
-    x = x.abs()
-    return torch.where(x < 1, (1.5 * x - 2.5) * x * x + 1, torch.where(x < 2, ((2.5 - 0.5 * x) * x - 4) * x + 2, 0.0))
-
-
-RESIZE_KERNELS = {"bilinear": lambda x: (1 - x.abs()).clamp(min=0), "bicubic": cubic}
-
-
-def resize_weights(start, length, size, in_size, kernel):
-    """(B, size, in_size): the weights of each output pixel on the input pixels when the crop [start, start + length)
-    of each image is resized to size pixels as F.interpolate(antialias=True) does (PIL's resampling): the kernel is
-    widened by the factor the crop shrinks by, a low-pass filter that keeps shrunk details from aliasing."""
-    scale = (length / size)[:, None, None]  # (B, 1, 1) input pixels per output pixel
-    centre = start[:, None, None] + scale * (torch.arange(size, device=start.device)[:, None] + 0.5)  # (B, size, 1)
-    pixel = torch.arange(in_size, device=start.device) + 0.5  # (in_size,) pixel centres
-    inside = (pixel > start[:, None, None]) & (pixel < (start + length)[:, None, None])  # (B, 1, in_size)
-    weight = kernel((pixel - centre) / scale.clamp(min=1)) * inside  # (B, size, in_size)
-    return weight / weight.sum(2, keepdim=True)
-
-
-def resized_crop(images, box, flipped, size, kernel):
-    """torchvision's resized_crop(antialias=True) of every image's box (x0, y0, w, h), mirrored where flipped: float
-    (B, C, H, W) -> (B, C, size, size), batched as two matrix products (the separable filter) instead of a loop."""
-    x0, y0, w, h = box
-    rows = resize_weights(y0, h, size, images.shape[2], kernel)  # (B, S, H)
-    cols = resize_weights(x0, w, size, images.shape[3], kernel)  # (B, S, W)
-    cols = torch.where(flipped[:, None, None], cols.flip(1), cols)  # a mirrored view: its columns in reverse
-    return rows[:, None] @ images @ cols.transpose(1, 2)[:, None]  # (B, 1, S, H) @ (B, C, H, W) @ (B, 1, W, S)
-
-
-@functools.lru_cache
-def on_device(values, device):
-    """A constant tuple as a (n, 1, 1) tensor on device, made once: a host-to-device copy per batch blocks the CPU."""
-    return torch.tensor(values, device=device)[:, None, None]
-
-
-def augment_batch(images, view):
-    """The View's distribution on a (B, 3, H, W) uint8 batch on any device -> normalised float views. What cannot
-    happen (probability 0, no jitter strength) is not computed, but its random numbers are still drawn: the numbers
-    drawn after them, and so a seed's views, do not depend on which operations a View turns off."""
-    B, _, H, W = images.shape
-    device, S = images.device, view.size
-    chance = lambda p: torch.rand(B, device=device) < p
-    per_image = lambda t: t[:, None, None, None]
-
-    def sometimes(p, transform, x):  # transform(x) where drawn with probability p; p = 0 computes nothing
-        drawn = chance(p)
-        return torch.where(per_image(drawn), transform(x), x) if p > 0 else x
-    # Random resized crop + flip as one affine resampling: output [-1, 1] -> the box in the input.
-    box = x0, y0, w, h = crop_boxes(B, H, W, view.scale, device=device)
-    flipped = chance(view.flip)
-    flip = torch.where(flipped, -1.0, 1.0)
-    theta = torch.zeros(B, 2, 3, device=device)
-    theta[:, 0, 0], theta[:, 0, 2] = flip * w / W, (2 * x0 + w) / W - 1
-    theta[:, 1, 1], theta[:, 1, 2] = h / H, (2 * y0 + h) / H - 1
-    grid = F.affine_grid(theta, (B, 3, S, S), align_corners=False)
-    pixels = images.float() / 255
-    x = F.grid_sample(pixels, grid, mode=view.interpolation, padding_mode="border", align_corners=False)
-    # grid_sample has no antialias: a box larger than the view (DINO's local crops, --image-size below the data's)
-    # would alias where torchvision's RandomResizedCrop low-passes. Those images are resized as torchvision does; the
-    # others keep grid_sample's values, so that runs without shrinking (32-px data at 32 px) keep their numbers.
-    kernel = RESIZE_KERNELS.get(view.interpolation)
-    if kernel and max(H, W) > S:  # else no box is larger than the view: nothing to compute
-        x = torch.where(per_image((w > S) | (h > S)), resized_crop(pixels, box, flipped, S, kernel), x)
-    x = x.clamp(0, 1)
-    if view.grayscale_input:
-        x = grayscale(x).expand(-1, 3, -1, -1)  # (B, 3, S, S), three equal channels
-    # Colour jitter: each image its own factors and its own order of the four adjustments.
-    brightness, contrast, saturation, hue = view.jitter
-    factors = torch.stack([torch.empty(B, device=device).uniform_(max(0, 1 - j), 1 + j)
-                           for j in (brightness, contrast, saturation)]
-                          + [torch.empty(B, device=device).uniform_(-hue, hue)], 1)  # (B, 4)
-    jittered, order = chance(view.jitter_prob), torch.rand(B, 4, device=device).argsort(1)  # (B, 4)
-    # At each position every image takes its own adjustment, and torch.where keeps it where drawn: boolean indexing
-    # would make the CPU wait for the GPU at every step. Brightness, contrast and saturation are one blend
-    # f·x + (1 - f)·target, towards 0, the grey mean or the grey image: one computation serves the three.
-    for position in range(4 if view.jitter_prob > 0 else 0):
-        op = order[:, position]  # (B,) 0 brightness, 1 contrast, 2 saturation, 3 hue
-        if brightness or contrast or saturation:  # all 0: every factor is 1, the blend is x
-            f = factors.gather(1, op[:, None])[:, :, None, None]  # (B, 1, 1, 1)
-            gray = grayscale(x)  # (B, 1, S, S)
-            target = torch.where(per_image(op == 1), gray.mean((1, 2, 3), keepdim=True), gray)
-            target = torch.where(per_image(op == 0), 0.0, target)  # (1 - f)·0 adds ±0: f·x exactly, as x·f did
-            x = torch.where(per_image(jittered & (op < 3)), (f * x + (1 - f) * target).clamp(0, 1), x)
-        if hue:  # 0: torchvision's ColorJitter leaves hue out too
-            x = torch.where(per_image(jittered & (op == 3)), adjust_hue(x, factors[:, 3]).clamp(0, 1), x)
-    x = sometimes(view.grayscale_prob, lambda x: grayscale(x).expand(-1, 3, -1, -1), x)
-    sigma = torch.empty(B, device=device).uniform_(0.1, 2.0)
-    x = sometimes(view.blur, lambda x: gaussian_blur(x, sigma, blur_kernel(S)), x)
-    x = sometimes(view.solarize, lambda x: torch.where(x >= 128 / 255, 1 - x, x), x)  # 128: uint8's midpoint
-    # --vflip, --rot90: last, and their numbers drawn only when on, so that a seed's crops and colours are the same
-    # with or without them. The views are square, and the colour operations per pixel and the blur isotropic: turned
-    # here or (as torchvision) after the crop, the views have the same distribution.
-    if view.vflip:
-        x = torch.where(per_image(chance(0.5)), x.flip(2), x)
-    if view.rot90:
-        turns = torch.randint(4, (B,), device=device)
-        for k in range(1, 4):  # each image is turned once, by its own k quarter turns
-            x = torch.where(per_image(turns == k), x.rot90(k, (2, 3)), x)
-    return (x - on_device(tuple(view.mean), device)) / on_device(tuple(view.std), device)
-
-
-def free_memory(device):
-    """Bytes free for a dataset on device: the GPU's free memory, or the RAM Linux reports available."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return 1024 * next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):  # not Linux
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def every_rank(value, dist_env):
-    """Every rank's value, in rank order, on every rank. A decision taken from them all is the same everywhere; one
-    that a rank took from its own value alone could differ (each sees its own free memory, its own images), and one
-    rank would then call collectives that the others never call: the job would hang."""
-    if dist_env.world_size == 1:
-        return [value]
-    values = [None] * dist_env.world_size
-    dist.all_gather_object(values, value)  # NCCL: through the current device, which init_distributed set
-    return values
-
-
-def equal_size(dataset):
-    """(H, W) of a dataset whose images all have one size, else None."""
-    if isinstance(dataset, (torchvision.datasets.CIFAR10, torchvision.datasets.STL10)):
-        return dataset.data.shape[1:3] if dataset.data.shape[-1] == 3 else dataset.data.shape[2:]  # CIFAR: NHWC
-    if isinstance(dataset, torchvision.datasets.ImageFolder):
-        try:  # folders of equal-size images (the first 1000 are checked; headers only)
-            sizes = {Image.open(path).size for path, _ in dataset.samples[:1000]}
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError):
-            return None  # the DataLoader path names the corrupt file
-        return sizes.pop()[::-1] if len(sizes) == 1 else None  # PIL's size is (W, H)
-    if getattr(dataset, "image_size", None):  # a dataset of equal-size images that says so (shapes.Shapes)
-        return dataset.image_size, dataset.image_size
-    return None
-
-
-def in_memory(dataset, workers, dist_env=DistEnv()):
-    """(uint8 images (N, 3, H, W), labels (N,)) of a dataset whose decoded bytes take at most half the device's free
-    memory (the model and its activations need the rest), else None; every rank calls it and gets the same answer."""
-    size = equal_size(dataset)
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if dist_env.device.type == "cpu" else 1  # sharing the RAM
-    budget = min(every_rank(free_memory(dist_env.device) / 2 / ranks_here if size else 0, dist_env))  # the tightest
-    if not size or len(dataset) * 3 * size[0] * size[1] > budget:
-        return None
-    if isinstance(dataset, (torchvision.datasets.CIFAR10, torchvision.datasets.STL10)):  # held as arrays already
-        images = torch.from_numpy(dataset.data)
-        images = images.permute(0, 3, 1, 2) if images.shape[-1] == 3 else images  # CIFAR is (N, H, W, 3)
-        return images.contiguous(), torch.as_tensor(getattr(dataset, "targets", getattr(dataset, "labels", None)))
-    # Each rank decodes (or renders) its slice, once, in parallel workers, into one preallocated tensor (no copy by
-    # torch.cat), and the ranks gather the slices on the device: host memory and decoding are not repeated per rank.
-    n = math.ceil(len(dataset) / dist_env.world_size)  # equal slices for all_gather, the last padded
-    mine = range(dist_env.rank * n, min(len(dataset), (dist_env.rank + 1) * n))
-    images, labels = torch.empty((n, 3, *size), dtype=torch.uint8), torch.zeros(n, dtype=torch.long)
-    transform, dataset.transform = dataset.transform, v2.PILToTensor()
-    done, unreadable = 0, None
-    try:
-        for batch, targets in torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), 256,
-                                                          num_workers=workers):
-            if batch.shape[1:] != images.shape[1:]:  # not the size of the first images (a folder's first 1000)
-                break
-            images[done:done + len(batch)], labels[done:done + len(batch)] = batch, targets
-            done += len(batch)
-    except RuntimeError as error:  # a batch of unequal sizes: the default collate cannot stack it
-        if "equal size" not in str(error):
-            raise
-    except UserError as error:  # a corrupt image in this rank's slice: every rank stops with its name (rank 0 says it)
-        unreadable = error
-    finally:
-        dataset.transform = transform
-    outcomes = every_rank((done == len(mine), unreadable), dist_env)
-    if errors := [error for _, error in outcomes if error]:
-        raise errors[0]
-    if not all(whole for whole, _ in outcomes):  # sizes differ after all: every rank stays on the DataLoader path
-        return None
-    images, labels = (all_gather(t.to(dist_env.device), keep_grad=False)[:len(dataset)] for t in (images, labels))
-    return images, labels
-
-
-class DeviceLoader:
-    """Drop-in for the training DataLoader (same sampler, same (views, labels) batches) whose split is a uint8 tensor
-    on the device, where augment_batch makes the views."""
-
-    def __init__(self, images, labels, transform, batch_size, dist_env):
-        self.images, self.labels = images.to(dist_env.device), labels.to(dist_env.device)
-        self.transform, self.batch_size = transform, batch_size
-        self.sampler = torch.utils.data.DistributedSampler(range(len(images)), dist_env.world_size, dist_env.rank)
-
-    def __len__(self):
-        return len(self.sampler) // self.batch_size  # drop_last, as the training DataLoader
-
-    def __iter__(self):
-        indices = torch.tensor(list(self.sampler), device=self.images.device)
-        for batch in indices[:len(self) * self.batch_size].view(len(self), self.batch_size):
-            images = self.images[batch]  # (B, 3, H, W) uint8
-            yield [augment_batch(images, view) for view in self.transform.transforms], self.labels[batch]
-
-
 # ----------------------------------------------------------------------------- weights from a file: --init, probe.py
 WRAPPERS = ("teacher", "student", "state_dict", "model")
 PREFIXES = ("module.", "backbone.", "base_encoder.", "encoder.")
@@ -815,10 +543,9 @@ def hugging_face_names(state):
 
 
 def encoder_state(saved, name):
-    """The encoder's state_dict in a loaded file, in this project's (timm's) names: a project checkpoint's encoder, or
-    a torchvision / timm / Hugging Face state_dict as official files wrap it: DINO's {'teacher': {'backbone.*'}} (a
-    full checkpoint's teacher), MoCo v3's {'state_dict': {'module.base_encoder.*'}}, MAE's and DINOv2's
-    {'model': ...}."""
+    """The encoder's state_dict in a loaded file, in timm's names: a checkpoint's encoder, or a torchvision / timm /
+    Hugging Face state_dict as official files wrap it: DINO's {'teacher': {'backbone.*'}} (a full checkpoint's
+    teacher), MoCo v3's {'state_dict': {'module.base_encoder.*'}}, MAE's and DINOv2's {'model': ...}."""
     state = saved["encoder"] if isinstance(saved, dict) and "encoder_config" in saved else saved
     while isinstance(state, dict) and (wrapper := next((k for k in WRAPPERS if isinstance(state.get(k), dict)), None)):
         state = state[wrapper]
@@ -849,9 +576,8 @@ def vit_layout(state, name):
 
 
 def adopt_layout(encoder, state, name):
-    """Give a built ViT the layout of the file it loads, as build_encoder(**layout) would have built it, so neither
-    --init nor probe.py's --arch needs a flag for it. Before any optimizer or EMA copy holds the encoder's
-    parameters: each method calls load_encoder_weights right after build_encoder."""
+    """Give a built ViT the layout of the file it loads (as build_encoder(**layout)): --init and probe.py need no flag
+    for it. Before any optimizer or EMA copy holds the parameters: methods call it right after build_encoder."""
     if not isinstance(encoder, VisionTransformer) or "pos_embed" not in state:
         return
     layout, dim = vit_layout(state, name), encoder.embed_dim
@@ -869,18 +595,16 @@ def adopt_layout(encoder, state, name):
 
 
 def encoder_layout(encoder):
-    """The layout options of an encoder that differ from build_encoder's defaults: its checkpoint's encoder_config
-    carries them, so probe.py rebuilds a ViT that --init gave LayerScale or registers."""
+    """An encoder's layout options that differ from LAYOUT, for its checkpoint's encoder_config (probe.py rebuilds)."""
     if not isinstance(encoder, VisionTransformer):
         return {}
     return {k: v for k, v in vit_layout(encoder.state_dict(), "encoder").items() if v != LAYOUT[k]}
 
 
 def load_weights(encoder, state, name, arch):
-    """Load state (in our names: encoder_state) strictly, after dropping classifier heads (fc, head), MAE's decoder
-    and DINOv2's mask token, adopting the file's ViT layout and resizing position embeddings; any other mismatch or a
-    non-finite weight is one line. An MAE fine-tuned file (global pool) has no final norm but fc_norm, the LayerNorm
-    its features were trained through: it becomes the final norm."""
+    """Load state (encoder_state's names) strictly, less classifier heads, MAE's decoder and DINOv2's mask token,
+    with the file's ViT layout and position embeddings resized; any other mismatch or a non-finite weight is one line.
+    An MAE fine-tuned file (global pool) has fc_norm, the LayerNorm its features were trained through, as final norm."""
     if "fc_norm.weight" in state and "norm.weight" not in state:  # MAE's models_vit.py with global_pool
         state = {"norm." + k[len("fc_norm."):] if k.startswith("fc_norm.") else k: v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head.", "fc_norm.", "decoder", "mask_token"))}
@@ -921,9 +645,8 @@ def load_encoder_weights(encoder, args):
 # ----------------------------------------------------------------------------- the k-NN monitor
 @torch.no_grad()
 def extract_features(encoder, loader, dist_env):
-    """Features and labels of a whole split in dataset order, on every rank: each rank embeds its shard (the eval
-    DistributedSampler pads it to equal size), then the shards go out rank by rank, each written into its rows:
-    memory holds the output and two shards (an all-gather's buffer would be a second output)."""
+    """Features and labels of a whole split in dataset order, on every rank: each embeds its (padded) shard, then the
+    shards are broadcast rank by rank into their rows: no all-gather buffer, which would be a second output."""
     encoder.eval()
     features, labels = [], []
     for images, targets in loader:  # fp32, as DINO's eval_knn.py: a k-NN ranks near-equal cosines
@@ -977,78 +700,48 @@ def knn_monitor(encoder, args, batch_size, dist_env, k=20):
     return (knn_classify(train_x, train_y, val_x, k).argmax(1) == val_y).float().mean().item()
 
 
-# ----------------------------------------------------------------------------- SyncBatchNorm without a host read
-class _SyncBatchNormFunction(torch.nn.modules._functions.SyncBatchNorm):
-    """torch's SyncBatchNorm autograd Function (torch/nn/modules/_functions.py) less the host read in its forward:
-    after the gather, it drops the ranks with an empty batch by indexing with the mask `count_all.squeeze(-1) >= 1`,
-    a result whose size only the GPU knows, so every BN layer waits for the GPU (~220 times a step for a ResNet-50
-    BYOL or MoCo v3). Our loaders give every rank the same non-empty batch (drop_last, the global batch divisible by
-    the ranks): the mask keeps every rank, and without it the math is torch's. Its backward is torch's, as is."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group, world_size):
-        if not x.is_contiguous(memory_format=torch.channels_last):  # the kernels take either layout
-            x = x.contiguous()
-        mean, invstd = torch.batch_norm_stats(x, eps)  # this rank's (C,), (C,)
-        count = mean.new_full((1,), x.numel() // x.size(1))  # values per channel
-        stats = mean.new_empty(world_size * (2 * len(mean) + 1))
-        dist.all_gather_single(stats, torch.cat([mean, invstd, count]), group)  # one collective: (ranks·(2C + 1),)
-        mean_all, invstd_all, count_all = stats.view(world_size, -1).split(len(mean), dim=1)  # (ranks, C, C, 1)
-        counts = count_all.view(-1).to(mean.dtype if running_mean is None else running_mean.dtype)  # the kernel's
-        # The global batch's mean and invstd; running_mean / running_var move by momentum, with the unbiased variance.
-        mean, invstd = torch.batch_norm_gather_stats_with_counts(x, mean_all, invstd_all, running_mean, running_var,
-                                                                momentum, eps, counts)
-        ctx.save_for_backward(x, weight, mean, invstd, count_all.to(torch.int32))
-        ctx.process_group = group
-        return torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
-
-
-class SyncBatchNorm(nn.SyncBatchNorm):
-    """nn.SyncBatchNorm whose training step under several ranks runs the Function above; otherwise torch's."""
-
-    def forward(self, x):
-        group = self.process_group or dist.group.WORLD
-        world_size = dist.get_world_size(group) if dist.is_initialized() else 1
-        if not self.training or world_size == 1:  # eval, or one process: torch's path, no sync
-            return super().forward(x)
-        momentum = self.momentum or 0.0  # from here, the bookkeeping of nn.SyncBatchNorm.forward
-        if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # a cumulative average (a host read, as in torch; no layer here has it)
-                momentum = 1 / self.num_batches_tracked.item()
-        running = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
-        return _SyncBatchNormFunction.apply(x, self.weight, self.bias, *running, self.eps, momentum, group, world_size)
+# ----------------------------------------------------------------------------- the speed path, if present
+def speed_path(dist_env=None):
+    """device_views.py (views made on the device, SyncBatchNorm without a host read), or None where a method file was
+    copied with common.py alone: DataLoader workers and torch's SyncBatchNorm then do the same work, slower."""
+    try:
+        import device_views
+        return device_views
+    except ImportError:
+        if dist_env and dist_env.is_main:
+            print("note: no device_views.py beside common.py: views made by DataLoader workers, torch's SyncBatchNorm")
+        return None
 
 
 def convert_sync_batchnorm(module):
-    """nn.SyncBatchNorm.convert_sync_batchnorm with the SyncBatchNorm above: torch's builds nn.SyncBatchNorm by name,
-    not by cls, so its layers are retyped (the subclass adds no state; they keep the BN's parameters and buffers)."""
-    module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    for layer in module.modules():
-        if type(layer) is nn.SyncBatchNorm:
-            layer.__class__ = SyncBatchNorm
-    return module
+    """BatchNorm -> device_views.SyncBatchNorm (torch's without its host read per layer), or torch's without it."""
+    fast = speed_path()  # silent: make_loader said it
+    return (fast.convert_sync_batchnorm if fast else nn.SyncBatchNorm.convert_sync_batchnorm)(module)
 
 
 # ----------------------------------------------------------------------------- the run harness
-def positive_int(text):
-    """argparse types: a bad count, period or temperature is argparse's one-line error, not a traceback deep in the
-    loop (τ = 0 would divide by zero, and the run go on with NaN losses)."""
-    if int(text) < 1:
-        raise ValueError(text)
-    return int(text)
+def argparse_type(name, cast, accept):
+    """argparse types: a bad count, period or temperature is argparse's one-line error ("invalid positive_int value"),
+    not a traceback deep in the loop (τ = 0 would divide by zero, and the run go on with NaN losses)."""
+    def check(text):
+        if not accept(cast(text)):  # NaN fails `> 0` too
+            raise ValueError(text)
+        return cast(text)
+    check.__name__ = name
+    return check
 
 
-def non_negative_int(text):
-    if int(text) < 0:
-        raise ValueError(text)
-    return int(text)
+positive_int = argparse_type("positive_int", int, lambda n: n >= 1)
+non_negative_int = argparse_type("non_negative_int", int, lambda n: n >= 0)
+positive_float = argparse_type("positive_float", float, lambda x: x > 0)
 
 
-def positive_float(text):
-    if not float(text) > 0:
-        raise ValueError(text)
-    return float(text)
+def default_image_size(spec):
+    """The usual training resolution: shapes' own, 32 for CIFAR, 96 for STL-10, 224 for a folder (ImageNet)."""
+    if spec.split(":")[0] == "shapes":
+        import shapes
+        return shapes.spec(spec)[0]
+    return {"cifar10": 32, "cifar100": 32, "stl10": 96}.get(spec, 224)
 
 
 def data_args(parser, crop_scale=None):
@@ -1107,9 +800,8 @@ MAY_CHANGE_ON_RESUME = ("epochs", "output_dir", "resume", "workers", "cpu_augmen
 
 
 class Run:
-    """What every main() repeats, once: start checks, the loader, resume, SyncBN / DDP / compile, the k-NN monitor,
-    per-epoch seeding, mid-epoch resume, progress, the divergence and SIGTERM stops, and each epoch's record, k-NN,
-    checkpoint, snapshots and log. main() keeps the method: views, model, optimizer, schedules and the step."""
+    """What every main() repeats, once (README's Layout lists it); main() keeps the method: views, model, optimizer,
+    schedules and the step."""
 
     def __init__(self, args, method):
         self.args, self.method, self.dist = args, method, init_distributed()
@@ -1249,9 +941,8 @@ class Run:
                             "run the same command to resume")
 
     def epoch_done(self, **values):
-        """The epoch's record (means of the steps' values, lr, these values, images/s), the k-NN when due, a weight
-        check, then the checkpoint, snapshots, log.jsonl and the printed line; a SIGTERM agreed at the epoch's last
-        step stops the run after its save."""
+        """The epoch's record (the steps' means, lr, these values, images/s, k-NN when due), a weight check, then the
+        checkpoint, snapshots, log.jsonl and printed line; a SIGTERM agreed at its last step stops after the save."""
         args = self.args
         record = dict(epoch=self.epoch + 1, **self.means, effective_rank=effective_rank(self.z).item(), lr=self.lr,
                       **values, images_per_s=self.summed * args.batch_size / (time.time() - self.start))
@@ -1350,6 +1041,11 @@ def all_finite(state_dict):
     return bool(torch.stack(floats).all()) if floats else True
 
 
+def embedding_std(z):
+    """Collapse signal (SimSiam §4.1): per-dimension std of the normalised z, ≈ 1/sqrt(d) spread, 0 collapsed."""
+    return F.normalize(z.float(), dim=1).std(dim=0).mean()
+
+
 def effective_rank(z):
     """RankMe (Garrido et al. 2023), the second collapse signal: exp of the entropy of z's (N, D) singular values
     normalised to sum 1: about min(N, D) for spread embeddings, 1 when they collapse onto one direction."""
@@ -1392,9 +1088,8 @@ def keep_snapshots(path, epoch, every, keep):
 
 
 class Preemption:
-    """SIGTERM (what Slurm, Kubernetes and spot instances send before a kill) only sets a flag; the loop reads it every
-    --log-every steps, and all ranks agree (Run.step_done), since one may be signalled first. A second SIGTERM does what
-    it did before (by default: end the process at once)."""
+    """SIGTERM (Slurm, Kubernetes and spot instances send it before a kill) only sets a flag, which all ranks read in
+    Run.step_done. A second SIGTERM does what it did before (by default: end the process at once)."""
 
     def __init__(self):
         self.signalled, self.agreed, self.previous = False, False, signal.signal(signal.SIGTERM, self.handler)

@@ -7,7 +7,7 @@ The last --steps steps are timed, after --warmup steps and one step whose FLOPs 
 (matmuls, convolutions and attention, forward and backward, from training_step to the harness's step_done: the
 augmentation is not counted). MFU is achieved FLOP/s over the GPU's dense bf16 peak. Two input modes:
 
-    device      the in-memory dataset augmented on the GPU (common.DeviceLoader, the scripts' default)
+    device      the in-memory dataset augmented on the GPU (device_views.DeviceLoader, the scripts' default)
     dataloader  torchvision augmentation in DataLoader workers (--cpu-augment in the scripts)
 
     python benchmarks/throughput.py                                   # every config, on one GPU
@@ -32,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import device_views  # noqa: E402
 
 METHODS = ["simclr", "moco", "byol", "simsiam", "mae", "dino"]
 # name -> (arch, image size, patch size, per-GPU batch, methods)
@@ -116,7 +117,7 @@ def augment_timing(method, config_name, args, dist_env):
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=dist_env.device)
     synchronize = torch.cuda.synchronize if dist_env.device.type == "cuda" else lambda: None
     timings = {}
-    for name, augment in ("eager", common.augment_batch), ("compiled", torch.compile(common.augment_batch,
+    for name, augment in ("eager", device_views.augment_batch), ("compiled", torch.compile(device_views.augment_batch,
                                                                                     dynamic=False)):
         for step in range(1 + args.warmup + args.steps):  # the first call compiles
             if step == 1 + args.warmup:

@@ -14,6 +14,7 @@ from torchvision.transforms import v2
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import device_views  # noqa: E402
 import shapes  # noqa: E402
 
 
@@ -30,9 +31,9 @@ dataset = shapes.Shapes("train", 8, 9, common.MultiView([common.View(8)]))  # 9 
 raw = [(v2.functional.pil_to_tensor(image), label) for image, label in (shapes.Shapes("train", 8)[i] for i in range(9))]
 chosen = []
 for free in cases:
-    common.free_memory = lambda device, free=free: free[dist_env.rank]
+    device_views.free_memory = lambda device, free=free: free[dist_env.rank]
     loader = common.make_loader(dataset, 2, dist_env, workers=0)
-    same_data = isinstance(loader, common.DeviceLoader) and len(loader.images) == len(raw) and all(
+    same_data = isinstance(loader, device_views.DeviceLoader) and len(loader.images) == len(raw) and all(
         torch.equal(loader.images[i], image) and loader.labels[i] == label for i, (image, label) in enumerate(raw))
     chosen.append(dict(loader=type(loader).__name__, same_data=same_data))
 try:

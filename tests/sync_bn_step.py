@@ -1,4 +1,4 @@
-"""Two training steps of common.SyncBatchNorm on 2 gloo ranks against nn.BatchNorm on the global batch; exits 0 if
+"""Two training steps of device_views.SyncBatchNorm on 2 gloo ranks against nn.BatchNorm on the global batch; exits 0 if
 they agree and no step read the device from the host.
 
     torchrun --nproc_per_node=2 tests/sync_bn_step.py
@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import device_views  # noqa: E402
 
 
 def dims(x):  # all but the channels
@@ -87,7 +88,8 @@ reference = nn.Sequential(nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.BatchNo
 for param in reference.parameters():
     nn.init.normal_(param)
 layer = common.convert_sync_batchnorm(copy.deepcopy(reference))
-assert [type(module) for module in layer] == [common.SyncBatchNorm, nn.Tanh, nn.Flatten, common.SyncBatchNorm]
+SyncBN = device_views.SyncBatchNorm
+assert [type(module) for module in layer] == [SyncBN, nn.Tanh, nn.Flatten, SyncBN]
 for step in range(2):  # the second step starts from the running statistics and num_batches_tracked of the first
     x = (3 * torch.randn(8, 3, 5, 5) + 1).requires_grad_()  # the global batch, its mean far from 0
     dy = torch.randn(8, 75)  # the gradient of the output

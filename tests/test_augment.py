@@ -1,4 +1,4 @@
-"""Augmentation on the device (common.augment_batch) draws from the same distribution as the
+"""Augmentation on the device (device_views.augment_batch) draws from the same distribution as the
 torchvision pipeline it replaces, with its own parameters per image, deterministically under a seed."""
 
 import json
@@ -10,6 +10,7 @@ import torchvision
 from torchvision.transforms import v2
 
 import common
+import device_views
 import shapes
 import mae
 from helpers import run_script
@@ -21,7 +22,7 @@ def test_crop_boxes_match_torchvision_random_resized_crop():
         image = torch.zeros(3, height, width)
         reference = np.array([torchvision.transforms.RandomResizedCrop.get_params(image, scale, (3 / 4, 4 / 3))
                               for _ in range(4000)], dtype=float)  # (i, j, h, w)
-        x0, y0, w, h = (t.numpy() for t in common.crop_boxes(4000, height, width, scale))
+        x0, y0, w, h = (t.numpy() for t in device_views.crop_boxes(4000, height, width, scale))
         assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= width).all() and (y0 + h <= height).all()
         ours = {"area": w * h / (height * width), "log_aspect": np.log(w / h), "x_centre": (x0 + w / 2) / width}
         theirs = {"area": reference[:, 3] * reference[:, 2] / (height * width),
@@ -39,11 +40,11 @@ def test_hue_and_blur_equal_torchvision(shift):
     torch.manual_seed(1)
     x = torch.rand(4, 3, 16, 16)
     expected = torch.stack([v2.functional.adjust_hue(image, shift) for image in x])
-    torch.testing.assert_close(common.adjust_hue(x, torch.full((4,), shift)), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(device_views.adjust_hue(x, torch.full((4,), shift)), expected, atol=1e-5, rtol=1e-5)
     sigmas = torch.tensor([0.1, 0.7, 1.3, 2.0])
     expected = torch.stack([v2.functional.gaussian_blur(image, [5, 5], [s.item(), s.item()])
                             for image, s in zip(x, sigmas)])
-    torch.testing.assert_close(common.gaussian_blur(x, sigmas, 5), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(device_views.gaussian_blur(x, sigmas, 5), expected, atol=1e-5, rtol=1e-5)
 
 
 def views_statistics(views):
@@ -88,7 +89,7 @@ def test_same_distribution_as_torchvision_pipeline(view, image):
     torch.manual_seed(0)
     reference = views_statistics(torch.stack([view(image) for _ in range(1500)]))
     images = v2.functional.pil_to_tensor(image)[None].expand(1500, -1, -1, -1)
-    ours = views_statistics(common.augment_batch(images, view))
+    ours = views_statistics(device_views.augment_batch(images, view))
     assert ours.shape == reference.shape
     # Means within 0.02 (pixels in [0, 1]) and spreads within 15%: what 1500 samples resolve.
     torch.testing.assert_close(ours.mean(0), reference.mean(0), atol=0.02, rtol=0)
@@ -104,7 +105,7 @@ def test_resized_crop_equals_torchvision_antialiased_resize(interpolation):
     flipped = torch.tensor([False, True, False, True, False, True])
     mode = getattr(v2.InterpolationMode, interpolation.upper())
     for size in (16, 24):
-        ours = common.resized_crop(images, box, flipped, size, common.RESIZE_KERNELS[interpolation])
+        ours = device_views.resized_crop(images, box, flipped, size, device_views.RESIZE_KERNELS[interpolation])
         expected = torch.stack([v2.functional.resized_crop(image, int(y0), int(x0), int(h), int(w), [size, size],
                                                            mode, antialias=True)
                                 for image, x0, y0, w, h in zip(images, *box)])
@@ -118,12 +119,12 @@ def test_views_of_boxes_not_larger_than_the_view_keep_grid_sample_values(monkeyp
     images = v2.functional.pil_to_tensor(noise_image(32))[None].expand(64, -1, -1, -1)
     view = common.View(16, scale=(0.05, 0.4), interpolation="bicubic")
     torch.manual_seed(0)
-    _, _, w, h = common.crop_boxes(64, 32, 32, view.scale)  # the boxes augment_batch draws first
+    _, _, w, h = device_views.crop_boxes(64, 32, 32, view.scale)  # the boxes augment_batch draws first
     torch.manual_seed(0)
-    antialiased = common.augment_batch(images, view)
-    monkeypatch.setattr(common, "RESIZE_KERNELS", {})  # grid_sample alone, as before antialiasing
+    antialiased = device_views.augment_batch(images, view)
+    monkeypatch.setattr(device_views, "RESIZE_KERNELS", {})  # grid_sample alone, as before antialiasing
     torch.manual_seed(0)
-    same = (common.augment_batch(images, view) == antialiased).flatten(1).all(1)
+    same = (device_views.augment_batch(images, view) == antialiased).flatten(1).all(1)
     shrunk = (w > 16) | (h > 16)
     assert 0 < shrunk.sum() < 64 and torch.equal(same, ~shrunk)
 
@@ -132,17 +133,17 @@ def test_rates_of_flip_grayscale_and_jitter():
     torch.manual_seed(0)
     images = (torch.rand(1, 3, 16, 16) * 255).to(torch.uint8).expand(4000, -1, -1, -1)
     plain = common.View(16, scale=(1.0, 1.0), jitter_prob=0.0, grayscale_prob=0.0, blur=0.0)
-    out = common.augment_batch(images, plain)  # a full crop is the image itself or its mirror image
+    out = device_views.augment_batch(images, plain)  # a full crop is the image itself or its mirror image
     image = v2.functional.normalize(images[0].float() / 255, common.IMAGENET_MEAN, common.IMAGENET_STD)
     same = (out - image).abs().flatten(1).max(1)[0] < 1e-4
     mirrored = (out - image.flip(-1)).abs().flatten(1).max(1)[0] < 1e-4
     assert (same ^ mirrored).all()
     assert abs(mirrored.float().mean() - 0.5) < 0.04
-    gray = common.augment_batch(images, common.View(16, jitter_prob=0.0, grayscale_prob=0.3, blur=0.0))
+    gray = device_views.augment_batch(images, common.View(16, jitter_prob=0.0, grayscale_prob=0.3, blur=0.0))
     is_gray = (gray[:, 0] * 0.229 + 0.485 - gray[:, 1] * 0.224 - 0.456).abs().flatten(1).max(1)[0] < 1e-5
     assert abs(is_gray.float().mean() - 0.3) < 0.03
     bright = common.View(16, scale=(1.0, 1.0), jitter=(0.4, 0.0, 0.0, 0.0), grayscale_prob=0.0, blur=0.0)
-    ratio = (views_statistics(common.augment_batch(images, bright))[:, :3].mean(1)
+    ratio = (views_statistics(device_views.augment_batch(images, bright))[:, :3].mean(1)
              / views_statistics(image[None])[:, :3].mean())
     changed = (ratio - 1).abs() > 1e-3
     assert abs(changed.float().mean() - 0.8) < 0.03  # jitter applied with p 0.8 ...
@@ -153,9 +154,9 @@ def test_rates_of_flip_grayscale_and_jitter():
 def test_per_image_parameters_and_seeded_determinism():
     images = (torch.rand(1, 3, 32, 32) * 255).to(torch.uint8).expand(16, -1, -1, -1)
     torch.manual_seed(3)
-    a = common.augment_batch(images, common.View(32))
+    a = device_views.augment_batch(images, common.View(32))
     torch.manual_seed(3)
-    b = common.augment_batch(images, common.View(32))
+    b = device_views.augment_batch(images, common.View(32))
     assert torch.equal(a, b)
     distinct = {tuple(view.flatten()[:50].tolist()) for view in a}
     assert len(distinct) == 16  # the same image, 16 different views
@@ -164,7 +165,7 @@ def test_per_image_parameters_and_seeded_determinism():
 def test_device_loader_is_chosen_for_in_memory_data_and_replays_an_epoch(tmp_path):
     dataset = common.build_dataset("shapes:16:100", "pretrain", common.MultiView([common.View(16)] * 2))
     loader = common.make_loader(dataset, 32, common.DistEnv(), workers=0)
-    assert isinstance(loader, common.DeviceLoader) and len(loader) == 3
+    assert isinstance(loader, device_views.DeviceLoader) and len(loader) == 3
     cpu = common.make_loader(dataset, 32, common.DistEnv(), workers=0, on_device=False)
     assert isinstance(cpu, torch.utils.data.DataLoader) and len(cpu) == len(loader)
     epochs = []
@@ -187,10 +188,10 @@ def test_no_host_to_device_copy_per_view(monkeypatch):
     """On a GPU, torch.tensor(..., device=cuda) is a copy that makes the CPU wait: constants are made once."""
     images = (torch.rand(1, 3, 32, 32) * 255).to(torch.uint8).expand(8, -1, -1, -1)
     view = common.View(16, blur=0.5, solarize=0.2)
-    common.augment_batch(images, view)  # the first call may make them
+    device_views.augment_batch(images, view)  # the first call may make them
     made, tensor = [], torch.tensor
     monkeypatch.setattr(torch, "tensor", lambda *args, **kwargs: made.append(kwargs) or tensor(*args, **kwargs))
-    common.augment_batch(images, view)
+    device_views.augment_batch(images, view)
     assert made == []
 
 
@@ -198,8 +199,8 @@ def test_operations_that_cannot_happen_are_skipped_but_draw_their_numbers(monkey
     images = (torch.rand(1, 3, 32, 32) * 255).to(torch.uint8).expand(8, -1, -1, -1)
     calls = {name: 0 for name in ("adjust_hue", "gaussian_blur", "grayscale")}
     for name in calls:
-        function = getattr(common, name)
-        monkeypatch.setattr(common, name, lambda *args, name=name, function=function:
+        function = getattr(device_views, name)
+        monkeypatch.setattr(device_views, name, lambda *args, name=name, function=function:
                             calls.__setitem__(name, calls[name] + 1) or function(*args))
     plain = common.View(16, jitter_prob=0.0, grayscale_prob=0.0, blur=0.0, solarize=0.0)
     no_hue = common.View(16, jitter=(0.4, 0.4, 0.4, 0.0), grayscale_prob=0.0, blur=0.0)
@@ -209,7 +210,7 @@ def test_operations_that_cannot_happen_are_skipped_but_draw_their_numbers(monkey
                            (common.View(16), dict(adjust_hue=4, gaussian_blur=1, grayscale=5))]:
         calls.update(adjust_hue=0, gaussian_blur=0, grayscale=0)
         torch.manual_seed(0)
-        common.augment_batch(images, view)
+        device_views.augment_batch(images, view)
         assert calls == expected, view
         rng_after.append(torch.get_rng_state())
     # The same numbers drawn whatever is skipped: a View's coins do not depend on what another View turns off.
@@ -219,7 +220,7 @@ def test_operations_that_cannot_happen_are_skipped_but_draw_their_numbers(monkey
 def test_in_memory_decodes_into_one_tensor_and_declines_unequal_sizes(monkeypatch):
     cat = torch.cat
     monkeypatch.setattr(torch, "cat", lambda *args, **kwargs: pytest.fail("a second copy of the dataset"))
-    images, labels = common.in_memory(shapes.Shapes("train", 8, 10), workers=0)
+    images, labels = device_views.in_memory(shapes.Shapes("train", 8, 10), workers=0)
     monkeypatch.setattr(torch, "cat", cat)
     for index in (0, 9):
         image, label = shapes.Shapes("train", 8)[index]
@@ -234,7 +235,7 @@ def test_in_memory_decodes_into_one_tensor_and_declines_unequal_sizes(monkeypatc
 
         def __getitem__(self, index):
             return self.transform(shapes.Shapes("train", 8)[index][0]), 0
-    assert common.in_memory(Liar(), workers=0) is None
+    assert device_views.in_memory(Liar(), workers=0) is None
 
 
 def test_in_memory_decision_is_the_same_on_every_rank(tmp_path):

@@ -1,5 +1,6 @@
 """The shared pieces: dataset, augmentations, backbones, schedules, optimiser, gather, checkpoints."""
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -170,3 +171,17 @@ def test_eval_transform_is_bicubic_and_features_are_fp32(monkeypatch):
     loader = common.make_loader(dataset, 4, common.DistEnv(), 0, train=False)
     features, labels = common.extract_features(common.build_encoder("vit_nano", 16, 8), loader, common.DistEnv())
     assert features.dtype == torch.float32 and features.shape == (8, 128) and labels.shape == (8,)
+
+
+def test_common_works_without_device_views(monkeypatch, capsys):
+    """A method file copied with common.py alone: DataLoader workers make the views, and BN becomes torch's own
+    SyncBatchNorm (device_views.py, the speed path, is optional)."""
+    monkeypatch.setitem(sys.modules, "device_views", None)  # `import device_views` now fails
+    dataset = shapes.Shapes(image_size=16, num_images=64, transform=common.MultiView([common.View(16)]))
+    loader = common.make_loader(dataset, 8, common.DistEnv(), 0)
+    assert type(loader) is torch.utils.data.DataLoader
+    assert "note: no device_views.py" in capsys.readouterr().out
+    model = common.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)))
+    assert type(model[0]) is torch.nn.SyncBatchNorm
+    monkeypatch.undo()
+    assert type(common.convert_sync_batchnorm(torch.nn.BatchNorm2d(3))).__module__ == "device_views"

@@ -11,6 +11,7 @@ import torchvision
 from PIL import Image
 
 import common
+import device_views
 import shapes
 from helpers import ROOT, error_line, run_script
 
@@ -212,7 +213,7 @@ def test_freeze_encoder_epochs_refusals_are_one_line(method, flags, expected, tm
 def both_paths(view, image, n=64):
     """n views of one uint8 (3, H, W) image from the device path (augment_batch) and the DataLoader path."""
     torch.manual_seed(0)
-    device = common.augment_batch(image.expand(n, -1, -1, -1), view)
+    device = device_views.augment_batch(image.expand(n, -1, -1, -1), view)
     loader = torch.stack([view(Image.fromarray(image.permute(1, 2, 0).numpy())) for _ in range(n)])
     return device, loader
 

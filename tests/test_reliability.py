@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import common
+import device_views
 import shapes
 import simclr
 from helpers import assert_same_state, run_script
@@ -309,14 +310,14 @@ def test_image_over_the_size_limit_is_named(tmp_path, monkeypatch):
 
 def test_in_memory_path_is_capped_by_decoded_bytes(monkeypatch, capsys):
     dataset = shapes.Shapes(image_size=16, num_images=64, transform=common.MultiView([common.View(16)]))
-    monkeypatch.setattr(common, "free_memory", lambda device: 2 * 64 * 3 * 16 * 16 - 1)  # just too little
+    monkeypatch.setattr(device_views, "free_memory", lambda device: 2 * 64 * 3 * 16 * 16 - 1)  # just too little
     loader = common.make_loader(dataset, 8, common.DistEnv(), 0)
     assert isinstance(loader, torch.utils.data.DataLoader) and "DataLoader workers" in capsys.readouterr().out
-    monkeypatch.setattr(common, "free_memory", lambda device: 2 * 64 * 3 * 16 * 16)
-    assert isinstance(common.make_loader(dataset, 8, common.DistEnv(), 0), common.DeviceLoader)
+    monkeypatch.setattr(device_views, "free_memory", lambda device: 2 * 64 * 3 * 16 * 16)
+    assert isinstance(common.make_loader(dataset, 8, common.DistEnv(), 0), device_views.DeviceLoader)
     assert "held and augmented on cpu" in capsys.readouterr().out
     monkeypatch.undo()
-    assert common.free_memory(torch.device("cpu")) > 2**20  # the real RAM reading works here
+    assert device_views.free_memory(torch.device("cpu")) > 2**20  # the real RAM reading works here
 
 
 def test_unwritable_output_dir_fails_at_start(tmp_path):
