@@ -123,5 +123,15 @@ def test_a_saved_head_predicts_what_probe_measured(checkpoint, tmp_path, protoco
     assert len(rows) == 48 and all(row["top5"].split()[0].startswith(row["predicted"] + ":") for row in rows)
     top1 = 100 * sum(row["predicted"] == row["label"] for row in rows) / len(rows)
     assert top1 == pytest.approx(results[protocol]["top1"], abs=1e-4)  # probe.py's is fp32: one image is 2.08
+    flat = tmp_path / "unlabelled"  # the same images, no class folders: predictions, no label column
+    flat.mkdir()
+    for row in rows:
+        shutil.copy(tmp_path / "data" / "val" / row["path"], flat / row["path"].replace("/", "_"))
+    run(checkpoint, "--head", str(tmp_path / "heads" / f"{protocol}.pth"), "--data", str(flat),
+        "--output", str(tmp_path / "unlabelled.csv"))
+    unlabelled = {row["path"]: row for row in csv.DictReader(open(tmp_path / "unlabelled.csv"))}
+    assert list(next(iter(unlabelled.values()))) == ["path", "predicted", "probability", "top5"]
+    assert {row["path"].replace("/", "_"): row["predicted"] for row in rows} == {
+        path: row["predicted"] for path, row in unlabelled.items()}
     assert "not a model written by probe.py --save" in user_error(
         "embed", checkpoint, "--head", checkpoint, "--data", str(tmp_path / "data" / "val"), "--output", "x.csv")

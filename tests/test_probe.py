@@ -443,43 +443,59 @@ def test_plot_of_the_features(tmp_path):
     assert os.path.getsize(tmp_path / "r_pca.png") > 1000
 
 
-def shapes_folder(root, test_label):
-    """root/{train,val}/<class>/ from the built-in shapes (200 + 100 images), and root/test/: val's images again,
-    filed under test_label(their label)."""
-    for split, folders, count in (("train", [lambda c: c], 200), ("val", [lambda c: c], 100)):
+def shapes_folder(root, test_from):
+    """root/{train,val}/<class>/ from the built-in shapes (200 + 100 images), and root/test/<class>/: a copy of
+    test_from's images (val or train)."""
+    for split, count in (("train", 200), ("val", 100)):
         data = shapes.Shapes(split, 16, count)
         for i in range(count):
             image, label = data[i]
-            for folder, relabel in zip((split, "test"), [lambda c: c] + [test_label] * (split == "val")):
-                (root / folder / str(relabel(label))).mkdir(parents=True, exist_ok=True)
-                image.save(root / folder / str(relabel(label)) / f"{i}.png")
+            for folder in (split, "test") if split == test_from else (split,):
+                (root / folder / str(label)).mkdir(parents=True, exist_ok=True)
+                image.save(root / folder / str(label) / f"{i}.png")
     return str(root)
 
 
 def test_the_test_split_is_scored_apart_and_never_chooses(tmp_path, capsys):
     """A test/ split is scored by the heads and models val reports (k-NN: at the k val chose), printed apart at the
-    end, and never read for a choice: with test/ a copy of val its numbers are val's; with every test/ label wrong,
-    every val number, lr, temperature and chosen k stay as they were (a choice made on test/ would move)."""
+    end, and never read for a choice. With test/ a copy of val its numbers are val's. With test/ a copy of the
+    training images every val number, lr, temperature and chosen k stay as they were."""
     checkpoint = save_checkpoint(tmp_path / "c.pth")
     flags = ["--protocol", "knn", "linear", "finetune", "--seeds", "2", "--linear-epochs", "3", "--finetune-epochs",
-             "1", "--finetune-base-lr", "5e-3", "--k", "1", "5", "20", "--workers", "0"]
+             "1", "--finetune-base-lr", "5e-3", "--k", "1", "20", "--workers", "0"]
     runs = {}
-    for name, relabel in (("copy", lambda c: c), ("wrong", lambda c: (c + 1) % 10)):
-        data = shapes_folder(tmp_path / name, relabel)
-        runs[name] = probe.main(probe.get_args_parser().parse_args([checkpoint, "--data", data, *flags, "--output",
-                                                                    str(tmp_path / f"{name}.json")]))
+    for test_from in ("val", "train"):
+        data = shapes_folder(tmp_path / test_from, test_from)
+        runs[test_from] = probe.main(probe.get_args_parser().parse_args([checkpoint, "--data", data, *flags, "--output",
+                                                                         str(tmp_path / f"{test_from}.json")]))
     out = capsys.readouterr().out
     assert out.count("test split (scored once") == 2 and out.rindex("test split") > out.rindex("  fine-tune, MAE")
-    copy, wrong = runs["copy"], runs["wrong"]
-    assert copy["val"] == wrong["val"]  # every val number, lr and temperature
-    copy_test, wrong_test = (run["test"][checkpoint]["100% labels"] for run in runs.values())
+    copy, other = runs["val"], runs["train"]
+    assert copy["val"] == other["val"]  # every val number, lr and temperature
+    copy_test, other_test = (run["test"][checkpoint]["100% labels"] for run in runs.values())
     best = max(copy["knn"], key=lambda k: copy["knn"][k]["top1"])
-    assert copy_test["knn"]["k"] == wrong_test["knn"]["k"] == best  # the k chosen on val
+    assert copy_test["knn"]["k"] == other_test["knn"]["k"] == best
     assert {k: v for k, v in copy_test["knn"].items() if k != "k"} == copy["knn"][best]
     for protocol in ("linear", "finetune"):  # the same heads and models, scored on the same images
         assert {k: v for k, v in copy_test[protocol].items()} == {k: v for k, v in copy[protocol].items()
                                                                   if k not in ("lr", "temperature")}
-    assert all(wrong_test[p]["top1"] < copy_test[p]["top1"] for p in ("knn", "linear"))  # scored on test's labels
+    assert other_test["linear"]["top1"] > copy_test["linear"]["top1"]  # scored on test/: the head's training images
+
+
+def test_knn_scores_test_at_the_k_val_chose():
+    """Mislabelled training points: on val (fresh points) k = 20 outvotes them and k = 1 does not; on a test split of
+    the mislabelled points themselves k = 1 scores 100% (each is its own neighbour), k = 20 0%. Test is scored at
+    val's k."""
+    x, y = blobs(50, 4, 16, 1.0, 0)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = x[order], y[order]
+    noisy = y.clone()
+    noisy[:150:8] = (noisy[:150:8] + 1) % 4  # 1 in 8 training labels wrong
+    args = probe.get_args_parser().parse_args(["c.pth", "--data", "shapes", "--k", "1", "20"])
+    features = {"train": (x[:150], noisy[:150]), "val": (x[150:], y[150:]), "test": (x[:150:8], noisy[:150:8])}
+    val, test = probe.run_knn(features, dict(fraction=1.0), args, 4)
+    assert val["k=20"]["top1"] == 100 > val["k=1"]["top1"]
+    assert test["k"] == "k=20" and test["top1"] == 0  # k = 1 would have scored 100
 
 
 def test_compare_runs_every_backbone_on_the_same_label_subsets_at_each_budget(tmp_path, capsys):
