@@ -502,63 +502,7 @@ def report_bad_images(dataset, dist_env):
                    f"{first})")
 
 
-# ----------------------------------------------------------------------------- weights from a file: --init, probe.py
-WRAPPERS = ("teacher", "student", "state_dict", "model")
-PREFIXES = ("module.", "backbone.", "base_encoder.", "encoder.")
-
-
-def public_names(state, name):
-    """Other codebases' names -> ours: timm's reg_token is DINOv2's register_tokens. ViT-g's SwiGLU MLP is refused."""
-    if swiglu := next((k for k in state if ".mlp.w12." in k or ".mlp.weights_in." in k), None):  # DINOv2's, HF's
-        raise UserError(f"{name}: {swiglu} is ViT-g's SwiGLU MLP, which this ViT does not have (its MLP is "
-                        "fc1-GELU-fc2): use a ViT-S, B or L file")
-    return {"register_tokens" if k == "reg_token" else k: v for k, v in state.items()}
-
-
-HF_NAMES = (  # Hugging Face's Dinov2Model / ViTMAEModel -> timm's, in this order (attention.output before output)
-    ("embeddings.patch_embeddings.projection.", "patch_embed.proj."), ("embeddings.position_embeddings", "pos_embed"),
-    ("embeddings.", ""), ("encoder.layer.", "blocks."), ("layernorm_before.", "norm1."), ("layernorm_after.", "norm2."),
-    ("attention.output.dense.", "attn.proj."), ("attention.attention.", "attn."), ("intermediate.dense.", "mlp.fc1."),
-    ("output.dense.", "mlp.fc2."), ("layer_scale1.lambda1", "ls1.gamma"), ("layer_scale2.lambda1", "ls2.gamma"),
-    ("layernorm.", "norm."))
-HF_MARK = "embeddings.patch_embeddings.projection.weight"
-
-
-def hugging_face_names(state):
-    """A Hugging Face state_dict in timm's names: prefix (dinov2., vit.) and heads (classifier, MAE's decoder)
-    dropped, keys renamed, the separate query, key, value projections stacked into one qkv, as timm's."""
-    prefix = next(k for k in state if k.endswith(HF_MARK))[:-len(HF_MARK)]
-    renamed = {}
-    for key, value in state.items():
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-            for old, new in HF_NAMES:
-                key = key.replace(old, new)
-            renamed[key] = value
-    for query in [k for k in renamed if ".attn.query." in k]:
-        parts = [query.replace("query", part) for part in ("query", "key", "value")]
-        if all(part in renamed for part in parts):  # else one of them is "unexpected": one line from load_weights
-            renamed[query.replace("query", "qkv")] = torch.cat([renamed.pop(part) for part in parts])  # (3D, ...)
-    return renamed
-
-
-def encoder_state(saved, name):
-    """The encoder's state_dict in a loaded file, in timm's names: a checkpoint's encoder, or a torchvision / timm /
-    Hugging Face state_dict as official files wrap it: DINO's {'teacher': {'backbone.*'}} (a full checkpoint's
-    teacher), MoCo v3's {'state_dict': {'module.base_encoder.*'}}, MAE's and DINOv2's {'model': ...}."""
-    state = saved["encoder"] if isinstance(saved, dict) and "encoder_config" in saved else saved
-    while isinstance(state, dict) and (wrapper := next((k for k in WRAPPERS if isinstance(state.get(k), dict)), None)):
-        state = state[wrapper]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise UserError(f"{name}: holds no state_dict of tensors")
-    if any(k.endswith(HF_MARK) for k in state):
-        state = hugging_face_names(state)
-    for prefix in PREFIXES:  # DDP's module.*, then the method's wrapper around the encoder
-        if any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return public_names(state, name)
-
-
+# ----------------------------------------------------------------------------- weights from a file: --init
 LAYOUT = dict(layer_scale=False, registers=0, cls_slot=True)  # build_encoder's defaults: this project's own ViT
 
 
@@ -575,25 +519,6 @@ def vit_layout(state, name):
                 registers=registers.shape[1] if registers is not None and registers.ndim == 3 else 0)
 
 
-def adopt_layout(encoder, state, name):
-    """Give a built ViT the layout of the file it loads (as build_encoder(**layout)): --init and probe.py need no flag
-    for it. Before any optimizer or EMA copy holds the parameters: methods call it right after build_encoder."""
-    if not isinstance(encoder, VisionTransformer) or "pos_embed" not in state:
-        return
-    layout, dim = vit_layout(state, name), encoder.embed_dim
-    if layout == vit_layout(encoder.state_dict(), name):
-        return
-    for block in encoder.blocks:
-        block.ls1, block.ls2 = (LayerScale(dim) if layout["layer_scale"] else nn.Identity() for _ in range(2))
-    encoder.register_tokens = nn.Parameter(torch.zeros(1, layout["registers"], dim)) if layout["registers"] else None
-    encoder.num_prefix_tokens = 1 + layout["registers"]
-    if layout["cls_slot"] != encoder.cls_slot:
-        length = encoder.pos_embed.shape[1] - encoder.cls_slot + layout["cls_slot"]
-        encoder.pos_embed = nn.Parameter(torch.zeros(1, length, dim), requires_grad=encoder.pos_embed.requires_grad)
-        encoder.cls_slot = int(layout["cls_slot"])
-    encoder.to(encoder.cls_token.device)  # the new parameters join the others
-
-
 def encoder_layout(encoder):
     """An encoder's layout options that differ from LAYOUT, for its checkpoint's encoder_config (probe.py rebuilds)."""
     if not isinstance(encoder, VisionTransformer):
@@ -601,45 +526,14 @@ def encoder_layout(encoder):
     return {k: v for k, v in vit_layout(encoder.state_dict(), "encoder").items() if v != LAYOUT[k]}
 
 
-def load_weights(encoder, state, name, arch):
-    """Load state (encoder_state's names) strictly, less classifier heads, MAE's decoder and DINOv2's mask token,
-    with the file's ViT layout and position embeddings resized; any other mismatch or a non-finite weight is one line.
-    An MAE fine-tuned file (global pool) has fc_norm, the LayerNorm its features were trained through, as final norm."""
-    if "fc_norm.weight" in state and "norm.weight" not in state:  # MAE's models_vit.py with global_pool
-        state = {"norm." + k[len("fc_norm."):] if k.startswith("fc_norm.") else k: v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head.", "fc_norm.", "decoder", "mask_token"))}
-    adopt_layout(encoder, state, name)
-    expected = encoder.state_dict()
-    pos, pos_here = state.get("pos_embed"), expected.get("pos_embed")
-    if pos is not None and pos_here is not None and pos.shape[1] != pos_here.shape[1]:  # trained at another size
-        slot = encoder.cls_slot  # the file's, after adopt_layout
-        grid = math.isqrt(pos_here.shape[1] - slot)
-        # Each family's own resize: DINOv2 with registers and timm's no_embed_class files (the layouts with registers
-        # or no CLS slot) antialias to size=(g, g); DINO and DINOv2 without registers scale by (g + 0.1)/n.
-        antialias = encoder.num_prefix_tokens > 1 or not slot
-        state["pos_embed"] = torch.cat([pos[:, :slot], resize_pos_embed(pos[:, slot:], grid, grid, antialias)], 1)
-    problems = ([f"{k} is {list(state[k].shape)} in the file, {list(v.shape)} here" for k, v in expected.items()
-                 if k in state and state[k].shape != v.shape] + [f"{k} is missing" for k in expected if k not in state]
-                + [f"{k} is unexpected" for k in state if k not in expected])
-    if problems:
-        raise UserError(f"{name} does not fit a {arch}: {problems[0]} ({len(problems)} keys differ); check --arch, "
-                        "--patch-size and, for a 224-px ResNet, an --image-size above 64 (the 7x7 stem)")
-    if not all_finite(state):  # a diverged run's weights would give normal-looking, meaningless numbers
-        raise UserError(f"{name}: non-finite (NaN or inf) weights; the run that wrote them diverged")
-    encoder.load_state_dict(state)
-
-
 def load_encoder_weights(encoder, args):
-    """--init PATH: the encoder starts from PATH, unless the run resumes: then the checkpoint's weights replace these,
-    and its encoder gives the layout (LayerScale, registers) that PATH gave the run; PATH is not read again."""
-    if not args.init:
-        return
-    path = os.path.join(args.output_dir, "checkpoint.pth")
-    if resume := args.resume or (path if os.path.exists(path) else ""):
-        adopt_layout(encoder, load_checkpoint(resume)["encoder"], resume)
-    else:
-        load_weights(encoder, encoder_state(read_torch_file(args.init, "--init"), f"--init {args.init}"),
-                     f"--init {args.init}", args.arch)
+    """--init PATH: the encoder starts from PATH's weights, read by weights.py (any public layout: see there)."""
+    if args.init:
+        try:
+            import weights
+        except ImportError:  # a method file copied with common.py alone
+            raise UserError("--init needs weights.py beside common.py (it reads the files)") from None
+        weights.load_init(encoder, args)
 
 
 # ----------------------------------------------------------------------------- the k-NN monitor

@@ -24,12 +24,13 @@ import torch.nn.functional as F
 
 import common
 import probe
+import weights
 
 
 def get_args_parser():
     p = argparse.ArgumentParser("embed.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    probe.encoder_args(p)  # the checkpoint, --arch, --image-size, --mean, --std, --n-last-blocks, ...: as probe.py
+    weights.encoder_args(p)  # the checkpoint, --arch, --image-size, --mean, --std, --n-last-blocks, ...: as probe.py
     add = p.add_argument_group("images").add_argument
     add("--data", required=True, help="a folder: DIR/<class>/* (labelled), images at any depth without class folders "
         "(unlabelled), or DIR/{train,val}/<class>/* (its train/ split; pass DIR/val for the other)")
@@ -93,7 +94,7 @@ def saved_classifier(saved, encoder, name):
     if saved["protocol"] == "finetune":
         model = trained = probe.Classifier(encoder, len(saved["classes"]), saved["recipe"] == "mae")
     else:
-        readout = probe.Readout(encoder, saved["readout"]["n_last_blocks"], saved["readout"]["avgpool"])
+        readout = weights.Readout(encoder, saved["readout"]["n_last_blocks"], saved["readout"]["avgpool"])
         trained = probe.linear_head(readout.dim, len(saved["classes"]), saved["batch_normalize"])
         model = torch.nn.Sequential(readout, trained)
     try:
@@ -118,10 +119,10 @@ def main(args):
         args.image_size, args.grayscale_input = args.image_size or saved["image_size"], saved["grayscale_input"]
         args.mean, args.std = args.mean or saved["mean"], args.std or saved["std"]
     dist_env = common.init_distributed()
-    encoder, image_size = probe.load_encoder(args)
-    probe.check_readout(encoder, args)
+    encoder, image_size = weights.load_encoder(args)
+    weights.check_readout(encoder, args)
     model = (saved_classifier(saved, encoder, f"--head {args.head}") if args.head else
-             probe.Readout(encoder, args.n_last_blocks, args.avgpool_patchtokens).eval()).to(dist_env.device)
+             weights.Readout(encoder, args.n_last_blocks, args.avgpool_patchtokens).eval()).to(dist_env.device)
     transform = common.eval_transform(image_size, args.mean, args.std, args.grayscale_input)
     features, paths, dataset, keep = embed_folder(args.data, model, transform, args, dist_env)
     if args.head and dist_env.is_main:

@@ -24,13 +24,14 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 import common
+import weights
 from common import knn_classify  # noqa: F401  (the k-NN rule lives in common.py: the methods monitor with it)
 
 
 def get_args_parser():
     p = argparse.ArgumentParser("probe.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    encoder_args(p)
+    weights.encoder_args(p)
     add, i, f = p.add_argument, common.positive_int, float
     add("--data", required=True, help="shapes[:SIZE[:N[:V]]], cifar10, cifar100, stl10, or DIR/{train,val}/<class>")
     add("--data-root", default="data", help="where torchvision datasets are downloaded")
@@ -82,92 +83,7 @@ def get_args_parser():
     return p
 
 
-def encoder_args(p):
-    """How to read an encoder from a file, and which of its features: probe.py's flags, and embed.py's."""
-    add, i, f = p.add_argument_group("encoder").add_argument, common.positive_int, float
-    add("checkpoint", help="a checkpoint of this project's methods, or a plain state_dict with --arch")
-    add("--arch", default=None, choices=common.ARCHS, help="only for a plain torchvision/timm-named state_dict")
-    add("--patch-size", type=i, default=None, help="ViT patch size, with --arch (default: the file's)")
-    add("--num-heads", type=i, default=None, help="ViT heads, with --arch, if not the usual (MoCo v3 ViT-S: 12)")
-    add("--image-size", type=i, default=None, help="default: the checkpoint's training size")
-    add("--mean", type=f, nargs=3, default=None, help="default: the run's --mean (ImageNet's for a state_dict)")
-    add("--std", type=f, nargs=3, default=None, help="default: the run's --std (ImageNet's for a state_dict)")
-    add("--grayscale-input", action="store_true", help="one channel repeated 3 times (default: as the run did)")
-    add("--n-last-blocks", type=i, default=1, help="ViT: the normalised CLS of the last N blocks (DINO: 4 for ViT-S)")
-    add("--avgpool-patchtokens", action="store_true", help="ViT: and the mean patch token (DINO: ViT-B, with N = 1)")
-    add("--batch-size", type=i, default=256, help="feature extraction batch per rank")
-    add("--workers", type=common.non_negative_int, default=min(8, os.cpu_count()), help="loader processes per rank")
-
-
-# ----------------------------------------------------------------------------- encoder
-def load_encoder(args, drop_path=0.0, random_init=False):
-    """(encoder, image_size) from a project checkpoint, or from a plain state_dict and --arch; random_init: the same
-    architecture, not loaded (the baselines)."""
-    saved = {}  # the run's flags: a plain state_dict has none
-    if args.arch is None:
-        checkpoint = common.load_checkpoint(args.checkpoint)
-        config, state = dict(checkpoint["encoder_config"]), checkpoint["encoder"]
-        saved = checkpoint.get("args", {})  # the run's pixels (--mean, --std, --grayscale-input): probe as it trained
-        args.mean, args.std = args.mean or saved.get("mean"), args.std or saved.get("std")
-        args.grayscale_input = args.grayscale_input or saved.get("grayscale_input", False)
-    else:  # a torchvision / timm-named state_dict, or an official file, unwrapped as --init unwraps it
-        state = common.encoder_state(common.read_torch_file(args.checkpoint), args.checkpoint)
-        patch = state.get("patch_embed.proj.weight")  # (D, 3, p, p)
-        config = dict(arch=args.arch, image_size=args.image_size or common.default_image_size(args.data),
-                      patch_size=args.patch_size or (patch.shape[-1] if patch is not None else 16),
-                      num_heads=args.num_heads)  # the layout: from the file's keys
-    args.mean, args.std = args.mean or common.IMAGENET_MEAN, args.std or common.IMAGENET_STD  # older runs, state_dicts
-    # The run's views too: what it kept out (a mirror image, a colour change: the signal) stays out of the probe's
-    # training views (--augment, fine-tuning); the command line overrides.
-    run_views = dict(flip=not saved.get("no_flip"), color=not saved.get("no_color"), vflip=saved.get("vflip", False),
-                     rot90=saved.get("rot90", False))
-    vars(args).update({name: value for name, value in run_views.items() if getattr(args, name, None) is None})
-    image_size = args.image_size or config["image_size"]
-    if config["arch"].startswith("resnet") and hasattr(state.get("conv1.weight"), "shape"):
-        # The stem follows the weights, not the data: a 224-px ResNet (7x7/2 conv + max-pool) probed on 32 px CIFAR
-        # keeps its stem, and a CIFAR one (3x3/1) keeps its own at any size.
-        config["image_size"] = 224 if state["conv1.weight"].shape[-1] == 7 else 32
-    if config["arch"].startswith("vit"):
-        config["drop_path"] = drop_path
-    encoder = common.build_encoder(**config)
-    if random_init:  # the file's architecture (LayerScale, registers), not its weights
-        common.adopt_layout(encoder, state, args.checkpoint)
-    else:
-        common.load_weights(encoder, state, args.checkpoint, config["arch"])  # a mismatch or a NaN: one line
-    return encoder, image_size
-
-
-def check_readout(encoder, args):
-    if not isinstance(encoder, common.VisionTransformer) and (args.n_last_blocks > 1 or args.avgpool_patchtokens):
-        raise common.UserError("--n-last-blocks and --avgpool-patchtokens are ViT readouts (DINO)")
-    if isinstance(encoder, common.VisionTransformer) and args.n_last_blocks > len(encoder.blocks):
-        raise common.UserError(f"--n-last-blocks {args.n_last_blocks}: the ViT has {len(encoder.blocks)} blocks")
-
-
-class Readout(nn.Module):
-    """The features a linear probe sees. ResNets: the pooled features. ViTs: the CLS token through the final norm;
-    DINO's eval_linear.py concatenates it over the last n blocks (each through the final norm) and, with avgpool,
-    the mean of the last block's normalised patch tokens."""
-
-    def __init__(self, encoder, n_last_blocks=1, avgpool=False):
-        super().__init__()
-        self.encoder, self.n, self.avgpool = encoder, n_last_blocks, avgpool
-        self.dim = encoder.embed_dim * (n_last_blocks + avgpool)
-
-    def forward(self, images):
-        if self.n == 1 and not self.avgpool:
-            return self.encoder(images)
-        outputs = []  # the tokens of the last n blocks
-        hooks = [block.register_forward_hook(lambda module, inputs, out: outputs.append(out))
-                 for block in self.encoder.blocks[-self.n:]]
-        self.encoder(images)
-        for hook in hooks:
-            hook.remove()
-        tokens = [self.encoder.norm(x) for x in outputs]  # n x (B, P + L, D): CLS, registers, patches
-        patches = tokens[-1][:, self.encoder.num_prefix_tokens:]  # (B, L, D)
-        return torch.cat([x[:, 0] for x in tokens] + [patches.mean(1)] * self.avgpool, dim=1)  # (B, D(n+a))
-
-
+# ----------------------------------------------------------------------------- models
 class Classifier(nn.Module):
     """Encoder + linear head for fine-tuning. global_pool (MAE's models_vit.py): the mean of the patch tokens through
     a new fc_norm replaces the CLS token through the final norm, which is dropped."""
@@ -471,7 +387,7 @@ def run_finetune(args, train_set, labels, eval_sets, dist_env, recipe, budget, s
     runs, device, num_classes = [], dist_env.device, int(labels.max()) + 1
     for seed in range(args.seeds):
         torch.manual_seed(seed)
-        encoder, _ = load_encoder(args, drop_path=args.drop_path, random_init=scratch)
+        encoder, _ = weights.load_encoder(args, drop_path=args.drop_path, random_init=scratch)
         model = Classifier(encoder, num_classes, global_pool=recipe == "mae").to(device)
         if dist_env.world_size > 1 and device.type == "cuda":
             model = common.convert_sync_batchnorm(model)  # ResNets: BN statistics over the global batch
@@ -531,8 +447,8 @@ class Backbone:
     def __init__(self, args, dist_env, random_init=False):
         self.args, self.dist, self.random_init, self.features = args, dist_env, random_init, None
         torch.manual_seed(0)
-        self.encoder, self.image_size = load_encoder(args, random_init=random_init)
-        check_readout(self.encoder, args)
+        self.encoder, self.image_size = weights.load_encoder(args, random_init=random_init)
+        weights.check_readout(self.encoder, args)
         self.vit = isinstance(self.encoder, common.VisionTransformer)
         self.recipe = args.recipe or ("mae" if self.vit else "plain")
         if not self.vit and self.recipe == "mae":
@@ -550,7 +466,7 @@ class Backbone:
 
     def cached(self):
         if self.features is None:  # the readout and every split's features, once
-            model = Readout(self.encoder, self.args.n_last_blocks, self.args.avgpool_patchtokens)
+            model = weights.Readout(self.encoder, self.args.n_last_blocks, self.args.avgpool_patchtokens)
             model = model.to(self.dist.device).eval()
             self.features = model, {split: embed_split(model, dataset, self.args, self.dist, f"{split} features")
                                     for split, dataset in self.splits.items()}

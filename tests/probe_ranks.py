@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import probe  # noqa: E402
+import weights  # noqa: E402
 
 checkpoint, out, *flags = sys.argv[1:]
 
@@ -48,7 +49,7 @@ saved["gathered"] = common.all_gather(mine, keep_grad=False)
 args = probe.get_args_parser().parse_args([checkpoint, "--data", "shapes:16:8:8", "--seeds", "1", "--workers", "0",
                                            "--finetune-epochs", "1", "--finetune-batch-size", "8", "--linear-epochs",
                                            "1", "--linear-batch-size", "8", "--augment"])
-encoder, image_size = probe.load_encoder(args)  # as main: args gets the run's normalisation
+encoder, image_size = weights.load_encoder(args)  # as main: args gets the run's normalisation
 one_image = lambda views: torch.utils.data.Subset(common.build_dataset("shapes:16:8:8", "train", views), [0] * 8)
 val_set = common.build_dataset("shapes:16:8:8", "val", common.eval_transform(16, args.mean, args.std))
 
@@ -68,7 +69,7 @@ probe.Classifier, probe.finetune_step = Built, first_step
 # Of the labels, run_finetune reads only their number and the classes (10); the targets are the image's label.
 probe.run_finetune(args, one_image(probe.train_augmentation(image_size, args, rand_augment=True)),
                    torch.full((8,), 9), {"val": val_set}, dist_env, "mae", dict(fraction=1.0), scratch=True)
-readout = probe.Readout(encoder)
+readout = weights.Readout(encoder)
 readout.register_forward_pre_hook(lambda module, inputs: saved.setdefault("linear_images", inputs[0]))
 probe.linear_on_the_fly(readout, one_image(probe.train_augmentation(image_size, args)), args, 10, dist_env)(
     torch.arange(8), 0.1, 0)

@@ -10,6 +10,7 @@ from PIL import Image
 import common
 import embed
 import probe
+import weights
 from helpers import run_script
 from test_errors import user_error
 from test_practitioner import write_images
@@ -40,10 +41,10 @@ def test_a_labelled_folder_gives_probes_features_paths_and_labels(checkpoint, tm
     assert list(out["labels"]) == [0, 0, 0, 1, 1, 1] and list(out["classes"]) == ["circles", "squares"]
     # probe.py's readout of the same image, with the run's normalisation: the same vector
     args = probe.get_args_parser().parse_args([checkpoint, "--data", str(tmp_path / "data")])
-    encoder, size = probe.load_encoder(args)
+    encoder, size = weights.load_encoder(args)
     image = common.eval_transform(size, [0.5] * 3, [0.25] * 3)(Image.open(tmp_path / "data" / "squares" / "11.png"))
     with torch.no_grad():
-        expected = probe.Readout(encoder).eval()(image[None])[0]
+        expected = weights.Readout(encoder).eval()(image[None])[0]
     torch.testing.assert_close(torch.from_numpy(out["features"][4]), expected, atol=1e-5, rtol=1e-5)
 
 

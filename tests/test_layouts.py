@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import common
 import dino
 import probe
+import weights
 from test_practitioner import HEADS as HEAD_FLAGS, METHODS, TINY_VIT, parse, targets
 
 D, DEPTH, HEADS, PATCH = 128, 4, 4, 14  # vit_nano at patch 14: 28 px images are a 2 x 2 grid
@@ -83,7 +84,7 @@ def reference_features(state, images):
 def probe_encoder(path, *flags):
     args = probe.get_args_parser().parse_args([str(path), "--data", "shapes:28", "--arch", "vit_nano",
                                                "--patch-size", str(PATCH), "--image-size", "28", *flags])
-    return probe.load_encoder(args)[0].eval()
+    return weights.load_encoder(args)[0].eval()
 
 
 def init_encoder(path, tmp_path):
@@ -134,13 +135,13 @@ def test_the_layout_travels_in_the_checkpoint_and_every_readout_skips_the_regist
     checkpoint = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=False)
     assert checkpoint["encoder_config"] == dict(arch="vit_nano", image_size=28, patch_size=PATCH, layer_scale=True,
                                                 registers=4)
-    encoder = probe.load_encoder(probe.get_args_parser().parse_args([str(tmp_path / "run" / "checkpoint.pth"),
+    encoder = weights.load_encoder(probe.get_args_parser().parse_args([str(tmp_path / "run" / "checkpoint.pth"),
                                                                      "--data", "shapes:28"]))[0].eval()
     images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(encoder(images), reference_features(state, images), atol=1e-5, rtol=1e-5)
         tokens = encoder.forward_tokens(encoder.embed(images))  # (B, 1 + 4 + 4, D)
-        readout = probe.Readout(encoder, n_last_blocks=1, avgpool=True)(images)  # (B, 2D): CLS, mean of patches
+        readout = weights.Readout(encoder, n_last_blocks=1, avgpool=True)(images)  # (B, 2D): CLS, mean of patches
         torch.testing.assert_close(readout[:, D:], tokens[:, 5:].mean(1))
         classifier = probe.Classifier(encoder, 3, global_pool=True)  # the final norm dropped: MAE's global pool
         tokens = encoder.forward_tokens(encoder.embed(images))
@@ -244,6 +245,6 @@ def test_probes_arch_path_takes_num_heads_and_its_baselines_the_files_architectu
     torch.save(layout_file("dinov2_reg4"), tmp_path / "reg4.pth")
     args = probe.get_args_parser().parse_args([str(tmp_path / "reg4.pth"), "--data", "shapes:28", "--arch", "vit_nano",
                                                "--patch-size", str(PATCH), "--image-size", "28"])
-    random = probe.load_encoder(args, random_init=True)[0]  # --baselines: the same architecture, not the weights
+    random = weights.load_encoder(args, random_init=True)[0]  # --baselines: the same architecture, not the weights
     assert random.num_prefix_tokens == 5 and isinstance(random.blocks[0].ls1, common.LayerScale)
     assert not torch.equal(random.cls_token, layout_file("dinov2_reg4")["cls_token"])

@@ -308,17 +308,18 @@ def test_bad_mean_or_crop_scale_is_one_line(tmp_path):
 
 def test_probe_normalises_as_the_run_did(tmp_path):
     import probe
+    from weights import load_encoder
     state = {"method": "simclr", "encoder_config": dict(arch="vit_nano", image_size=16, patch_size=8),
              "encoder": common.build_encoder("vit_nano", 16, 8).state_dict(),
              "args": {"mean": [0.5] * 3, "std": [0.2] * 3, "grayscale_input": True}}
     torch.save(state, tmp_path / "c.pth")
     args = probe.get_args_parser().parse_args([str(tmp_path / "c.pth"), "--data", "shapes"])
-    probe.load_encoder(args)
+    load_encoder(args)
     assert (args.mean, args.std, args.grayscale_input) == ([0.5] * 3, [0.2] * 3, True)
     del state["args"]  # a run from before these flags, or a plain state_dict: ImageNet's
     torch.save(state, tmp_path / "c.pth")
     args = probe.get_args_parser().parse_args([str(tmp_path / "c.pth"), "--data", "shapes", "--std", "1", "1", "1"])
-    probe.load_encoder(args)
+    load_encoder(args)
     assert (args.mean, args.std, args.grayscale_input) == (common.IMAGENET_MEAN, [1.0] * 3, False)
 
 
@@ -327,6 +328,7 @@ def test_probe_trains_on_the_run_s_views(tmp_path):
     """Linear --augment and fine-tuning keep out what the run kept out (a mirror image, a colour change) and turn
     the images as it did; probe.py's flags override."""
     import probe
+    from weights import load_encoder
     from torchvision.transforms import v2
     state = {"method": "simclr", "encoder_config": dict(arch="vit_nano", image_size=16, patch_size=8),
              "encoder": common.build_encoder("vit_nano", 16, 8).state_dict(),
@@ -335,7 +337,7 @@ def test_probe_trains_on_the_run_s_views(tmp_path):
 
     def views(*flags):  # the fine-tuning views (linear --augment's are the same without RandAugment and erasing)
         args = probe.get_args_parser().parse_args([str(tmp_path / "c.pth"), "--data", "shapes", *flags])
-        probe.load_encoder(args)
+        load_encoder(args)
         transform = probe.train_augmentation(16, args, rand_augment=True)
         assert transform(shapes.Shapes("train", 16, 1)[0][0]).shape == (3, 16, 16)
         kinds = [type(t) for t in transform.transforms]
@@ -358,13 +360,14 @@ def test_probe_trains_on_the_run_s_views(tmp_path):
 @pytest.mark.parametrize("cpu_augment", [False, True])
 def test_a_run_turns_its_views_and_probe_reads_it(tmp_path, cpu_augment):
     import probe
+    from weights import load_encoder
     flags = ["--data", "shapes:16:16:8", *TINY_VIT, *HEADS["simclr"].split(), "--no-flip", "--vflip", "--rot90",
              *(["--cpu-augment"] if cpu_augment else []), "--output-dir", str(tmp_path)]
     result = run_script("simclr.py", *flags)
     assert result.returncode == 0, result.stderr
     assert ("held and augmented on cpu" in result.stdout) != cpu_augment  # the device path, or torchvision's
     args = probe.get_args_parser().parse_args([str(tmp_path / "checkpoint.pth"), "--data", "shapes:16:16:8"])
-    probe.load_encoder(args)
+    load_encoder(args)
     assert (args.flip, args.color, args.vflip, args.rot90) == (False, True, True, True)
 
 # ----------------------------------------------------------------------------- unlabelled folders

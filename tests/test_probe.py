@@ -13,6 +13,7 @@ from PIL import Image
 import common
 import shapes
 import probe
+import weights
 from helpers import ROOT, assert_same_step, run_script
 
 
@@ -273,13 +274,13 @@ def test_dino_readouts_concatenate_normalised_tokens():
         for block in encoder.blocks:
             x = block(x)
             outputs.append(encoder.norm(x))  # DINO's get_intermediate_layers: each through the final norm
-        last4 = probe.Readout(encoder, n_last_blocks=4)(images)
-        avgpool = probe.Readout(encoder, avgpool=True)(images)
-        torch.testing.assert_close(probe.Readout(encoder)(images), encoder(images))
+        last4 = weights.Readout(encoder, n_last_blocks=4)(images)
+        avgpool = weights.Readout(encoder, avgpool=True)(images)
+        torch.testing.assert_close(weights.Readout(encoder)(images), encoder(images))
     torch.testing.assert_close(last4, torch.cat([t[:, 0] for t in outputs], 1))
     torch.testing.assert_close(avgpool, torch.cat([outputs[-1][:, 0], outputs[-1][:, 1:].mean(1)], 1))
-    assert (probe.Readout(encoder, 4).dim == last4.shape[1] == 4 * 128
-            and probe.Readout(encoder, avgpool=True).dim == 256)
+    assert (weights.Readout(encoder, 4).dim == last4.shape[1] == 4 * 128
+            and weights.Readout(encoder, avgpool=True).dim == 256)
 
 
 def test_mae_classifier_pools_patch_tokens_through_fc_norm():
@@ -357,7 +358,7 @@ def test_linear_augment_and_label_fraction_end_to_end(tmp_path, monkeypatch):
     assert len(fits) == 6 + 1  # 6 candidate lrs on cached features, then the final head
     for fit in fits[:6]:  # trained on 9 + 9 of the 10 + 10 labelled images (1 a class held out to choose the lr)
         assert torch.bincount(torch.cat([y for _, y in fit])).tolist() == [9, 9]
-    encoder, _ = probe.load_encoder(probe.get_args_parser().parse_args([checkpoint, "--data", data]))
+    encoder, _ = weights.load_encoder(probe.get_args_parser().parse_args([checkpoint, "--data", data]))
     train_set = common.build_dataset(data, "train", common.eval_transform(16))
     with torch.no_grad():  # (40, D): every training image's cached feature
         cached = encoder.eval()(torch.stack([train_set[i][0] for i in range(len(train_set))]))

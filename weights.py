@@ -1,0 +1,212 @@
+"""Reading an encoder from a file: one loader for every entry point (--init in the methods, probe.py, embed.py).
+This project's checkpoints; torchvision, timm and official DINO / MAE / MoCo v3 files, wrapped or not; DINOv2 (hub,
+timm: LayerScale, registers, position embeddings without a CLS slot) and Hugging Face state dicts. A mismatch, a
+malformed file or a NaN is one line. Then the features probe.py and embed.py read from it."""
+import math
+import os
+
+import torch
+import torch.nn as nn
+
+import common
+
+WRAPPERS = ("teacher", "student", "state_dict", "model")
+PREFIXES = ("module.", "backbone.", "base_encoder.", "encoder.")
+
+
+def public_names(state, name):
+    """Other codebases' names -> ours: timm's reg_token is DINOv2's register_tokens. ViT-g's SwiGLU MLP is refused."""
+    if swiglu := next((k for k in state if ".mlp.w12." in k or ".mlp.weights_in." in k), None):  # DINOv2's, HF's
+        raise common.UserError(f"{name}: {swiglu} is ViT-g's SwiGLU MLP, which this ViT does not have (its MLP is "
+                               "fc1-GELU-fc2): use a ViT-S, B or L file")
+    return {"register_tokens" if k == "reg_token" else k: v for k, v in state.items()}
+
+
+HF_NAMES = (  # Hugging Face's Dinov2Model / ViTMAEModel -> timm's, in this order (attention.output before output)
+    ("embeddings.patch_embeddings.projection.", "patch_embed.proj."), ("embeddings.position_embeddings", "pos_embed"),
+    ("embeddings.", ""), ("encoder.layer.", "blocks."), ("layernorm_before.", "norm1."), ("layernorm_after.", "norm2."),
+    ("attention.output.dense.", "attn.proj."), ("attention.attention.", "attn."), ("intermediate.dense.", "mlp.fc1."),
+    ("output.dense.", "mlp.fc2."), ("layer_scale1.lambda1", "ls1.gamma"), ("layer_scale2.lambda1", "ls2.gamma"),
+    ("layernorm.", "norm."))
+HF_MARK = "embeddings.patch_embeddings.projection.weight"
+
+
+def hugging_face_names(state):
+    """A Hugging Face state_dict in timm's names: prefix (dinov2., vit.) and heads (classifier, MAE's decoder)
+    dropped, keys renamed, the separate query, key, value projections stacked into one qkv, as timm's."""
+    prefix = next(k for k in state if k.endswith(HF_MARK))[:-len(HF_MARK)]
+    renamed = {}
+    for key, value in state.items():
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            for old, new in HF_NAMES:
+                key = key.replace(old, new)
+            renamed[key] = value
+    for query in [k for k in renamed if ".attn.query." in k]:
+        parts = [query.replace("query", part) for part in ("query", "key", "value")]
+        if all(part in renamed for part in parts):  # else one of them is "unexpected": one line from load_weights
+            renamed[query.replace("query", "qkv")] = torch.cat([renamed.pop(part) for part in parts])  # (3D, ...)
+    return renamed
+
+
+def encoder_state(saved, name):
+    """The encoder's state_dict in a loaded file, in timm's names: a checkpoint's encoder, or a torchvision / timm /
+    Hugging Face state_dict as official files wrap it: DINO's {'teacher': {'backbone.*'}} (a full checkpoint's
+    teacher), MoCo v3's {'state_dict': {'module.base_encoder.*'}}, MAE's and DINOv2's {'model': ...}."""
+    state = saved["encoder"] if isinstance(saved, dict) and "encoder_config" in saved else saved
+    while isinstance(state, dict) and (wrapper := next((k for k in WRAPPERS if isinstance(state.get(k), dict)), None)):
+        state = state[wrapper]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise common.UserError(f"{name}: holds no state_dict of tensors")
+    if any(k.endswith(HF_MARK) for k in state):
+        state = hugging_face_names(state)
+    for prefix in PREFIXES:  # DDP's module.*, then the method's wrapper around the encoder
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return public_names(state, name)
+
+
+def adopt_layout(encoder, state, name):
+    """Give a built ViT the layout of the file it loads (as build_encoder(**layout)): --init and probe.py need no flag
+    for it. Before any optimizer or EMA copy holds the parameters: methods call it right after build_encoder."""
+    if not isinstance(encoder, common.VisionTransformer) or "pos_embed" not in state:
+        return
+    layout, dim = common.vit_layout(state, name), encoder.embed_dim
+    if layout == common.vit_layout(encoder.state_dict(), name):
+        return
+    for block in encoder.blocks:
+        block.ls1, block.ls2 = (common.LayerScale(dim) if layout["layer_scale"] else nn.Identity() for _ in range(2))
+    encoder.register_tokens = nn.Parameter(torch.zeros(1, layout["registers"], dim)) if layout["registers"] else None
+    encoder.num_prefix_tokens = 1 + layout["registers"]
+    if layout["cls_slot"] != encoder.cls_slot:
+        length = encoder.pos_embed.shape[1] - encoder.cls_slot + layout["cls_slot"]
+        encoder.pos_embed = nn.Parameter(torch.zeros(1, length, dim), requires_grad=encoder.pos_embed.requires_grad)
+        encoder.cls_slot = int(layout["cls_slot"])
+    encoder.to(encoder.cls_token.device)  # the new parameters join the others
+
+
+def load_weights(encoder, state, name, arch):
+    """Load state (encoder_state's names) strictly, less classifier heads, MAE's decoder and DINOv2's mask token,
+    with the file's ViT layout and position embeddings resized; any other mismatch or a non-finite weight is one line.
+    An MAE fine-tuned file (global pool) has fc_norm, the LayerNorm its features were trained through, as final norm."""
+    if "fc_norm.weight" in state and "norm.weight" not in state:  # MAE's models_vit.py with global_pool
+        state = {"norm." + k[len("fc_norm."):] if k.startswith("fc_norm.") else k: v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head.", "fc_norm.", "decoder", "mask_token"))}
+    adopt_layout(encoder, state, name)
+    expected = encoder.state_dict()
+    pos, pos_here = state.get("pos_embed"), expected.get("pos_embed")
+    if pos is not None and pos_here is not None and pos.shape[1] != pos_here.shape[1]:  # trained at another size
+        slot = encoder.cls_slot  # the file's, after adopt_layout
+        grid = math.isqrt(pos_here.shape[1] - slot)
+        # Each family's own resize: DINOv2 with registers and timm's no_embed_class files (the layouts with registers
+        # or no CLS slot) antialias to size=(g, g); DINO and DINOv2 without registers scale by (g + 0.1)/n.
+        antialias = encoder.num_prefix_tokens > 1 or not slot
+        resized = common.resize_pos_embed(pos[:, slot:], grid, grid, antialias)
+        state["pos_embed"] = torch.cat([pos[:, :slot], resized], 1)
+    problems = ([f"{k} is {list(state[k].shape)} in the file, {list(v.shape)} here" for k, v in expected.items()
+                 if k in state and state[k].shape != v.shape] + [f"{k} is missing" for k in expected if k not in state]
+                + [f"{k} is unexpected" for k in state if k not in expected])
+    if problems:
+        raise common.UserError(f"{name} does not fit a {arch}: {problems[0]} ({len(problems)} keys differ); check "
+                               "--arch, --patch-size and, for a 224-px ResNet, an --image-size above 64 (the 7x7 stem)")
+    if not common.all_finite(state):  # a diverged run's weights would give normal-looking, meaningless numbers
+        raise common.UserError(f"{name}: non-finite (NaN or inf) weights; the run that wrote them diverged")
+    encoder.load_state_dict(state)
+
+
+def load_init(encoder, args):
+    """--init PATH: the encoder starts from PATH, unless the run resumes: then the checkpoint's weights replace these,
+    and its encoder gives the layout (LayerScale, registers) that PATH gave the run; PATH is not read again."""
+    path = os.path.join(args.output_dir, "checkpoint.pth")
+    if resume := args.resume or (path if os.path.exists(path) else ""):
+        adopt_layout(encoder, common.load_checkpoint(resume)["encoder"], resume)
+    else:
+        load_weights(encoder, encoder_state(common.read_torch_file(args.init, "--init"), f"--init {args.init}"),
+                     f"--init {args.init}", args.arch)
+
+
+# ----------------------------------------------------------------------------- probe.py's and embed.py's flags
+def encoder_args(p):
+    """How to read an encoder from a file, and which of its features: probe.py's flags, and embed.py's."""
+    add, i, f = p.add_argument_group("encoder").add_argument, common.positive_int, float
+    add("checkpoint", help="a checkpoint of this project's methods, or a plain state_dict with --arch")
+    add("--arch", default=None, choices=common.ARCHS, help="only for a plain torchvision/timm-named state_dict")
+    add("--patch-size", type=i, default=None, help="ViT patch size, with --arch (default: the file's)")
+    add("--num-heads", type=i, default=None, help="ViT heads, with --arch, if not the usual (MoCo v3 ViT-S: 12)")
+    add("--image-size", type=i, default=None, help="default: the checkpoint's training size")
+    add("--mean", type=f, nargs=3, default=None, help="default: the run's --mean (ImageNet's for a state_dict)")
+    add("--std", type=f, nargs=3, default=None, help="default: the run's --std (ImageNet's for a state_dict)")
+    add("--grayscale-input", action="store_true", help="one channel repeated 3 times (default: as the run did)")
+    add("--n-last-blocks", type=i, default=1, help="ViT: the normalised CLS of the last N blocks (DINO: 4 for ViT-S)")
+    add("--avgpool-patchtokens", action="store_true", help="ViT: and the mean patch token (DINO: ViT-B, with N = 1)")
+    add("--batch-size", type=i, default=256, help="feature extraction batch per rank")
+    add("--workers", type=common.non_negative_int, default=min(8, os.cpu_count()), help="loader processes per rank")
+
+
+# ----------------------------------------------------------------------------- what probe.py and embed.py read
+def load_encoder(args, drop_path=0.0, random_init=False):
+    """(encoder, image_size) from a project checkpoint, or from a plain state_dict and --arch; random_init: the same
+    architecture, not loaded (the baselines)."""
+    saved = {}  # the run's flags: a plain state_dict has none
+    if args.arch is None:
+        checkpoint = common.load_checkpoint(args.checkpoint)
+        config, state = dict(checkpoint["encoder_config"]), checkpoint["encoder"]
+        saved = checkpoint.get("args", {})  # the run's pixels (--mean, --std, --grayscale-input): probe as it trained
+        args.mean, args.std = args.mean or saved.get("mean"), args.std or saved.get("std")
+        args.grayscale_input = args.grayscale_input or saved.get("grayscale_input", False)
+    else:  # a torchvision / timm-named state_dict, or an official file, unwrapped as --init unwraps it
+        state = encoder_state(common.read_torch_file(args.checkpoint), args.checkpoint)
+        patch = state.get("patch_embed.proj.weight")  # (D, 3, p, p)
+        config = dict(arch=args.arch, image_size=args.image_size or common.default_image_size(args.data),
+                      patch_size=args.patch_size or (patch.shape[-1] if patch is not None else 16),
+                      num_heads=args.num_heads)  # the layout: from the file's keys
+    args.mean, args.std = args.mean or common.IMAGENET_MEAN, args.std or common.IMAGENET_STD  # older runs, state_dicts
+    # The run's views too: what it kept out (a mirror image, a colour change: the signal) stays out of the probe's
+    # training views (--augment, fine-tuning); the command line overrides.
+    run_views = dict(flip=not saved.get("no_flip"), color=not saved.get("no_color"), vflip=saved.get("vflip", False),
+                     rot90=saved.get("rot90", False))
+    vars(args).update({name: value for name, value in run_views.items() if getattr(args, name, None) is None})
+    image_size = args.image_size or config["image_size"]
+    if config["arch"].startswith("resnet") and hasattr(state.get("conv1.weight"), "shape"):
+        # The stem follows the weights, not the data: a 224-px ResNet (7x7/2 conv + max-pool) probed on 32 px CIFAR
+        # keeps its stem, and a CIFAR one (3x3/1) keeps its own at any size.
+        config["image_size"] = 224 if state["conv1.weight"].shape[-1] == 7 else 32
+    if config["arch"].startswith("vit"):
+        config["drop_path"] = drop_path
+    encoder = common.build_encoder(**config)
+    if random_init:  # the file's architecture (LayerScale, registers), not its weights
+        adopt_layout(encoder, state, args.checkpoint)
+    else:
+        load_weights(encoder, state, args.checkpoint, config["arch"])  # a mismatch or a NaN: one line
+    return encoder, image_size
+
+
+def check_readout(encoder, args):
+    if not isinstance(encoder, common.VisionTransformer) and (args.n_last_blocks > 1 or args.avgpool_patchtokens):
+        raise common.UserError("--n-last-blocks and --avgpool-patchtokens are ViT readouts (DINO)")
+    if isinstance(encoder, common.VisionTransformer) and args.n_last_blocks > len(encoder.blocks):
+        raise common.UserError(f"--n-last-blocks {args.n_last_blocks}: the ViT has {len(encoder.blocks)} blocks")
+
+
+class Readout(nn.Module):
+    """The features a linear probe sees. ResNets: the pooled features. ViTs: the CLS token through the final norm;
+    DINO's eval_linear.py concatenates it over the last n blocks (each through the final norm) and, with avgpool,
+    the mean of the last block's normalised patch tokens."""
+
+    def __init__(self, encoder, n_last_blocks=1, avgpool=False):
+        super().__init__()
+        self.encoder, self.n, self.avgpool = encoder, n_last_blocks, avgpool
+        self.dim = encoder.embed_dim * (n_last_blocks + avgpool)
+
+    def forward(self, images):
+        if self.n == 1 and not self.avgpool:
+            return self.encoder(images)
+        outputs = []  # the tokens of the last n blocks
+        hooks = [block.register_forward_hook(lambda module, inputs, out: outputs.append(out))
+                 for block in self.encoder.blocks[-self.n:]]
+        self.encoder(images)
+        for hook in hooks:
+            hook.remove()
+        tokens = [self.encoder.norm(x) for x in outputs]  # n x (B, P + L, D): CLS, registers, patches
+        patches = tokens[-1][:, self.encoder.num_prefix_tokens:]  # (B, L, D)
+        return torch.cat([x[:, 0] for x in tokens] + [patches.mean(1)] * self.avgpool, dim=1)  # (B, D(n+a))
