@@ -48,7 +48,7 @@ def get_args_parser():
 def embed_folder(folder, readout, transform, args, dist_env):
     """(features (N, D), paths relative to folder, the dataset) of every readable image of folder, every rank."""
     dataset = common.folder_dataset(folder, "train", transform, args.skip_bad_images)
-    features, _ = probe.embed_split(readout, dataset, args, dist_env, f"embedding {folder}")
+    features, _ = weights.embed_split(readout, dataset, args, dist_env, f"embedding {folder}")
     bad = dataset.bad.to(features.device, torch.uint8)  # --skip-bad-images: replaced by the next image, left out
     if dist_env.world_size > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # each rank knows only its shard's

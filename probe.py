@@ -25,7 +25,6 @@ from tqdm import tqdm
 
 import common
 import weights
-from common import knn_classify  # noqa: F401  (the k-NN rule lives in common.py: the methods monitor with it)
 
 
 def get_args_parser():
@@ -46,9 +45,8 @@ def get_args_parser():
         "each: the label-efficiency curve (e.g. 0.01 0.1 1; default 1 unless --labels-per-class)")
     add("--labels-per-class", type=i, nargs="+", default=[], help="N labelled images of each class, a row each "
         "(e.g. 1 5 25; all of a class that has fewer)")
-    add("--compare", nargs="+", default=[], metavar="FILE[:ARCH]", help="other backbones (DINOv2, a supervised ResNet) "
-        "through the same protocols, label subsets and seeds, each with its difference from the checkpoint, paired by "
-        "seed; ARCH for a plain state_dict (its patch size and layout: from the file)")
+    add("--compare", nargs="+", default=[], metavar="FILE[:ARCH]", help="other backbones (DINOv2, a supervised "
+        "ResNet; ARCH: a plain state_dict's) on the same label subsets and seeds: differences paired by seed")
     add("--seeds", type=i, default=3, help="repeats, each its own label subset (k-NN: 1 with all labels): mean ± std")
     add("--output", default=None, help="the JSON (default: by the checkpoint, named by data, protocols, fraction)")
     add("--save", default=None, help="keep seed 0's linear head and fine-tuned model in this folder (linear.pth, "
@@ -69,17 +67,15 @@ def get_args_parser():
         "m9 n2, random erasing 0.25, MixUp 0.8 / CutMix 1.0), plain (ResNet default: crop + flip)")
     add("--finetune-epochs", type=i, default=100, help="MAE: 100 for ViT-B, 50 for ViT-L")
     add("--finetune-batch-size", type=i, default=None, help="global; default 1024 (MAE), at most a tenth of the labels")
-    add("--finetune-base-lr", type=f, default=5e-4, help="AdamW lr = base × batch / 256 (MAE). With a few thousand "
-        "labels raise it: AdamW moves a weight by about lr per step (1000 shapes images: 30 epochs at 5e-4 stayed at "
-        "chance, 20 at 5e-3 learned)")
+    add("--finetune-base-lr", type=f, default=5e-4, help="AdamW lr = base × batch / 256 (MAE); raise it for a few "
+        "thousand labels (1000 shapes images: 30 epochs at 5e-4 stayed at chance, 20 at 5e-3 learned)")
     add("--finetune-weight-decay", type=f, default=0.05, help="AdamW weight decay (MAE)")
     add("--finetune-warmup-epochs", type=common.non_negative_int, default=5, help="linear lr warm-up (MAE)")
     add("--layer-decay", type=f, default=0.65, help="layer-wise lr decay (MAE: 0.65 ViT-B, 0.75 ViT-L; scratch: off)")
     add("--drop-path", type=f, default=0.1, help="ViT stochastic depth (MAE: 0.1, 0.2 for ViT-L)")
     add("--trainable-blocks", type=int, default=-1, help="fine-tune only the last N blocks / stages (-1: all)")
-    add("--freeze-epochs", type=common.non_negative_int, default=0, help="first N epochs of the head alone, encoder "
-        "frozen (no warm-up, its own cosine), then --finetune-epochs of the blocks --trainable-blocks names: a random "
-        "head's first gradients do not reach the features (LP-FT, Kumar et al. 2022)")
+    add("--freeze-epochs", type=common.non_negative_int, default=0, help="first N epochs of the head alone (its own "
+        "cosine), then the blocks --trainable-blocks names: a random head's gradients never reach them (LP-FT)")
     return p
 
 
@@ -179,10 +175,6 @@ def balanced_subset(labels, seed, fraction=1.0, per_class=None):
     return torch.cat(keep).sort().values
 
 
-def budget_name(budget):
-    return f"{100 * budget['fraction']:g}% labels" if "fraction" in budget else f"{budget['per_class']} labels a class"
-
-
 def scores(outputs, seed, temperature=None, calibration=True):
     """{split: (logits, labels)} -> {split: metrics (seed 0: with the confusion matrix), the ECE (after temperature
     scaling too, with the temperature fitted on held-out training labels)}; k-NN's votes are no logits: no ECE."""
@@ -216,17 +208,14 @@ def global_batch(requested, num_images, world_size):
 
 
 class ShapeRandAugment(v2.RandAugment):
-    """RandAugment without the ops that change colours or intensities, for a run with --no-color: the geometric ones
-    (shear, translate, rotate), Identity, and Sharpness (a spatial filter, as the methods keep their blur)."""
+    """RandAugment without its colour and intensity ops, after --no-color (Sharpness stays: the methods keep blur)."""
     _AUGMENTATION_SPACE = {name: op for name, op in v2.RandAugment._AUGMENTATION_SPACE.items() if name not in
                            ("Brightness", "Color", "Contrast", "Posterize", "Solarize", "AutoContrast", "Equalize")}
 
 
 def train_augmentation(image_size, args, rand_augment=False):
-    """Crop + the run's flips and turns, as normalised tensors; small images get CIFAR's pad-and-crop
-    (RandomResizedCrop's 8% crops leave a 16-32 px image nothing to see). rand_augment: MAE's fine-tuning views
-    (timm's rand-m9-mstd0.5-inc1, here torchvision's RandAugment without the magnitude noise, then random erasing
-    of 25% of the images, pixel noise)."""
+    """Crop (CIFAR's pad-and-crop up to 64 px: 8% crops leave a small image nothing) + the run's flips and turns;
+    rand_augment: MAE's fine-tuning views (timm's rand-m9-mstd0.5-inc1 less the magnitude noise, random erasing)."""
     crop = (v2.RandomCrop(image_size, padding=image_size // 8) if image_size <= 64 else
             v2.RandomResizedCrop(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True))
     rand_augment_class = v2.RandAugment if args.color else ShapeRandAugment
@@ -244,20 +233,6 @@ def train_loader(dataset, indices, batch_size, dist_env, workers, seed):
                                                   drop_last=True)
     return torch.utils.data.DataLoader(subset, batch_size // dist_env.world_size, sampler=sampler, num_workers=workers,
                                        drop_last=True, pin_memory=dist_env.device.type == "cuda")
-
-
-def embed_split(model, dataset, args, dist_env, desc):
-    """Features (or logits) and labels of a whole split, each rank embedding its shard."""
-    loader = common.make_loader(dataset, args.batch_size, dist_env, args.workers, train=False)
-    bar = tqdm(loader, desc=desc, disable=not dist_env.is_main, leave=False)
-    bar.sampler, bar.dataset = loader.sampler, loader.dataset  # what extract_features reads to gather in order
-    return common.extract_features(model, bar, dist_env)
-
-
-def labels_of(dataset):
-    if hasattr(dataset, "targets") or hasattr(dataset, "labels"):
-        return list(getattr(dataset, "targets", getattr(dataset, "labels", None)))
-    return [dataset[i][1] for i in range(len(dataset))]  # shapes: labels are cheap to render
 
 
 # ----------------------------------------------------------------------------- protocols
@@ -280,9 +255,9 @@ def run_knn(features, budget, args, num_classes):
         if seed == 0 and len(ks) < len(args.k) and (not dist.is_initialized() or dist.get_rank() == 0):
             print(f"(k-NN: k above the {len(subset) // num_classes} labelled training images per class skipped)")
         for k in ks:
-            votes = lambda x: knn_classify(train_x[subset], train_y[subset], x, k, args.knn_temperature, num_classes)
-            runs.setdefault(f"k={k}", []).append(scores({s: (votes(x), y) for s, (x, y) in evals.items()}, seed,
-                                                        calibration=False))
+            votes = {s: (common.knn_classify(train_x[subset], train_y[subset], x, k, args.knn_temperature, num_classes),
+                         y) for s, (x, y) in evals.items()}
+            runs.setdefault(f"k={k}", []).append(scores(votes, seed, calibration=False))
     results = {k: summary(r) for k, r in runs.items()}  # k -> (val, test)
     best = max(results, key=lambda k: results[k][0]["top1"])
     return {k: val for k, (val, _) in results.items()}, results[best][1] and {**results[best][1], "k": best}
@@ -394,7 +369,7 @@ def run_finetune(args, train_set, labels, eval_sets, dist_env, recipe, budget, s
         subset = balanced_subset(labels, seed, **budget)
         batch = global_batch(args.finetune_batch_size, len(subset), dist_env.world_size)
         loader = train_loader(train_set, subset, batch, dist_env, args.workers, seed)
-        lr, epoch = args.finetune_base_lr * batch / 256, 0
+        lr, first_epoch = args.finetune_base_lr * batch / 256, 0
         seed_views(seed)
         # MAE (timm's Mixup): MixUp α 0.8 or CutMix α 1.0, one of them per batch (switch prob 0.5)
         mix = v2.RandomChoice([v2.MixUp(alpha=0.8, num_classes=num_classes),
@@ -410,7 +385,7 @@ def run_finetune(args, train_set, labels, eval_sets, dist_env, recipe, budget, s
             optimizer = torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")  # CPU: the default loop
             trained = DistributedDataParallel(model) if dist_env.world_size > 1 and epochs else model
             total, step = epochs * len(loader), 0
-            for epoch in range(epoch, epoch + epochs):
+            for epoch in range(first_epoch, first_epoch + epochs):
                 loader.sampler.set_epoch(epoch)
                 model.train()
                 for module in model.modules():  # frozen BN layers keep their statistics
@@ -428,11 +403,11 @@ def run_finetune(args, train_set, labels, eval_sets, dist_env, recipe, budget, s
                         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
                     bar.update()
                     step += 1
-            epoch += epochs
+            first_epoch += epochs
             del trained  # its hooks with it: the next phase's DDP covers the parameters it trains
         bar.close()
         # No held-out labels here (every one trains the model): the ECE without temperature scaling.
-        runs.append(scores({split: embed_split(model, dataset, args, dist_env, f"fine-tune: {split}")
+        runs.append(scores({split: weights.embed_split(model, dataset, args, dist_env, f"fine-tune: {split}")
                             for split, dataset in eval_sets.items()}, seed))
         if save and seed == 0:
             save("finetune", model, runs[0]["val"])
@@ -455,7 +430,7 @@ class Backbone:
             raise common.UserError("--recipe mae is a ViT protocol (MAE)")
         self.splits = {split: self.build(split) for split in ["train", "val"] + ["test"] * common.has_split(
             args.data, "test")}
-        self.labels = torch.tensor(labels_of(self.splits["train"]))
+        self.labels = torch.tensor(weights.labels_of(self.splits["train"]))
         self.num_classes = int(self.labels.max()) + 1
         self.classes = getattr(self.splits["train"], "classes", None) or [str(c) for c in range(self.num_classes)]
 
@@ -466,10 +441,10 @@ class Backbone:
 
     def cached(self):
         if self.features is None:  # the readout and every split's features, once
-            model = weights.Readout(self.encoder, self.args.n_last_blocks, self.args.avgpool_patchtokens)
-            model = model.to(self.dist.device).eval()
-            self.features = model, {split: embed_split(model, dataset, self.args, self.dist, f"{split} features")
-                                    for split, dataset in self.splits.items()}
+            args = self.args
+            model = weights.Readout(self.encoder, args.n_last_blocks, args.avgpool_patchtokens).to(self.dist.device)
+            self.features = model.eval(), {split: weights.embed_split(model, data, args, self.dist, f"{split} features")
+                                           for split, data in self.splits.items()}
         return self.features
 
     def save(self, name, model, result):
@@ -499,14 +474,6 @@ class Backbone:
         return run_linear(features, budget, args, num_classes, on_the_fly, save)
 
 
-def compared_args(given, spec, run_views):
-    """--compare FILE[:ARCH]: the command line's flags on another file (its own image size and pixels unless given);
-    the checkpoint's training views (flips, colour), which belong to the data, not to the backbone."""
-    path, _, arch = spec.rpartition(":")
-    path, arch = (path, arch) if arch in common.ARCHS else (spec, None)
-    return argparse.Namespace(**{**given, **run_views, "checkpoint": path, "arch": arch})
-
-
 # ----------------------------------------------------------------------------- report
 def difference(a, b):
     """a − b, seed by seed (each seed the same label subset for both), as mean ± std; k-NN's dict, k by k."""
@@ -518,14 +485,12 @@ def difference(a, b):
 
 
 def reading(delta, other):
-    """What a paired top-1 difference (checkpoint − other) says: pre-training should beat a public or supervised
-    backbone by 2-3 points to pay for itself."""
+    """A paired top-1 difference (checkpoint − other) read by the rule: pre-training pays if it wins by 2-3 points."""
     mean, std = delta["top1"], delta["top1_std"]
     noise = "" if abs(mean) > 2 * std else f"; the seeds cannot tell them apart (± {std:.2f})"
     if mean >= 2:
         return f"    → pre-training beats {other} by {mean:.2f} points: it paid{noise}"
-    return (f"    → pre-training is {mean:+.2f} points from {other}, short of the 2-3 points that would pay for it: "
-            f"the unlabelled data probably did not help{noise}")
+    return f"    → pre-training is {mean:+.2f} points from {other}, short of 2-3: the images did not help{noise}"
 
 
 def row(name, result, seconds=None, signed=False):
@@ -583,13 +548,18 @@ def main(args):
     say = print if dist_env.is_main else (lambda *_, **__: None)
     given = dict(vars(args))  # the command line, before the checkpoint fills in its pixels and views
     primary = Backbone(args, dist_env)
-    views = {name: getattr(args, name) for name in ("flip", "color", "vflip", "rot90")}  # the data's: every backbone's
-    backbones = {args.checkpoint: lambda: primary}
-    backbones.update({"random init": lambda: Backbone(args, dist_env, True)} if args.baselines else {})
-    backbones.update({spec: lambda spec=spec: Backbone(compared_args(given, spec, views), dist_env)
-                      for spec in args.compare})
-    budgets = [dict(fraction=f) for f in args.label_fraction] + [dict(per_class=n) for n in args.labels_per_class]
-    vit, first = primary.vit, budget_name(budgets[0])
+    views = {name: getattr(args, name) for name in ("flip", "color", "vflip", "rot90")}
+
+    def compared(spec):  # FILE[:ARCH]: the command line on another file (its image size and pixels unless given) and
+        path, _, arch = spec.rpartition(":")  # the checkpoint's views (flips, colours): the data's, not the backbone's
+        path, arch = (path, arch) if arch in common.ARCHS else (spec, None)
+        return Backbone(argparse.Namespace(**{**given, **views, "checkpoint": path, "arch": arch}), dist_env)
+    backbones = {args.checkpoint: lambda: primary, **({"random init": lambda: Backbone(args, dist_env, True)}
+                                                      if args.baselines else {})}
+    backbones.update({spec: lambda spec=spec: compared(spec) for spec in args.compare})
+    budgets = {f"{100 * f:g}% labels": dict(fraction=f) for f in args.label_fraction}
+    budgets.update({f"{n} labels a class": dict(per_class=n) for n in args.labels_per_class})
+    vit, first = primary.vit, next(iter(budgets))
     readout = "avg pool" if not vit else (("CLS" if args.n_last_blocks == 1 else f"CLS of {args.n_last_blocks} blocks")
                                           + " + avg patch" * args.avgpool_patchtokens)
     names = {"knn": f"k-NN {{}} (DINO, T {args.knn_temperature:g})",
@@ -607,7 +577,7 @@ def main(args):
     for name, make in backbones.items():
         backbone = make()
         say(name + ("" if backbone is primary else "  (differences: the checkpoint − this, paired by seed)"))
-        for labels, budget in ((budget_name(budget), budget) for budget in budgets):
+        for labels, budget in budgets.items():
             for protocol in protocols:
                 start = time.time()
                 keep = (backbone, labels) == (primary, first) and args.save

@@ -7,6 +7,7 @@ import os
 
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 import common
 
@@ -210,3 +211,17 @@ class Readout(nn.Module):
         tokens = [self.encoder.norm(x) for x in outputs]  # n x (B, P + L, D): CLS, registers, patches
         patches = tokens[-1][:, self.encoder.num_prefix_tokens:]  # (B, L, D)
         return torch.cat([x[:, 0] for x in tokens] + [patches.mean(1)] * self.avgpool, dim=1)  # (B, D(n+a))
+
+
+def embed_split(model, dataset, args, dist_env, desc):
+    """Features (or logits) and labels of a whole split, each rank embedding its shard."""
+    loader = common.make_loader(dataset, args.batch_size, dist_env, args.workers, train=False)
+    bar = tqdm(loader, desc=desc, disable=not dist_env.is_main, leave=False)
+    bar.sampler, bar.dataset = loader.sampler, loader.dataset  # what extract_features reads to gather in order
+    return common.extract_features(model, bar, dist_env)
+
+
+def labels_of(dataset):
+    if hasattr(dataset, "targets") or hasattr(dataset, "labels"):
+        return list(getattr(dataset, "targets", getattr(dataset, "labels", None)))
+    return [dataset[i][1] for i in range(len(dataset))]  # shapes: labels are cheap to render

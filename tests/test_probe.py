@@ -26,7 +26,7 @@ def blobs(n_per_class, num_classes, dim, noise, seed):
 
 def test_knn_recovers_tight_clusters():
     x, y = blobs(20, 5, 16, 0.1, 0)
-    scores = probe.knn_classify(x[::2], y[::2], x[1::2], k=5, temperature=0.07, num_classes=5)
+    scores = common.knn_classify(x[::2], y[::2], x[1::2], k=5, temperature=0.07, num_classes=5)
     m = probe.metrics(scores, y[1::2])
     assert [m[k] for k in ("top1", "top5", "macro_f1", "balanced_accuracy")] == [100.0] * 4
 
@@ -235,7 +235,7 @@ def test_baselines_show_that_pretraining_helped(tmp_path, capsys):
     # A "pre-trained" encoder with known-good features: 150 supervised steps on 400 shapes images.
     torch.manual_seed(0)
     data = common.build_dataset("shapes:16:400", "train", common.eval_transform(16))
-    x, y = torch.stack([data[i][0] for i in range(len(data))]), torch.tensor(probe.labels_of(data))
+    x, y = torch.stack([data[i][0] for i in range(len(data))]), torch.tensor(weights.labels_of(data))
     encoder = common.build_encoder("vit_nano", 16, 8)
     model = torch.nn.Sequential(encoder, torch.nn.Linear(128, 10))
     optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
@@ -435,13 +435,17 @@ def test_224px_resnet_state_dict_on_32px_data_keeps_its_stem(tmp_path, capsys):
     assert os.path.exists(tmp_path / "probe_shapes_32_60_knn_labels1.json")
 
 
-def test_plot_of_the_features(tmp_path):
+def test_plot_of_the_features_and_the_confusion_matrix(tmp_path):
+    """--plot: the PCA map alone after k-NN; beside it the confusion matrix once a head is trained."""
     pytest.importorskip("matplotlib")
     checkpoint = save_checkpoint(tmp_path / "c.pth")
-    probe.main(probe.get_args_parser().parse_args([checkpoint, "--data", "shapes:16:40", "--protocol", "knn",
-                                                   "--plot", "pca", "--workers", "0",
-                                                   "--output", str(tmp_path / "r.json")]))
-    assert os.path.getsize(tmp_path / "r_pca.png") > 1000
+    sizes = []
+    for protocols in (["knn"], ["knn", "linear"]):
+        probe.main(probe.get_args_parser().parse_args([checkpoint, "--data", "shapes:16:40", "--protocol", *protocols,
+                                                       "--plot", "pca", "--seeds", "1", "--linear-epochs", "2",
+                                                       "--workers", "0", "--output", str(tmp_path / "r.json")]))
+        sizes.append(Image.open(tmp_path / "r_pca.png").size)  # (width, height)
+    assert sizes[0][0] < 1.3 * sizes[0][1] and sizes[1][0] > 1.6 * sizes[1][1]  # one panel, then two
 
 
 def shapes_folder(root, test_from):
