@@ -213,7 +213,8 @@ def resize_pos_embed(pos, h, w, antialias=False):
 
 
 VIT_SIZES = {"vit_nano": (128, 4, 4), "vit_tiny": (192, 12, 3),  # (width, depth, heads); nano: CPU scale, the tests
-             "vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
+             "vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16),
+             "vit_huge": (1280, 32, 16)}  # MAE's ViT-H/14
 ARCHS = ("resnet18", "resnet34", "resnet50", *VIT_SIZES)
 
 

@@ -185,3 +185,12 @@ def test_common_works_without_device_views(monkeypatch, capsys):
     assert type(model[0]) is torch.nn.SyncBatchNorm
     monkeypatch.undo()
     assert type(common.convert_sync_batchnorm(torch.nn.BatchNorm2d(3))).__module__ == "device_views"
+
+
+def test_vit_huge_is_mae_s_vit_h14():
+    """--arch vit_huge --patch-size 14 is MAE's ViT-H/14: timm's vit_huge_patch14_224.mae has 630,764,800 parameters
+    (width 1280, 32 blocks, 16 heads); counted on one block, the 32 would take 2.5 GB."""
+    dim, depth, heads = common.VIT_SIZES["vit_huge"]
+    one_block = common.VisionTransformer(224, 14, dim, 1, heads, 0.0, False)
+    count = lambda module: sum(p.numel() for p in module.parameters())
+    assert count(one_block) + (depth - 1) * count(one_block.blocks[0]) == 630_764_800 and heads == 16
