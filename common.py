@@ -771,8 +771,7 @@ def run_args(parser, method):
     return g
 
 
-# Flags that may differ when a run resumes: where it runs and what it reports, not what it computes. --epochs may grow
-# (or shrink to no less than the epochs done): the lr schedule then follows the new length.
+# Flags a resume may change: where it runs and what it reports, not what it computes; and --epochs (the lr follows).
 MAY_CHANGE_ON_RESUME = tuple("epochs output_dir resume workers cpu_augment compile knn_every save_every keep data_root "
                              "attention_maps visualize val skip_bad_images log_every".split())
 
@@ -880,8 +879,7 @@ class Run:
         epoch_end = self.step % self.steps_per_epoch == 0
         if self.step % self.args.log_every and not epoch_end:
             return
-        # One agreement of all ranks: a rank's loss is its own (every method but SimCLR), and a rank may be signalled
-        # first. A non-finite loss anywhere stops every rank here, before any save: the last checkpoint stays good.
+        # All ranks agree (a loss or a SIGTERM may be one rank's): a non-finite loss anywhere stops all before any save.
         flags = torch.tensor([float(self.preempted.signalled), 0.0], device=self.device)
         flags[1] = (~self.sums["loss"].isfinite()).double()
         if self.world_size > 1:
