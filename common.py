@@ -641,12 +641,9 @@ def load_encoder_weights(encoder, args):
 @torch.no_grad()
 def extract_features(encoder, loader, dist_env):
     """A split's features and labels in dataset order on every rank: shards broadcast into rows (no all-gather copy)."""
-    encoder.eval()
-    features, labels = [], []
-    for images, targets in loader:  # fp32, as DINO's eval_knn.py: a k-NN ranks near-equal cosines
-        features.append(encoder(images.to(dist_env.device, non_blocking=True)).float())
-        labels.append(targets.to(dist_env.device, non_blocking=True))
-    features, labels = torch.cat(features), torch.cat(labels)  # (n, D), (n,): this rank's images
+    encoder.eval()  # features in fp32, as DINO's eval_knn.py: a k-NN ranks near-equal cosines
+    pairs = [(encoder(x.to(dist_env.device, non_blocking=True)).float(), y.to(dist_env.device)) for x, y in loader]
+    features, labels = map(torch.cat, zip(*pairs))  # (n, D), (n,): this rank's images
     indices = torch.tensor(list(iter(loader.sampler)), device=dist_env.device)  # (n,): their rows in the split
     labels, indices = all_gather(labels, keep_grad=False), all_gather(indices, keep_grad=False)  # (world·n,): small
     out_labels = labels.new_empty(len(loader.dataset))
@@ -732,8 +729,7 @@ def default_image_size(spec):
 
 def data_args(parser, crop_scale=None):
     """Every method's data flags (switches off: its views). crop_scale: its crop area range, if it has no crop flag."""
-    g = parser.add_argument_group("data")
-    add = g.add_argument
+    add = (g := parser.add_argument_group("data")).add_argument
     add("--data", required=True, help="shapes[:SIZE[:N[:V]]], cifar10, cifar100, stl10, or an ImageFolder root")
     add("--data-root", default="data", help="where torchvision datasets are downloaded")
     add("--image-size", type=positive_int, default=None,
@@ -757,8 +753,7 @@ def data_args(parser, crop_scale=None):
 
 
 def run_args(parser, method):
-    g = parser.add_argument_group("run")
-    add = g.add_argument
+    add = (g := parser.add_argument_group("run")).add_argument
     add("--output-dir", default=f"runs/{method}", help="checkpoint.pth and log.jsonl; resumes from it if present")
     add("--resume", default="", help="resume from this checkpoint instead of OUTPUT_DIR/checkpoint.pth")
     add("--save-every", type=non_negative_int, default=0, help="keep OUTPUT_DIR/checkpoint_EPOCH.pth every N epochs")
@@ -806,15 +801,13 @@ class Run:
         return loader
 
     def prepare(self, model, optimizer, encoder, sync_bn, encoder_config=None):
-        """Resume the run from its checkpoint, if it has one; return the model to train: SyncBatchNorm (sync_bn, CUDA
-        only), DDP, --compile. encoder: what the k-NN monitor reads and the checkpoint exports for probe.py."""
+        """Resume if checkpointed; return what to train (SyncBN, DDP, --compile); encoder: read by k-NN and probe.py."""
         args, cuda = self.args, self.device.type == "cuda"
         self.model, self.optimizer, self.encoder = model, optimizer, encoder
         self.encoder_config = {**(encoder_config or dict(arch=args.arch, image_size=args.image_size,
                                                          patch_size=args.patch_size)), **encoder_layout(encoder)}
         self.layout = torch.channels_last if cuda and args.arch.startswith("resnet") else torch.preserve_format
-        if self.layout == torch.channels_last:
-            model.to(memory_format=self.layout)
+        model.to(memory_format=self.layout)  # channels_last: a ResNet's convolutions on CUDA (else no change)
         if resume := args.resume or (self.path if os.path.exists(self.path) else ""):
             checkpoint = load_checkpoint(resume, self.method)
             check_same_run(checkpoint, args, resume)  # other data, model, batch or lr: refused
@@ -850,13 +843,12 @@ class Run:
 
     def batches(self, loader):
         """This epoch's views on the device, seeded by (seed, epoch, rank); a resumed run replays the straight run's."""
-        args, epoch = self.args, self.epoch
         self.trained.train()
-        loader.sampler.set_epoch(epoch)
-        torch.manual_seed(args.seed * 100003 + epoch * 1000 + self.dist.rank)
+        loader.sampler.set_epoch(self.epoch)
+        torch.manual_seed(self.args.seed * 100003 + self.epoch * 1000 + self.dist.rank)
         self.start, self.sums, self.summed, self.steps_per_epoch = time.time(), {}, 0, len(loader)
-        self.bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not self.is_main)
-        batches, done = iter(self.bar), self.step - epoch * len(loader)
+        self.bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.args.epochs}", disable=not self.is_main)
+        batches, done = iter(self.bar), self.step - self.epoch * len(loader)
         for _ in range(done):  # resumed mid-epoch: draw and drop (no compute) the batches trained on
             next(batches)
         if done:  # and restore this rank's RNG as it was at the SIGTERM
