@@ -658,7 +658,7 @@ def extract_features(encoder, loader, dist_env):
 
 
 def knn_classify(train_features, train_labels, test_features, k=20, temperature=0.07, num_classes=None):
-    """Weighted k-NN (Wu et al. 2018, as DINO): the k nearest (cosine s) vote exp(s / T): (N_test, C)."""
+    """Weighted k-NN (Wu et al. 2018, DINO): the k nearest (cosine s) vote exp(s / T) for their class; (N_test, C)."""
     num_classes = num_classes or int(train_labels.max()) + 1
     train_features = F.normalize(train_features, dim=1)
     scores = []
@@ -842,7 +842,7 @@ class Run:
             self.epoch += 1
 
     def batches(self, loader):
-        """This epoch's views on the device, seeded by (seed, epoch, rank); a resumed run replays the straight run's."""
+        """This epoch's views on the device, seeded by (seed, epoch, rank); resumed, the straight run's batches."""
         self.trained.train()
         loader.sampler.set_epoch(self.epoch)
         torch.manual_seed(self.args.seed * 100003 + self.epoch * 1000 + self.dist.rank)
@@ -897,7 +897,7 @@ class Run:
                             "run the same command to resume")
 
     def epoch_done(self, **values):
-        """The epoch's record, a weight check, the checkpoint, snapshots, log.jsonl, printed line; then a SIGTERM."""
+        """The epoch's record, a weight check, checkpoint, snapshots, log.jsonl, printed line; a SIGTERM stops after."""
         args = self.args
         record = dict(epoch=self.epoch + 1, **self.means, effective_rank=effective_rank(self.z).item(), lr=self.lr,
                       **values, images_per_s=self.summed * args.batch_size / (time.time() - self.start))
