@@ -412,8 +412,7 @@ def load_checkpoint(path, method=None):
 # ========================================================================== PART II: what one reads to change it
 # ----------------------------------------------------------------------------- folder intake
 def folder_dataset(spec, split, transform, skip_bad):
-    """DIR/{train,val,test}/<class>/*, class folders alone (train only), or images without class folders
-    (unlabelled)."""
+    """DIR/{train,val,test}/<class>/*, class folders alone (train only), or unlabelled images (at any depth)."""
     if not os.path.isdir(spec):
         raise UserError(f"--data {spec!r}: no such folder (and not {', '.join(DATASETS)})")
     train = split in ("pretrain", "train")
@@ -455,8 +454,7 @@ def read_image(path):
 
 
 class ImageFiles(torchvision.datasets.ImageFolder):
-    """ImageFolder, or unlabelled: every image below root at any depth, label 0. skip_bad: an unreadable file is
-    replaced by the next readable one, so batches keep their size (DDP ranks stay in step), and marked in `bad`."""
+    """ImageFolder, or unlabelled (every image below root at any depth, label 0); skip_bad: see __getitem__."""
 
     def __init__(self, root, transform=None, unlabelled=False, skip_bad=False):
         self.unlabelled, self.skip_bad = unlabelled, skip_bad  # before super(): find_classes reads them
@@ -467,14 +465,12 @@ class ImageFiles(torchvision.datasets.ImageFolder):
         return ([""], {"": 0}) if self.unlabelled else super().find_classes(directory)  # "": root itself
 
     def __getitem__(self, index):
-        if index >= len(self.samples):
-            raise IndexError(index)  # the end of `for x in dataset` (the tries below wrap around)
-        for tries in range(100):
+        if not self.skip_bad or index >= len(self.samples):  # IndexError: the end of `for x in dataset`
+            return super().__getitem__(index)
+        for tries in range(100):  # skip_bad: the next readable image, so batches keep their size (DDP ranks in step)
             try:
                 return super().__getitem__((index + tries) % len(self.samples))
             except UserError:
-                if not self.skip_bad:
-                    raise
                 self.bad[(index + tries) % len(self.samples)] = True
         raise UserError(f"{self.root}: 100 unreadable images in a row")
 
@@ -498,9 +494,8 @@ def report_bad_images(dataset, dist_env):
         bad = bad.to(dist_env.device, torch.uint8)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if dist_env.is_main and bad is not None and bad.any():
-        first = dataset.samples[int(bad.nonzero()[0])][0]
         tqdm.write(f"skipped {int(bad.sum())} unreadable images so far (replaced by the next readable one; first: "
-                   f"{first})")
+                   f"{dataset.samples[int(bad.nonzero()[0])][0]})")
 
 
 # ----------------------------------------------------------------------------- weights from a file: --init
@@ -540,22 +535,17 @@ def load_encoder_weights(encoder, args):
 # ----------------------------------------------------------------------------- the k-NN monitor
 @torch.no_grad()
 def extract_features(encoder, loader, dist_env):
-    """Features and labels of a whole split in dataset order, on every rank: each embeds its (padded) shard, then the
-    shards are broadcast rank by rank into their rows: no all-gather buffer, which would be a second output."""
-    encoder.eval()
-    features, labels = [], []
-    for images, targets in loader:  # fp32, as DINO's eval_knn.py: a k-NN ranks near-equal cosines
-        features.append(encoder(images.to(dist_env.device, non_blocking=True)).float())
-        labels.append(targets.to(dist_env.device, non_blocking=True))
-    features, labels = torch.cat(features), torch.cat(labels)  # (n, D), (n,): this rank's images
+    """A split's features and labels in dataset order on every rank: shards broadcast into rows (no all-gather copy)."""
+    encoder.eval()  # features in fp32, as DINO's eval_knn.py: a k-NN ranks near-equal cosines
+    pairs = [(encoder(x.to(dist_env.device, non_blocking=True)).float(), y.to(dist_env.device)) for x, y in loader]
+    features, labels = map(torch.cat, zip(*pairs))  # (n, D), (n,): this rank's images
     indices = torch.tensor(list(iter(loader.sampler)), device=dist_env.device)  # (n,): their rows in the split
     labels, indices = all_gather(labels, keep_grad=False), all_gather(indices, keep_grad=False)  # (world·n,): small
     out_labels = labels.new_empty(len(loader.dataset))
     out_labels[indices] = labels  # padded duplicates rewrite equal values
     out_features = features.new_empty(len(loader.dataset), features.shape[1])  # (N, D)
-    received = torch.empty_like(features) if dist_env.world_size > 1 else None
     for rank, rows in enumerate(indices.view(dist_env.world_size, -1)):  # (n,): the rows of rank's shard
-        shard = features if rank == dist_env.rank else received
+        shard = features if rank == dist_env.rank else torch.empty_like(features)
         if dist_env.world_size > 1:
             dist.broadcast(shard, src=rank)
         out_features[rows] = shard
@@ -563,8 +553,7 @@ def extract_features(encoder, loader, dist_env):
 
 
 def knn_classify(train_features, train_labels, test_features, k=20, temperature=0.07, num_classes=None):
-    """Weighted k-NN (Wu et al. 2018, as DINO): the k training features of highest cosine similarity s vote for
-    their class with weight exp(s / T). Returns class scores (N_test, C)."""
+    """Weighted k-NN (Wu et al. 2018, DINO): the k nearest (cosine s) vote exp(s / T) for their class; (N_test, C)."""
     num_classes = num_classes or int(train_labels.max()) + 1
     train_features = F.normalize(train_features, dim=1)
     scores = []
@@ -576,14 +565,12 @@ def knn_classify(train_features, train_labels, test_features, k=20, temperature=
 
 
 def knn_monitor(encoder, args, batch_size, dist_env, k=20):
-    """k-NN top-1 of encoder on the val split of --val (default --data), its train split the memory, with the run's
-    normalisation; None without a val split (Run says so once)."""
+    """k-NN top-1 on the val split of --val (default --data), its train split the memory; None without a val split."""
     data = args.val or args.data
     if not has_split(data):
         return None
     transform = eval_transform(args.image_size, args.mean, args.std, args.grayscale_input)
-    build = lambda split: build_dataset(data, split, transform, args.data_root, args.skip_bad_images)
-    datasets = [build("train"), build("val")]
+    datasets = [build_dataset(data, s, transform, args.data_root, args.skip_bad_images) for s in ("train", "val")]
     classes = [len(getattr(dataset, "classes", ())) for dataset in datasets]
     if classes[0] == 1 < classes[1]:
         if dist_env.is_main:  # every train image would vote for one class: the accuracy would mean nothing
@@ -597,15 +584,13 @@ def knn_monitor(encoder, args, batch_size, dist_env, k=20):
 
 # ----------------------------------------------------------------------------- the speed path, if present
 def speed_path(dist_env=None):
-    """device_views.py (views made on the device, SyncBatchNorm without a host read), or None where a method file was
-    copied with common.py alone: DataLoader workers and torch's SyncBatchNorm then do the same work, slower."""
+    """device_views.py, or None where common.py was copied without it: DataLoader workers do the same work, slower."""
     try:
         import device_views
         return device_views
     except ImportError:
         if dist_env and dist_env.is_main:
             print("note: no device_views.py beside common.py: views made by DataLoader workers, torch's SyncBatchNorm")
-        return None
 
 
 def convert_sync_batchnorm(module):
@@ -616,8 +601,7 @@ def convert_sync_batchnorm(module):
 
 # ----------------------------------------------------------------------------- the run harness
 def argparse_type(name, cast, accept):
-    """argparse types: a bad count, period or temperature is argparse's one-line error ("invalid positive_int value"),
-    not a traceback deep in the loop (τ = 0 would divide by zero, and the run go on with NaN losses)."""
+    """A bad count, period or temperature fails in argparse's one line, not deep in the loop (τ = 0: NaN losses)."""
     def check(text):
         if not accept(cast(text)):  # NaN fails `> 0` too
             raise ValueError(text)
@@ -632,7 +616,6 @@ positive_float = argparse_type("positive_float", float, lambda x: x > 0)
 
 
 def default_image_size(spec):
-    """The usual training resolution: shapes' own, 32 for CIFAR, 96 for STL-10, 224 for a folder (ImageNet)."""
     if spec.split(":")[0] == "shapes":
         import shapes
         return shapes.spec(spec)[0]
@@ -640,10 +623,8 @@ def default_image_size(spec):
 
 
 def data_args(parser, crop_scale=None):
-    """The data flags of every method; the domain switches leave the method's views as the default. crop_scale: the
-    method's crop area range, where it has no crop flag of its own (MoCo: --crop-min; DINO: --*-crops-scale)."""
-    g = parser.add_argument_group("data")
-    add = g.add_argument
+    """Every method's data flags (switches off: its views). crop_scale: its crop area range, if it has no crop flag."""
+    add = (g := parser.add_argument_group("data")).add_argument
     add("--data", required=True, help="shapes[:SIZE[:N[:V]]], cifar10, cifar100, stl10, or an ImageFolder root")
     add("--data-root", default="data", help="where torchvision datasets are downloaded")
     add("--image-size", type=positive_int, default=None,
@@ -655,31 +636,24 @@ def data_args(parser, crop_scale=None):
             help="area range of the random crops; raise MIN where a small crop loses the signal (a lesion)")
     add("--no-flip", action="store_true", help="no horizontal flip (where left and right differ: text, X-rays)")
     add("--no-color", action="store_true", help="no colour jitter, grayscale or solarize (where colour is the signal)")
-    add("--vflip", action="store_true", help="also flip vertically, p 0.5 (where up and down carry no label: "
-        "satellite tiles, slides)")
-    add("--rot90", action="store_true", help="also turn by 0, 90, 180 or 270°, each p 1/4 (where orientation carries "
-        "no label)")
+    add("--vflip", action="store_true", help="also flip vertically, p 0.5 (no up or down: satellite tiles, slides)")
+    add("--rot90", action="store_true", help="also turn 0, 90, 180 or 270°, p 1/4 each (orientation carries no label)")
     add("--grayscale-input", action="store_true", help="every image as one channel repeated 3 times (X-rays, CT)")
     add("--mean", type=float, nargs="+", default=IMAGENET_MEAN, help="normalisation mean (1 or 3 values) of the views "
         "and the k-NN monitor; keep ImageNet's with --init ImageNet weights")
     add("--std", type=float, nargs="+", default=IMAGENET_STD, help="normalisation std (1 or 3 values)")
-    add("--val", default="", help="labelled data for the k-NN monitor when --data has none (any --data form with a "
-        "val split: DIR/train/<class>/ + DIR/val/<class>/, shapes, cifar10, ...; default: --data)")
-    add("--skip-bad-images", action="store_true", help="replace an unreadable image by the next readable one and count "
-        "them each epoch (default: stop with one line naming the file)")
+    add("--val", default="", help="labelled data for the k-NN monitor (any --data with a val split; default: --data)")
+    add("--skip-bad-images", action="store_true", help="replace unreadable images by the next (default: stop, name it)")
     return g
 
 
 def run_args(parser, method):
-    """The flags of a run, the same in every method."""
-    g = parser.add_argument_group("run")
-    add = g.add_argument
+    add = (g := parser.add_argument_group("run")).add_argument
     add("--output-dir", default=f"runs/{method}", help="checkpoint.pth and log.jsonl; resumes from it if present")
     add("--resume", default="", help="resume from this checkpoint instead of OUTPUT_DIR/checkpoint.pth")
     add("--save-every", type=non_negative_int, default=0, help="keep OUTPUT_DIR/checkpoint_EPOCH.pth every N epochs")
     add("--keep", type=non_negative_int, default=0, help="with --save-every: keep only the last K snapshots (0: all)")
-    add("--knn-every", type=non_negative_int, default=10,
-        help="k-NN monitor on the val split every N epochs, at random init and at the end (0: off)")
+    add("--knn-every", type=non_negative_int, default=10, help="k-NN monitor every N epochs, at init and end (0: off)")
     add("--seed", type=int, default=0, help="seed of the initialisation and of every epoch's augmentations")
     add("--compile", action="store_true", help="torch.compile the model (slow first steps, then faster)")
     add("--log-every", type=positive_int, default=50, help="read the loss and agree on SIGTERM and divergence every N "
@@ -687,16 +661,13 @@ def run_args(parser, method):
     return g
 
 
-# Flags that may differ when a run resumes: where it runs and what it reports, not what it computes. --epochs may grow
-# (or shrink to no less than the epochs done): the lr schedule then follows the new length.
-MAY_CHANGE_ON_RESUME = ("epochs", "output_dir", "resume", "workers", "cpu_augment", "compile", "knn_every",
-                        "save_every", "keep", "data_root", "attention_maps", "visualize", "val", "skip_bad_images",
-                        "log_every")
+# Flags a resume may change: where it runs and what it reports, not what it computes; and --epochs (the lr follows).
+MAY_CHANGE_ON_RESUME = tuple("epochs output_dir resume workers cpu_augment compile knn_every save_every keep data_root "
+                             "attention_maps visualize val skip_bad_images log_every".split())
 
 
 class Run:
-    """What every main() repeats, once (README's Layout lists it); main() keeps the method: views, model, optimizer,
-    schedules and the step."""
+    """What every main() repeats, once (README's Layout); main() keeps views, model, optimizer, schedules and step."""
 
     def __init__(self, args, method):
         self.args, self.method, self.dist = args, method, init_distributed()
@@ -705,8 +676,7 @@ class Run:
         self.epoch, self.step, self.rng, self.record = 0, 0, None, {}
         args.image_size = args.image_size or default_image_size(args.data)
         check_flags(args, self.dist)
-        # Fixed shapes: cuDNN times its convolution algorithms once and keeps the fastest. (TF32 stays off: the
-        # model runs in bf16 autocast, and what runs in fp32 does so on purpose: logits, DINO's last layer.)
+        # cuDNN times its algorithms once (fixed shapes). TF32 off: bf16 autocast; fp32 on purpose (logits, DINO head).
         torch.backends.cudnn.benchmark = self.device.type == "cuda"
         if args.batch_size % self.world_size:
             raise UserError(f"--batch-size {args.batch_size} is not divisible by {self.world_size} processes")
@@ -726,17 +696,14 @@ class Run:
         return loader
 
     def prepare(self, model, optimizer, encoder, sync_bn, encoder_config=None):
-        """Resume the run from its checkpoint, if it has one; return the model to train: SyncBatchNorm (sync_bn, CUDA
-        only), DDP, --compile. encoder: what the k-NN monitor reads and the checkpoint exports for probe.py."""
+        """Resume if checkpointed; return what to train (SyncBN, DDP, --compile); encoder: read by k-NN and probe.py."""
         args, cuda = self.args, self.device.type == "cuda"
         self.model, self.optimizer, self.encoder = model, optimizer, encoder
         self.encoder_config = {**(encoder_config or dict(arch=args.arch, image_size=args.image_size,
                                                          patch_size=args.patch_size)), **encoder_layout(encoder)}
-        self.channels_last = cuda and args.arch.startswith("resnet")
-        if self.channels_last:
-            model.to(memory_format=torch.channels_last)
-        resume = args.resume or (self.path if os.path.exists(self.path) else "")
-        if resume:
+        self.layout = torch.channels_last if cuda and args.arch.startswith("resnet") else torch.preserve_format
+        model.to(memory_format=self.layout)  # channels_last: a ResNet's convolutions on CUDA (else no change)
+        if resume := args.resume or (self.path if os.path.exists(self.path) else ""):
             checkpoint = load_checkpoint(resume, self.method)
             check_same_run(checkpoint, args, resume)  # other data, model, batch or lr: refused
             model.load_state_dict(checkpoint["model"])  # target networks, queues and centres included
@@ -749,17 +716,15 @@ class Run:
                 self.trained = convert_sync_batchnorm(model)
             elif sync_bn:  # torch's SyncBatchNorm is CUDA-only
                 self.say("note: SyncBatchNorm needs CUDA; on CPU each rank normalises with its own batch statistics")
-            # No buffer broadcast before every forward (32 MiB for MoCo v2's queue): the buffers are equal on every
-            # rank by construction (SyncBN's statistics, queues and centres filled from all ranks), or per rank by
-            # design (MoCo v2's shuffled BN); rank 0's are saved.
+            # No buffer broadcast before every forward (32 MiB for MoCo v2's queue): buffers are equal by construction
+            # (SyncBN statistics, queues, centres from all ranks) or per rank (MoCo v2's shuffled BN: rank 0's saved).
             self.trained = nn.parallel.DistributedDataParallel(self.trained, [self.device.index] if cuda else None,
                                                                broadcast_buffers=False)
         if args.compile:
             self.trained = torch.compile(self.trained)  # checkpoints keep saving `model`: plain names
-        if args.knn_every and self.step == 0 and (knn := self.knn()) is not None:  # a fresh run
-            self.say(f"k-NN top-1 at random init: {100 * knn:.2f}%")
-            if self.is_main:
-                log_jsonl(os.path.join(args.output_dir, "log.jsonl"), {"epoch": 0, "knn_top1": knn})
+        if args.knn_every and self.step == 0 and (knn := self.knn()) is not None and self.is_main:  # a fresh run
+            print(f"k-NN top-1 at random init: {100 * knn:.2f}%", flush=True)
+            log_jsonl(os.path.join(args.output_dir, "log.jsonl"), {"epoch": 0, "knn_top1": knn})
         self.preempted = Preemption()
         return self.trained
 
@@ -772,43 +737,36 @@ class Run:
             self.epoch += 1
 
     def batches(self, loader):
-        """This epoch's views, on the device. Seeded by (seed, epoch, rank); a resumed run draws and drops the batches
-        trained on before a SIGTERM (data only, no compute) and restores this rank's RNG: the straight run's batches."""
-        args, epoch = self.args, self.epoch
+        """This epoch's views on the device, seeded by (seed, epoch, rank); resumed, the straight run's batches."""
         self.trained.train()
-        loader.sampler.set_epoch(epoch)
-        torch.manual_seed(args.seed * 100003 + epoch * 1000 + self.dist.rank)
+        loader.sampler.set_epoch(self.epoch)
+        torch.manual_seed(self.args.seed * 100003 + self.epoch * 1000 + self.dist.rank)
         self.start, self.sums, self.summed, self.steps_per_epoch = time.time(), {}, 0, len(loader)
-        self.bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not self.is_main)
-        batches, done = iter(self.bar), self.step - epoch * len(loader)
-        for _ in range(done):
+        self.bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.args.epochs}", disable=not self.is_main)
+        batches, done = iter(self.bar), self.step - self.epoch * len(loader)
+        for _ in range(done):  # resumed mid-epoch: draw and drop (no compute) the batches trained on
             next(batches)
-        if done:
+        if done:  # and restore this rank's RNG as it was at the SIGTERM
             rng = self.rng[self.dist.rank % len(self.rng)]
             torch.set_rng_state(rng["cpu"])
-            if rng["cuda"]:
-                torch.cuda.set_rng_state_all(rng["cuda"])
+            torch.cuda.set_rng_state_all(rng["cuda"])  # [] without a GPU: nothing
         for views, _ in batches:
-            views = [v.to(self.device, non_blocking=True) for v in views]
-            yield [v.to(memory_format=torch.channels_last) for v in views] if self.channels_last else views
+            yield [v.to(self.device, non_blocking=True, memory_format=self.layout) for v in views]
 
     @property
     def lr(self):
         return self.optimizer.param_groups[0]["lr"]
 
     def step_done(self, loss, z, **extras):
-        """After the optimizer step (and the EMA): add the loss, the collapse signal of z and any extras (0-dim
-        tensors) to the epoch's sums on the device, and every --log-every steps and at the epoch's end read them."""
+        """After the optimizer step (and EMA): sum loss, z's collapse signal, 0-dim extras; read every --log-every."""
         self.step += 1
-        values = dict(loss=loss, embedding_std=embedding_std(z), **extras)
-        for key, value in values.items():  # fp64: the same sums as Python floats of each step's value
-            self.sums[key] = self.sums.get(key, 0) + value.detach().double()
+        for key, value in dict(loss=loss, embedding_std=embedding_std(z), **extras).items():
+            self.sums[key] = self.sums.get(key, 0) + value.detach().double()  # fp64: as summing Python floats
         self.summed, self.z = self.summed + 1, z.detach()  # the last batch's z: its effective rank at the epoch's end
         epoch_end = self.step % self.steps_per_epoch == 0
         if self.step % self.args.log_every and not epoch_end:
             return
-        # One agreement of all ranks: a rank's loss is its own (every method but SimCLR), and a rank may be signalled
-        # first. A non-finite loss anywhere stops every rank here, before any save: the last checkpoint stays good.
+        # All ranks agree (a loss or a SIGTERM may be one rank's): a non-finite loss anywhere stops all before any save.
         flags = torch.tensor([float(self.preempted.signalled), 0.0], device=self.device)
         flags[1] = (~self.sums["loss"].isfinite()).double()
         if self.world_size > 1:
@@ -822,22 +780,19 @@ class Run:
                              img_s=f"{self.summed * self.args.batch_size / (time.time() - self.start):.0f}")
         self.preempted.agreed = bool(preempted)
         if self.preempted.agreed and not epoch_end:  # at an epoch's end, epoch_done saves first
-            cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-            rng = {"cpu": torch.get_rng_state(), "cuda": cuda}
+            rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}  # cuda: [] without a GPU
             rngs = [rng] * self.world_size
             if self.world_size > 1:  # every rank's RNG (their seeds differ), for an exact resume mid-epoch
                 dist.all_gather_object(rngs, rng)
-            state = self.state(epoch=self.epoch, rng=rngs)
             if self.is_main:
-                save_checkpoint(state, self.path)
+                save_checkpoint(self.state(epoch=self.epoch, rng=rngs), self.path)
             if self.world_size > 1:
                 dist.barrier()  # every rank waits for the save
             raise UserError(f"stopped by SIGTERM at epoch {self.epoch + 1}, step {self.step}: saved {self.path}; "
                             "run the same command to resume")
 
     def epoch_done(self, **values):
-        """The epoch's record (the steps' means, lr, these values, images/s, k-NN when due), a weight check, then the
-        checkpoint, snapshots, log.jsonl and printed line; a SIGTERM agreed at its last step stops after the save."""
+        """The epoch's record, a weight check, checkpoint, snapshots, log.jsonl, printed line; a SIGTERM stops after."""
         args = self.args
         record = dict(epoch=self.epoch + 1, **self.means, effective_rank=effective_rank(self.z).item(), lr=self.lr,
                       **values, images_per_s=self.summed * args.batch_size / (time.time() - self.start))
@@ -876,8 +831,7 @@ class Run:
 
     def diverged(self, what):
         return UserError(f"the run diverged ({what}) at epoch {self.epoch + 1}, step {self.step}, lr {self.lr:.3g}; "
-                         "nothing was saved (the last checkpoint is intact): try a lower --base-lr or a longer "
-                         "--warmup-epochs")
+                         "nothing saved, the last checkpoint intact: try a lower --base-lr or a longer --warmup-epochs")
 
 
 def check_flags(args, dist_env):
@@ -918,8 +872,7 @@ def check_flags(args, dist_env):
 
 
 def check_same_run(checkpoint, args, path):
-    """Refuse to resume with other run-defining flags (data, model, batch, lr, ...): it would train the old weights on
-    with new settings, or fail in a size-mismatch traceback."""
+    """Other run-defining flags (data, model, batch, lr, ...) would train the old weights on with new settings."""
     saved = checkpoint.get("args", {})
     plain = lambda value: list(value) if isinstance(value, tuple) else value  # a default tuple = a given list
     differ = [f"--{name.replace('_', '-')} {saved[name]} (now {value})" for name, value in vars(args).items()
@@ -942,19 +895,16 @@ def embedding_std(z):
 
 
 def effective_rank(z):
-    """RankMe (Garrido et al. 2023), the second collapse signal: exp of the entropy of z's (N, D) singular values
-    normalised to sum 1: about min(N, D) for spread embeddings, 1 when they collapse onto one direction."""
+    """RankMe (Garrido et al. 2023): exp(entropy of z's singular values / their sum): min(N, D) spread, 1 collapsed."""
     singular_values = torch.linalg.svdvals(z.float())  # (min(N, D),), one SVD an epoch, on the device
     p = singular_values / singular_values.sum() + 1e-7  # RankMe's ε
     return torch.exp(-(p * p.log()).sum())
 
 
 def collapse_warning(std, dim):
-    """A loud message when embedding_std is far below the healthy 1/sqrt(dim), or NaN; else None."""
     if not std * math.sqrt(dim) >= 0.1:  # written so that NaN warns too
         return (f"WARNING: representation collapse: embedding_std {std:.4f} is below 0.1/sqrt({dim}) = "
                 f"{0.1 / math.sqrt(dim):.4f} (healthy ≈ {1 / math.sqrt(dim):.4f}); outputs are nearly constant")
-    return None
 
 
 def log_jsonl(path, record):
@@ -965,8 +915,7 @@ def log_jsonl(path, record):
 
 
 def keep_snapshots(path, epoch, every, keep):
-    """--save-every N: checkpoint_EPOCH.pth every N epochs, a hard link (no extra disk until the rolling checkpoint
-    moves on); --keep K: only the last K of them stay."""
+    """--save-every N: checkpoint_EPOCH.pth every N epochs, a hard link (no extra disk); --keep K: the last K stay."""
     if not every or epoch % every:
         return
     folder, prefix = os.path.split(os.path.splitext(path)[0] + "_")  # OUTPUT_DIR, checkpoint_
@@ -983,8 +932,7 @@ def keep_snapshots(path, epoch, every, keep):
 
 
 class Preemption:
-    """SIGTERM (Slurm, Kubernetes and spot instances send it before a kill) only sets a flag, which all ranks read in
-    Run.step_done. A second SIGTERM does what it did before (by default: end the process at once)."""
+    """SIGTERM (Slurm, Kubernetes, spot instances) sets a flag for Run.step_done; a second does what it did before."""
 
     def __init__(self):
         self.signalled, self.agreed, self.previous = False, False, signal.signal(signal.SIGTERM, self.handler)
@@ -997,6 +945,5 @@ class Preemption:
 
 
 def error_line(script, error):
-    """A script's exit on a UserError: sys.exit(one line), exit code 1, printed by rank 0 only (under torchrun the
-    other ranks exit 1 silently instead of repeating it)."""
+    """sys.exit's argument on a UserError: one line from rank 0; torchrun's other ranks exit 1 silently (no copies)."""
     return f"{script}: error: {error}" if os.environ.get("RANK", "0") == "0" else 1
