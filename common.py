@@ -537,7 +537,8 @@ def load_encoder_weights(encoder, args):
 def extract_features(encoder, loader, dist_env):
     """A split's features and labels in dataset order on every rank: shards broadcast into rows (no all-gather copy)."""
     encoder.eval()  # features in fp32, as DINO's eval_knn.py: a k-NN ranks near-equal cosines
-    pairs = [(encoder(x.to(dist_env.device, non_blocking=True)).float(), y.to(dist_env.device)) for x, y in loader]
+    to_device = lambda t: t.to(dist_env.device, non_blocking=True)  # no host wait per batch
+    pairs = [(encoder(to_device(x)).float(), to_device(y)) for x, y in loader]
     features, labels = map(torch.cat, zip(*pairs))  # (n, D), (n,): this rank's images
     indices = torch.tensor(list(iter(loader.sampler)), device=dist_env.device)  # (n,): their rows in the split
     labels, indices = all_gather(labels, keep_grad=False), all_gather(indices, keep_grad=False)  # (world·n,): small
