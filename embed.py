@@ -23,7 +23,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import common
-import probe
 import weights
 
 
@@ -88,32 +87,14 @@ def write_predictions(path, logits, paths, classes, labels=None):
     print(f"predictions for {len(paths)} images written to {path}")
 
 
-def saved_classifier(saved, encoder, name):
-    """The model probe.py --save kept, on this encoder: images -> logits (a fine-tuned model brings its own
-    encoder weights; a linear head reads the features it was trained on)."""
-    if saved["protocol"] == "finetune":
-        model = trained = probe.Classifier(encoder, len(saved["classes"]), saved["recipe"] == "mae")
-    else:
-        readout = weights.Readout(encoder, saved["readout"]["n_last_blocks"], saved["readout"]["avgpool"])
-        trained = probe.linear_head(readout.dim, len(saved["classes"]), saved["batch_normalize"])
-        model = torch.nn.Sequential(readout, trained)
-    try:
-        trained.load_state_dict(saved["state"])
-    except RuntimeError as error:
-        raise common.UserError(f"{name} does not fit this encoder ({str(error).splitlines()[-1].strip()[:200]})")
-    return model.eval()
-
-
 def main(args):
     if not os.path.isdir(args.data):
         raise common.UserError(f"--data {args.data}: no such folder")
     if args.query and not os.path.isdir(args.query):
         raise common.UserError(f"--query {args.query}: no such folder")
     saved = args.head and common.read_torch_file(args.head, "--head")
-    keys = {"protocol", "state", "classes", "readout", "batch_normalize", "recipe", "image_size", "mean", "std",
-            "grayscale_input"}  # what probe.py --save writes
     if args.head and (not isinstance(saved, dict) or saved.get("protocol") not in ("linear", "finetune")
-                      or not keys <= set(saved)):
+                      or not set(weights.HEAD_KEYS) <= set(saved)):
         raise common.UserError(f"--head {args.head}: not a model written by probe.py --save")
     if args.head:  # the pixels it was trained on, unless given
         args.image_size, args.grayscale_input = args.image_size or saved["image_size"], saved["grayscale_input"]
@@ -121,7 +102,7 @@ def main(args):
     dist_env = common.init_distributed()
     encoder, image_size = weights.load_encoder(args)
     weights.check_readout(encoder, args)
-    model = (saved_classifier(saved, encoder, f"--head {args.head}") if args.head else
+    model = (weights.saved_classifier(saved, encoder, f"--head {args.head}") if args.head else
              weights.Readout(encoder, args.n_last_blocks, args.avgpool_patchtokens).eval()).to(dist_env.device)
     transform = common.eval_transform(image_size, args.mean, args.std, args.grayscale_input)
     features, paths, dataset, keep = embed_folder(args.data, model, transform, args, dist_env)

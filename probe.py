@@ -80,27 +80,6 @@ def get_args_parser():
 
 
 # ----------------------------------------------------------------------------- models
-class Classifier(nn.Module):
-    """Encoder + linear head for fine-tuning. global_pool (MAE's models_vit.py): the mean of the patch tokens through
-    a new fc_norm replaces the CLS token through the final norm, which is dropped."""
-
-    def __init__(self, encoder, num_classes, global_pool=False):
-        super().__init__()
-        self.encoder, self.global_pool = encoder, global_pool
-        linear = nn.Linear(encoder.embed_dim, num_classes)
-        if global_pool:
-            encoder.norm = nn.Identity()  # unused, it would leave DDP waiting for its gradients
-            nn.init.trunc_normal_(linear.weight, std=2e-5)  # MAE: a near-zero head, so early steps keep the features
-            nn.init.zeros_(linear.bias)
-        self.head = nn.Sequential(*[nn.LayerNorm(encoder.embed_dim, eps=1e-6)] * global_pool, linear)  # fc_norm, fc
-
-    def forward(self, images):
-        if not self.global_pool:
-            return self.head(self.encoder(images))
-        tokens = self.encoder.forward_tokens(self.encoder.embed(images))  # (B, P + L, D): CLS, registers, patches
-        return self.head(tokens[:, self.encoder.num_prefix_tokens:].mean(1))  # no final norm
-
-
 def finetune_param_groups(encoder, classifier, layer_decay, weight_decay, trainable_blocks=-1):
     """AdamW groups at lr scale decay^(H − i) for layer i (MAE's util/lr_decay.py, after BEiT): 0 = stem (patch
     embedding, CLS, positions), 1..H-1 = ViT blocks / ResNet stages, H = the head and a ViT's final norm. No weight
@@ -263,16 +242,11 @@ def run_knn(features, budget, args, num_classes):
     return {k: val for k, (val, _) in results.items()}, results[best][1] and {**results[best][1], "k": best}
 
 
-def linear_head(dim, num_classes, batch_normalize):
-    head = nn.Linear(dim, num_classes)
-    return nn.Sequential(nn.BatchNorm1d(dim, affine=False), head) if batch_normalize else head
-
-
 def train_linear(batches, steps_per_epoch, dim, num_classes, lr, epochs, seed, batch_normalize, device, ddp=False):
     """A linear classifier: SGD, momentum 0.9, cosine lr, no weight decay. batches(epoch) yields the epoch's
     (features, labels): cached (every rank the whole batch) or this rank's share (DDP)."""
     torch.manual_seed(seed)
-    head = linear_head(dim, num_classes, batch_normalize).to(device)
+    head = weights.linear_head(dim, num_classes, batch_normalize).to(device)
     model = DistributedDataParallel(head) if ddp else head
     seed_views(seed)
     optimizer, step = torch.optim.SGD(head.parameters(), lr, momentum=0.9), 0
@@ -363,7 +337,7 @@ def run_finetune(args, train_set, labels, eval_sets, dist_env, recipe, budget, s
     for seed in range(args.seeds):
         torch.manual_seed(seed)
         encoder, _ = weights.load_encoder(args, drop_path=args.drop_path, random_init=scratch)
-        model = Classifier(encoder, num_classes, global_pool=recipe == "mae").to(device)
+        model = weights.Classifier(encoder, num_classes, global_pool=recipe == "mae").to(device)
         if dist_env.world_size > 1 and device.type == "cuda":
             model = common.convert_sync_batchnorm(model)  # ResNets: BN statistics over the global batch
         subset = balanced_subset(labels, seed, **budget)
@@ -447,16 +421,10 @@ class Backbone:
                                            for split, data in self.splits.items()}
         return self.features
 
-    def save(self, name, model, result):
-        """--save: seed 0's head or model, with what embed.py --head needs to predict as this probe measured."""
-        args = self.args
+    def save(self, name, model, result):  # --save: seed 0's, with what embed.py --head needs to predict
         if self.dist.is_main:
-            os.makedirs(args.save, exist_ok=True)
-            torch.save(dict(protocol=name, state=model.state_dict(), classes=list(self.classes), top1=result["top1"],
-                            readout=dict(n_last_blocks=args.n_last_blocks, avgpool=args.avgpool_patchtokens),
-                            batch_normalize=not args.no_linear_bn, recipe=self.recipe, image_size=self.image_size,
-                            mean=args.mean, std=args.std, grayscale_input=args.grayscale_input,
-                            checkpoint=os.path.abspath(args.checkpoint)), os.path.join(args.save, f"{name}.pth"))
+            weights.save_head(os.path.join(self.args.save, f"{name}.pth"), name, model, self.args, self.classes,
+                              self.recipe, self.image_size, result["top1"])
 
     def run(self, protocol, budget, save=None):
         """(val result, test result or None) of one protocol at one label budget."""
@@ -514,13 +482,11 @@ def plot(x, y, method, confusion, classes, path):
     else:
         _, _, components = torch.pca_lowrank(x, q=2)  # centres x itself
         xy = ((x - x.mean(0)) @ components).cpu().numpy()  # (N, 2)
-    panels = 1 + (confusion is not None)
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 6), squeeze=False)
-    points = axes[0, 0].scatter(xy[:, 0], xy[:, 1], c=y.cpu().numpy(), s=4, cmap="tab10" if len(classes) <= 10 else
-                                "nipy_spectral")
+    fig, axes = plt.subplots(1, 2 if confusion else 1, figsize=(12 if confusion else 6, 6), squeeze=False)
+    points = axes[0, 0].scatter(*xy.T, c=y.cpu().numpy(), s=4, cmap="tab10" if len(classes) <= 10 else "nipy_spectral")
     fig.colorbar(points, ax=axes[0, 0], label="class")
     axes[0, 0].set(title=f"{dict(pca='PCA', tsne='t-SNE')[method]} of the val features, by label", xticks=[], yticks=[])
-    if confusion is not None:
+    if confusion:
         rates = torch.tensor(confusion, dtype=torch.float)
         rates = (rates / rates.sum(1, keepdim=True).clamp(min=1)).numpy()  # (C, C): each label's share per prediction
         fig.colorbar(axes[0, 1].imshow(rates, cmap="Blues", vmin=0, vmax=1), ax=axes[0, 1], label="share of the class")

@@ -1,7 +1,8 @@
 """Reading an encoder from a file: one loader for every entry point (--init in the methods, probe.py, embed.py).
 This project's checkpoints; torchvision, timm and official DINO / MAE / MoCo v3 files, wrapped or not; DINOv2 (hub,
 timm: LayerScale, registers, position embeddings without a CLS slot) and Hugging Face state dicts. A mismatch, a
-malformed file or a NaN is one line. Then the features probe.py and embed.py read from it."""
+malformed file or a NaN is one line. Then what probe.py and embed.py share: the flags, the features they read, the
+heads probe.py trains and saves, embed.py applies."""
 import math
 import os
 
@@ -225,3 +226,61 @@ def labels_of(dataset):
     if hasattr(dataset, "targets") or hasattr(dataset, "labels"):
         return list(getattr(dataset, "targets", getattr(dataset, "labels", None)))
     return [dataset[i][1] for i in range(len(dataset))]  # shapes: labels are cheap to render
+
+
+# ----------------------------------------------------------------------------- heads: probe.py trains, embed.py applies
+def linear_head(dim, num_classes, batch_normalize):
+    head = nn.Linear(dim, num_classes)
+    return nn.Sequential(nn.BatchNorm1d(dim, affine=False), head) if batch_normalize else head
+
+
+class Classifier(nn.Module):
+    """Encoder + linear head for fine-tuning. global_pool (MAE's models_vit.py): the mean of the patch tokens through
+    a new fc_norm replaces the CLS token through the final norm, which is dropped."""
+
+    def __init__(self, encoder, num_classes, global_pool=False):
+        super().__init__()
+        self.encoder, self.global_pool = encoder, global_pool
+        linear = nn.Linear(encoder.embed_dim, num_classes)
+        if global_pool:
+            encoder.norm = nn.Identity()  # unused, it would leave DDP waiting for its gradients
+            nn.init.trunc_normal_(linear.weight, std=2e-5)  # MAE: a near-zero head, so early steps keep the features
+            nn.init.zeros_(linear.bias)
+        self.head = nn.Sequential(*[nn.LayerNorm(encoder.embed_dim, eps=1e-6)] * global_pool, linear)  # fc_norm, fc
+
+    def forward(self, images):
+        if not self.global_pool:
+            return self.head(self.encoder(images))
+        tokens = self.encoder.forward_tokens(self.encoder.embed(images))  # (B, P + L, D): CLS, registers, patches
+        return self.head(tokens[:, self.encoder.num_prefix_tokens:].mean(1))  # no final norm
+
+
+HEAD_KEYS = ("protocol", "state", "classes", "readout", "batch_normalize", "recipe", "image_size", "mean", "std",
+             "grayscale_input")
+
+
+def save_head(path, protocol, model, args, classes, recipe, image_size, top1):
+    """probe.py --save: a linear head (with its BatchNorm statistics) or a fine-tuned model, and what embed.py --head
+    needs to predict as probe.py measured: the classes, the readout, the pixels."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    torch.save(dict(protocol=protocol, state=model.state_dict(), classes=list(classes), top1=top1,
+                    readout=dict(n_last_blocks=args.n_last_blocks, avgpool=args.avgpool_patchtokens),
+                    batch_normalize=not args.no_linear_bn, recipe=recipe, image_size=image_size, mean=args.mean,
+                    std=args.std, grayscale_input=args.grayscale_input, checkpoint=os.path.abspath(args.checkpoint)),
+               path)
+
+
+def saved_classifier(saved, encoder, name):
+    """The model probe.py --save kept, on this encoder: images -> logits (a fine-tuned model brings its own
+    encoder weights; a linear head reads the features it was trained on)."""
+    if saved["protocol"] == "finetune":
+        model = trained = Classifier(encoder, len(saved["classes"]), saved["recipe"] == "mae")
+    else:
+        readout = Readout(encoder, saved["readout"]["n_last_blocks"], saved["readout"]["avgpool"])
+        trained = linear_head(readout.dim, len(saved["classes"]), saved["batch_normalize"])
+        model = nn.Sequential(readout, trained)
+    try:
+        trained.load_state_dict(saved["state"])
+    except RuntimeError as error:
+        raise common.UserError(f"{name} does not fit this encoder ({str(error).splitlines()[-1].strip()[:200]})")
+    return model.eval()

@@ -12,11 +12,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import probe  # noqa: E402
+import weights  # noqa: E402
 
 out_path = sys.argv[1]
 dist_env = common.init_distributed()
 torch.manual_seed(0)
-model = probe.Classifier(common.build_encoder("vit_nano", 16, 8), num_classes=10, global_pool=True)
+model = weights.Classifier(common.build_encoder("vit_nano", 16, 8), num_classes=10, global_pool=True)
 optimizer = torch.optim.AdamW(probe.finetune_param_groups(model.encoder, model.head, 0.65, 0.05), lr=1e-3)
 generator = torch.Generator().manual_seed(1)
 images = torch.randn(8, 3, 16, 16, generator=generator)

@@ -54,7 +54,7 @@ one_image = lambda views: torch.utils.data.Subset(common.build_dataset("shapes:1
 val_set = common.build_dataset("shapes:16:8:8", "val", common.eval_transform(16, args.mean, args.std))
 
 
-class Built(probe.Classifier):  # the weights this rank builds, before DDP would copy rank 0's over them
+class Built(weights.Classifier):  # the weights this rank builds, before DDP would copy rank 0's over them
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         saved["built"] = {n: p.detach().clone() for n, p in self.named_parameters()}
@@ -65,7 +65,7 @@ def first_step(model, optimizer, images, targets, step=probe.finetune_step):
     return step(model, optimizer, images, targets)
 
 
-probe.Classifier, probe.finetune_step = Built, first_step
+weights.Classifier, probe.finetune_step = Built, first_step
 # Of the labels, run_finetune reads only their number and the classes (10); the targets are the image's label.
 probe.run_finetune(args, one_image(probe.train_augmentation(image_size, args, rand_augment=True)),
                    torch.full((8,), 9), {"val": val_set}, dist_env, "mae", dict(fraction=1.0), scratch=True)

@@ -143,7 +143,7 @@ def test_the_layout_travels_in_the_checkpoint_and_every_readout_skips_the_regist
         tokens = encoder.forward_tokens(encoder.embed(images))  # (B, 1 + 4 + 4, D)
         readout = weights.Readout(encoder, n_last_blocks=1, avgpool=True)(images)  # (B, 2D): CLS, mean of patches
         torch.testing.assert_close(readout[:, D:], tokens[:, 5:].mean(1))
-        classifier = probe.Classifier(encoder, 3, global_pool=True)  # the final norm dropped: MAE's global pool
+        classifier = weights.Classifier(encoder, 3, global_pool=True)  # the final norm dropped: MAE's global pool
         tokens = encoder.forward_tokens(encoder.embed(images))
         torch.testing.assert_close(classifier(images), classifier.head(tokens[:, 5:].mean(1)))
     # A resume takes the layout from its checkpoint, without reading --init again.

@@ -285,7 +285,7 @@ def test_dino_readouts_concatenate_normalised_tokens():
 
 def test_mae_classifier_pools_patch_tokens_through_fc_norm():
     torch.manual_seed(0)
-    model = probe.Classifier(common.build_encoder("vit_nano", 16, 8), 10, global_pool=True)
+    model = weights.Classifier(common.build_encoder("vit_nano", 16, 8), 10, global_pool=True)
     assert isinstance(model.encoder.norm, torch.nn.Identity) and isinstance(model.head[0], torch.nn.LayerNorm)
     assert model.head[1].weight.std() < 1e-4 and not model.head[1].bias.any()  # MAE: trunc_normal std 2e-5
     images = torch.randn(2, 3, 16, 16)
