@@ -520,9 +520,9 @@ def main(args):
         path, _, arch = spec.rpartition(":")  # the checkpoint's views (flips, colours): the data's, not the backbone's
         path, arch = (path, arch) if arch in common.ARCHS else (spec, None)
         return Backbone(argparse.Namespace(**{**given, **views, "checkpoint": path, "arch": arch}), dist_env)
-    backbones = {args.checkpoint: lambda: primary, **({"random init": lambda: Backbone(args, dist_env, True)}
-                                                      if args.baselines else {})}
-    backbones.update({spec: lambda spec=spec: compared(spec) for spec in args.compare})
+    backbones = {args.checkpoint: primary}
+    backbones.update({"random init": Backbone(args, dist_env, True)} if args.baselines else {})
+    backbones.update({spec: compared(spec) for spec in args.compare})  # every file read now: a bad one stops us here
     budgets = {f"{100 * f:g}% labels": dict(fraction=f) for f in args.label_fraction}
     budgets.update({f"{n} labels a class": dict(per_class=n) for n in args.labels_per_class})
     vit, first = primary.vit, next(iter(budgets))
@@ -540,8 +540,7 @@ def main(args):
     at = lambda split, name, labels: results[split].setdefault(name, {}).setdefault(labels, {})
     say(f"{'backbone: protocol (paper)':<56}{'top-1':>16}{'top-5':>16}{'macro-F1':>16}{'balanced acc':>16}"
         f"{'ECE (→ T)':>14}{'time':>11}")
-    for name, make in backbones.items():
-        backbone = make()
+    for name, backbone in backbones.items():
         say(name + ("" if backbone is primary else "  (differences: the checkpoint − this, paired by seed)"))
         for labels, budget in budgets.items():
             for protocol in protocols:

@@ -90,6 +90,13 @@ def test_probe_rejects_foreign_files(tmp_path):
     (tmp_path / "garbage.pth").write_bytes(b"\x00garbage")
     assert "not a readable torch file" in user_error("probe", str(tmp_path / "garbage.pth"), "--data", "shapes")
     assert "no such file" in user_error("probe", str(tmp_path / "missing.pth"), "--data", "shapes")
+    checkpoint = str(tmp_path / "c.pth")  # a good checkpoint compared with bad files: one line each, before any work
+    common.save_checkpoint(dict(method="simclr", encoder_config=dict(arch="vit_nano", image_size=16, patch_size=8),
+                                encoder=common.build_encoder("vit_nano", 16, 8).state_dict(), args={}), checkpoint)
+    for other, expected in ((tmp_path / "missing.pth", "no such file"), (tmp_path / "garbage.pth", "not a readable"),
+                            (f"{tmp_path / 'foreign.pth'}:resnet18", "does not fit a resnet18")):
+        assert expected in user_error("probe", checkpoint, "--data", "shapes:16:64", "--protocol", "knn", "--compare",
+                                      str(other), "--workers", "0")
 
 
 def test_probe_plain_state_dict_of_wrong_arch(tmp_path):
