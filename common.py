@@ -1,6 +1,6 @@
 """What the method files share, and all they import: a method file plus this one is a project's whole copy.
-Part I, to read: data, views, backbones, DDP, schedules, LARS, checkpoints. Part II, to change: folder intake, --init
-weights, the k-NN monitor, the optional speed path (device_views.py) and the run harness that every main() drives."""
+Part I, to read: data, views, backbones, DDP, schedules, LARS, checkpoints. Part II, to change: folder intake, the ViT
+layout and --init (read by weights.py), the k-NN monitor, the speed path (device_views.py) and the run harness."""
 import json
 import math
 import os

@@ -12,6 +12,8 @@ from tqdm import tqdm
 
 import common
 
+
+# ----------------------------------------------------------------------------- a file's encoder, whatever wrote it
 WRAPPERS = ("teacher", "student", "state_dict", "model")
 PREFIXES = ("module.", "backbone.", "base_encoder.", "encoder.")
 
