@@ -458,7 +458,7 @@ def reading(delta, other):
     noise = "" if abs(mean) > 2 * std else f"; the seeds cannot tell them apart (± {std:.2f})"
     if mean >= 2:
         return f"    → pre-training beats {other} by {mean:.2f} points: it paid{noise}"
-    return f"    → pre-training is {mean:+.2f} points from {other}, short of 2-3: the images did not help{noise}"
+    return f"    → pre-training is {mean:+.2f} points from {other}, short of the 2-3 that would pay for it{noise}"
 
 
 def row(name, result, seconds=None, signed=False):
