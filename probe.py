@@ -423,8 +423,8 @@ class Backbone:
 
     def save(self, name, model, result):  # --save: seed 0's, with what embed.py --head needs to predict
         if self.dist.is_main:
-            weights.save_head(os.path.join(self.args.save, f"{name}.pth"), name, model, self.args, self.classes,
-                              self.recipe, self.image_size, result["top1"])
+            weights.save_head(os.path.join(self.args.save, f"{name}.pth"), name, model, self.args, self.encoder,
+                              self.classes, self.recipe, self.image_size, result["top1"])
 
     def run(self, protocol, budget, save=None):
         """(val result, test result or None) of one protocol at one label budget."""
@@ -458,7 +458,8 @@ def reading(delta, other):
     noise = "" if abs(mean) > 2 * std else f"; the seeds cannot tell them apart (± {std:.2f})"
     if mean >= 2:
         return f"    → pre-training beats {other} by {mean:.2f} points: it paid{noise}"
-    return f"    → pre-training is {mean:+.2f} points from {other}, short of the 2-3 that would pay for it{noise}"
+    return (f"    → pre-training is {mean:+.2f} points from {other}, short of 2-3: the unlabelled data probably did "
+            f"not help{noise}")
 
 
 def row(name, result, seconds=None, signed=False):

@@ -182,6 +182,7 @@ def load_encoder(args, drop_path=0.0, random_init=False):
         adopt_layout(encoder, state, args.checkpoint)
     else:
         load_weights(encoder, state, args.checkpoint, config["arch"])  # a mismatch or a NaN: one line
+    encoder.config = {k: v for k, v in config.items() if k != "drop_path"} | common.encoder_layout(encoder)  # --save
     return encoder, image_size
 
 
@@ -261,11 +262,12 @@ HEAD_KEYS = ("protocol", "state", "classes", "readout", "batch_normalize", "reci
              "grayscale_input")
 
 
-def save_head(path, protocol, model, args, classes, recipe, image_size, top1):
+def save_head(path, protocol, model, args, encoder, classes, recipe, image_size, top1):
     """probe.py --save: a linear head (with its BatchNorm statistics) or a fine-tuned model, and what embed.py --head
-    needs to predict as probe.py measured: the classes, the readout, the pixels."""
+    needs to predict as probe.py measured: the classes, the readout, the pixels, the encoder's config."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     torch.save(dict(protocol=protocol, state=model.state_dict(), classes=list(classes), top1=top1,
+                    encoder_config=encoder.config,
                     readout=dict(n_last_blocks=args.n_last_blocks, avgpool=args.avgpool_patchtokens),
                     batch_normalize=not args.no_linear_bn, recipe=recipe, image_size=image_size, mean=args.mean,
                     std=args.std, grayscale_input=args.grayscale_input, checkpoint=os.path.abspath(args.checkpoint)),

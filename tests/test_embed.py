@@ -120,6 +120,9 @@ def test_a_saved_head_predicts_what_probe_measured(checkpoint, tmp_path, protoco
          "--output", str(tmp_path / "probe.json")]))
     run(checkpoint, "--head", str(tmp_path / "heads" / f"{protocol}.pth"), "--data", str(tmp_path / "data" / "val"),
         "--output", str(tmp_path / "predictions.csv"))
+    saved = torch.load(tmp_path / "heads" / f"{protocol}.pth", weights_only=False)
+    assert saved["protocol"] == protocol and saved["encoder_config"] == dict(arch="vit_nano", image_size=16,
+                                                                              patch_size=8)
     rows = list(csv.DictReader(open(tmp_path / "predictions.csv")))
     assert len(rows) == 48 and all(row["top5"].split()[0].startswith(row["predicted"] + ":") for row in rows)
     top1 = 100 * sum(row["predicted"] == row["label"] for row in rows) / len(rows)
