@@ -1,6 +1,6 @@
 """What the method files share, and all they import: a method file plus this one is a project's whole copy.
-Part I, to read: data, views, backbones, DDP, schedules, LARS, checkpoints. Part II, to change: folder intake, the ViT
-layout and --init (read by weights.py), the k-NN monitor, the speed path (device_views.py) and the run harness."""
+Part I, to read: data, views, backbones, DDP, schedules, LARS, checkpoints. Part II, to change: folder intake, --init
+(weights.py reads the file), the k-NN monitor, the speed path (device_views.py) and the run harness."""
 import json
 import math
 import os
@@ -270,7 +270,7 @@ def build_encoder(arch, image_size=224, patch_size=16, drop_path=0.0, sincos=Fal
                   zero_init_residual=False, **layout):
     """Backbone without classifier, exposing .embed_dim. At 64 px and below a ResNet's 7x7/2 stem + max-pool becomes
     SimCLR's CIFAR stem, 3x3/1 (else a 32 px image is 1x1 before the last stage). num_heads (MoCo v3's ViT-S has 12)
-    and the layout (see vit_layout) show in no weight's shape: they travel in the checkpoint's encoder_config."""
+    and the layout (weights.vit_layout) show in no weight's shape: they travel in the checkpoint's encoder_config."""
     if arch in ("resnet18", "resnet34", "resnet50"):
         model = getattr(torchvision.models, arch)(zero_init_residual=zero_init_residual)
         if image_size <= 64:
@@ -499,29 +499,6 @@ def report_bad_images(dataset, dist_env):
 
 
 # ----------------------------------------------------------------------------- weights from a file: --init
-LAYOUT = dict(layer_scale=False, registers=0, cls_slot=True)  # build_encoder's defaults: this project's own ViT
-
-
-def vit_layout(state, name):
-    """The ViT options a state_dict's keys and shapes show (a file's or an encoder's): LayerScale (ls1.gamma: DINOv2,
-    DeiT III), registers (register_tokens (1, R, D): DINOv2-reg, timm's *_reg4_dinov2) and a CLS slot in pos_embed,
-    which timm's no_embed_class files lack (DeiT III, *_reg4_dinov2): a length g² is a square, 1 + g² never is."""
-    pos, registers = state["pos_embed"], state.get("register_tokens")
-    n = pos.shape[1] if pos.ndim == 3 else 0
-    cls_slot = math.isqrt(n) ** 2 != n
-    if n < 2 or math.isqrt(n - cls_slot) ** 2 != n - cls_slot:
-        raise UserError(f"{name}: pos_embed is {list(pos.shape)}, not (1, [1 +] g*g, D) for a g x g grid of patches")
-    return dict(layer_scale="blocks.0.ls1.gamma" in state, cls_slot=cls_slot,
-                registers=registers.shape[1] if registers is not None and registers.ndim == 3 else 0)
-
-
-def encoder_layout(encoder):
-    """An encoder's layout options that differ from LAYOUT, for its checkpoint's encoder_config (probe.py rebuilds)."""
-    if not isinstance(encoder, VisionTransformer):
-        return {}
-    return {k: v for k, v in vit_layout(encoder.state_dict(), "encoder").items() if v != LAYOUT[k]}
-
-
 def load_encoder_weights(encoder, args):
     """--init PATH: the encoder starts from PATH's weights, read by weights.py (any public layout: see there)."""
     if args.init:
@@ -701,9 +678,9 @@ class Run:
         args, cuda = self.args, self.device.type == "cuda"
         self.model, self.optimizer, self.encoder = model, optimizer, encoder
         self.encoder_config = {**(encoder_config or dict(arch=args.arch, image_size=args.image_size,
-                                                         patch_size=args.patch_size)), **encoder_layout(encoder)}
-        self.layout = torch.channels_last if cuda and args.arch.startswith("resnet") else torch.preserve_format
-        model.to(memory_format=self.layout)  # channels_last: a ResNet's convolutions on CUDA (else no change)
+                                                         patch_size=args.patch_size)), **getattr(encoder, "layout", {})}
+        self.memory_format = torch.channels_last if cuda and args.arch.startswith("resnet") else torch.preserve_format
+        model.to(memory_format=self.memory_format)  # channels_last: a ResNet's convolutions on CUDA (else no change)
         if resume := args.resume or (self.path if os.path.exists(self.path) else ""):
             checkpoint = load_checkpoint(resume, self.method)
             check_same_run(checkpoint, args, resume)  # other data, model, batch or lr: refused
@@ -752,7 +729,7 @@ class Run:
             torch.set_rng_state(rng["cpu"])
             torch.cuda.set_rng_state_all(rng["cuda"])  # [] without a GPU: nothing
         for views, _ in batches:
-            yield [v.to(self.device, non_blocking=True, memory_format=self.layout) for v in views]
+            yield [v.to(self.device, non_blocking=True, memory_format=self.memory_format) for v in views]
 
     @property
     def lr(self):

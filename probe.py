@@ -155,12 +155,12 @@ def balanced_subset(labels, seed, fraction=1.0, per_class=None):
 
 
 def scores(outputs, seed, temperature=None, calibration=True):
-    """{split: (logits, labels)} -> {split: metrics (seed 0: with the confusion matrix), the ECE (after temperature
-    scaling too, with the temperature fitted on held-out training labels)}; k-NN's votes are no logits: no ECE."""
-    ece = lambda logits, labels: dict(ece=expected_calibration_error(logits, labels), **(
-        {"ece_scaled": expected_calibration_error(logits, labels, temperature)} if temperature else {}))
-    return {split: dict(metrics(logits, labels, confusion=seed == 0), **(ece(logits, labels) if calibration else {}))
-            for split, (logits, labels) in outputs.items()}
+    """{split: (logits, labels)} -> {split: metrics, ECE (and after scaling by the held-out temperature)}; k-NN: no
+    ECE (votes are no logits)."""
+    ece = lambda z, y: dict(ece=expected_calibration_error(z, y)) | (
+        {"ece_scaled": expected_calibration_error(z, y, temperature)} if temperature else {})
+    return {split: metrics(z, y, confusion=seed == 0) | (ece(z, y) if calibration else {}) for split, (z, y) in
+            outputs.items()}
 
 
 def mean_std(runs):
@@ -430,10 +430,9 @@ class Backbone:
         """(val result, test result or None) of one protocol at one label budget."""
         args, num_classes = self.args, self.num_classes
         if protocol == "finetune":
-            train_set = self.build("train", train_augmentation(self.image_size, args, self.recipe == "mae"))
-            evals = {split: dataset for split, dataset in self.splits.items() if split != "train"}
-            return run_finetune(args, train_set, self.labels, evals, self.dist, self.recipe, budget, self.random_init,
-                                save)
+            train = self.build("train", train_augmentation(self.image_size, args, self.recipe == "mae"))
+            evals = {split: data for split, data in self.splits.items() if split != "train"}
+            return run_finetune(args, train, self.labels, evals, self.dist, self.recipe, budget, self.random_init, save)
         model, features = self.cached()
         if protocol == "knn":
             return run_knn(features, budget, args, num_classes)
@@ -504,9 +503,10 @@ def main(args):
     args.label_fraction = args.label_fraction or ([] if args.labels_per_class else [1.0])
     if bad := [f for f in args.label_fraction if not 0 < f <= 1]:
         raise common.UserError(f"--label-fraction must be in (0, 1], got {bad[0]}")
+    if repeated := [spec for i, spec in enumerate(args.compare) if spec in [args.checkpoint, *args.compare[:i]]]:
+        raise common.UserError(f"--compare {repeated[0]}: already probed (the checkpoint, or given twice)")
     try:  # optional extras: fail now, not after an hour of fine-tuning
-        __import__("matplotlib") if args.plot else None
-        __import__("sklearn") if args.plot == "tsne" else None
+        [__import__(name) for name in ["matplotlib"] * bool(args.plot) + ["sklearn"] * (args.plot == "tsne")]
     except ImportError as error:
         raise common.UserError(f"--plot {args.plot} needs {error.name}: pip install matplotlib scikit-learn (or --plot "
                                "pca)") from None

@@ -70,14 +70,32 @@ def encoder_state(saved, name):
     return public_names(state, name)
 
 
+LAYOUT = dict(layer_scale=False, registers=0, cls_slot=True)  # build_encoder's defaults: this project's own ViT
+
+
+def vit_layout(state, name):
+    """The ViT options a state_dict's keys and shapes show (a file's or an encoder's): LayerScale (ls1.gamma: DINOv2,
+    DeiT III), registers (register_tokens (1, R, D): DINOv2-reg, timm's *_reg4_dinov2) and a CLS slot in pos_embed,
+    which timm's no_embed_class files lack (DeiT III, *_reg4_dinov2): a length g² is a square, 1 + g² never is."""
+    pos, registers = state["pos_embed"], state.get("register_tokens")
+    n = pos.shape[1] if pos.ndim == 3 else 0
+    cls_slot = math.isqrt(n) ** 2 != n
+    if n < 2 or math.isqrt(n - cls_slot) ** 2 != n - cls_slot:
+        raise common.UserError(f"{name}: pos_embed is {list(pos.shape)}, not (1, [1 +] g*g, D) for a g x g grid of "
+                               "patches")
+    return dict(layer_scale="blocks.0.ls1.gamma" in state, cls_slot=cls_slot,
+                registers=registers.shape[1] if registers is not None and registers.ndim == 3 else 0)
+
+
 def adopt_layout(encoder, state, name):
     """Give a built ViT the layout of the file it loads (as build_encoder(**layout)): --init and probe.py need no flag
     for it. Before any optimizer or EMA copy holds the parameters: methods call it right after build_encoder."""
     if not isinstance(encoder, common.VisionTransformer) or "pos_embed" not in state:
         return
-    layout, dim = common.vit_layout(state, name), encoder.embed_dim
-    if layout == common.vit_layout(encoder.state_dict(), name):
+    layout, dim = vit_layout(state, name), encoder.embed_dim
+    if layout == vit_layout(encoder.state_dict(), name):
         return
+    encoder.layout = {k: v for k, v in layout.items() if v != LAYOUT[k]}  # its checkpoint's encoder_config keeps it
     for block in encoder.blocks:
         block.ls1, block.ls2 = (common.LayerScale(dim) if layout["layer_scale"] else nn.Identity() for _ in range(2))
     encoder.register_tokens = nn.Parameter(torch.zeros(1, layout["registers"], dim)) if layout["registers"] else None
@@ -182,7 +200,7 @@ def load_encoder(args, drop_path=0.0, random_init=False):
         adopt_layout(encoder, state, args.checkpoint)
     else:
         load_weights(encoder, state, args.checkpoint, config["arch"])  # a mismatch or a NaN: one line
-    encoder.config = {k: v for k, v in config.items() if k != "drop_path"} | common.encoder_layout(encoder)  # --save
+    encoder.config = {k: v for k, v in config.items() if k != "drop_path"} | getattr(encoder, "layout", {})
     return encoder, image_size
 
 

@@ -97,6 +97,7 @@ def test_probe_rejects_foreign_files(tmp_path):
                             (f"{tmp_path / 'foreign.pth'}:resnet18", "does not fit a resnet18")):
         assert expected in user_error("probe", checkpoint, "--data", "shapes:16:64", "--protocol", "knn", "--compare",
                                       str(other), "--workers", "0")
+    assert "already probed" in user_error("probe", checkpoint, "--data", "shapes:16:64", "--compare", checkpoint)
 
 
 def test_probe_plain_state_dict_of_wrong_arch(tmp_path):
