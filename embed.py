@@ -92,6 +92,8 @@ def main(args):
         raise common.UserError(f"--data {args.data}: no such folder")
     if args.query and not os.path.isdir(args.query):
         raise common.UserError(f"--query {args.query}: no such folder")
+    if (args.query and not args.neighbours) or (args.head and args.neighbours):
+        raise common.UserError("--query needs --neighbours K, and --neighbours reads features: not with --head")
     saved = args.head and common.read_torch_file(args.head, "--head")
     if args.head and (not isinstance(saved, dict) or saved.get("protocol") not in ("linear", "finetune")
                       or not set(weights.HEAD_KEYS) <= set(saved)):
@@ -117,7 +119,7 @@ def main(args):
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         np.savez(args.output, **arrays)
         print(f"{len(paths)} features of dimension {features.shape[1]} written to {args.output}")
-    if args.neighbours and not args.head:
+    if args.neighbours:
         queries, query_paths = (embed_folder(args.query, model, transform, args, dist_env)[:2] if args.query
                                 else (features, paths))
         similarity, index = nearest(queries, features, args.neighbours, same=not args.query)

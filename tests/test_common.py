@@ -1,4 +1,5 @@
 """The shared pieces: dataset, augmentations, backbones, schedules, optimiser, gather, checkpoints."""
+import argparse
 import math
 import sys
 
@@ -185,6 +186,14 @@ def test_common_works_without_device_views(monkeypatch, capsys):
     assert type(model[0]) is torch.nn.SyncBatchNorm
     monkeypatch.undo()
     assert type(common.convert_sync_batchnorm(torch.nn.BatchNorm2d(3))).__module__ == "device_views"
+
+
+def test_init_without_weights_py_is_one_line(monkeypatch):
+    """--init reads the file through weights.py; a method copied with common.py alone says so in one line."""
+    monkeypatch.setitem(sys.modules, "weights", None)  # `import weights` now fails
+    args = argparse.Namespace(init="dinov2_vits14_pretrain.pth", output_dir="runs/x", resume="")
+    with pytest.raises(common.UserError, match="--init needs weights.py beside common.py"):
+        common.load_encoder_weights(common.build_encoder("vit_nano", 16, 8), args)
 
 
 def test_vit_huge_is_mae_s_vit_h14():

@@ -82,6 +82,9 @@ def test_unreadable_images_are_left_out_or_named(checkpoint, tmp_path):
     run(checkpoint, "--data", str(tmp_path / "data"), "--output", out, "--skip-bad-images")
     assert list(np.load(out)["paths"]) == ["0.png", "1.png", "3.png"]
     assert "no such folder" in user_error("embed", checkpoint, "--data", str(tmp_path / "nowhere"), "--output", out)
+    for flags in (["--query", str(tmp_path / "data")], ["--neighbours", "2", "--head", checkpoint]):
+        assert "--query needs --neighbours K" in user_error("embed", checkpoint, "--data", str(tmp_path / "data"),
+                                                            "--output", out, *flags)  # ignored before: said now
 
 
 def test_two_ranks_write_the_features_of_one_process(checkpoint, tmp_path):

@@ -506,20 +506,28 @@ def test_knn_scores_test_at_the_k_val_chose():
 def test_compare_runs_every_backbone_on_the_same_label_subsets_at_each_budget(tmp_path, capsys):
     """--compare: the same protocols, label subsets and seeds for every backbone. Two files with the checkpoint's
     weights (one a plain state_dict whose patch size 8 comes from the file) differ from it by exactly 0 at every
-    budget, seed by seed: any difference in subsets or seeds would show. The curve: a row per budget."""
+    budget, seed by seed: any difference in subsets or seeds would show. Another encoder differs, and its reported
+    difference is the checkpoint's minus its own, seed by seed. The curve: a row per budget."""
     checkpoint = save_checkpoint(tmp_path / "c.pth")
     torch.save(torch.load(checkpoint, weights_only=False)["encoder"], tmp_path / "plain.pth")
     shutil.copy(checkpoint, tmp_path / "copy.pth")
+    other_encoder = save_checkpoint(tmp_path / "other.pth", seed=5)
     others = [f"{tmp_path / 'plain.pth'}:vit_nano", str(tmp_path / "copy.pth")]
     results = probe.main(probe.get_args_parser().parse_args([
-        checkpoint, "--data", "shapes:16:200:100", "--protocol", "knn", "linear", "--compare", *others,
+        checkpoint, "--data", "shapes:16:200:100", "--protocol", "knn", "linear", "--compare", *others, other_encoder,
         "--label-fraction", "0.2", "1", "--labels-per-class", "5", "--seeds", "2", "--linear-epochs", "3", "--k", "5",
         "--workers", "0", "--output", str(tmp_path / "r.json")]))
     out = capsys.readouterr().out
     budgets = ["20% labels", "100% labels", "5 labels a class"]
-    assert list(results["val"]) == [checkpoint, *others] and list(results["val"][checkpoint]) == budgets
+    assert list(results["val"]) == [checkpoint, *others, other_encoder]
+    assert list(results["val"][checkpoint]) == budgets
     for labels in budgets:
-        assert out.count(f"linear, CLS, cached (MAE §A.2), {labels} ") == 3  # a row per backbone and budget
+        assert out.count(f"linear, CLS, cached (MAE §A.2), {labels} ") == 4  # a row per backbone and budget
+        mine, theirs = results["val"][checkpoint][labels]["linear"], results["val"][other_encoder][labels]["linear"]
+        paired = [a["top1"] - b["top1"] for a, b in zip(mine["seeds"], theirs["seeds"])]
+        delta = results["difference_from"][other_encoder][labels]["linear"]
+        assert delta["top1"] == pytest.approx(sum(paired) / 2) and delta["top1_std"] == pytest.approx(
+            abs(paired[0] - paired[1]) / 2 ** 0.5) and paired != [0, 0]
         for other in others:
             delta = results["difference_from"][other][labels]
             assert delta["linear"]["top1"] == delta["linear"]["top1_std"] == delta["knn"]["k=5"]["top1"] == 0
