@@ -171,7 +171,10 @@ def load_encoder(args, drop_path=0.0, random_init=False):
     architecture, not loaded (the baselines)."""
     saved = {}  # the run's flags: a plain state_dict has none
     if args.arch is None:
-        checkpoint = common.load_checkpoint(args.checkpoint)
+        checkpoint = common.read_torch_file(args.checkpoint)
+        if not isinstance(checkpoint, dict) or "encoder_config" not in checkpoint:
+            raise common.UserError(f"{args.checkpoint} was not written by this project's training scripts: a plain "
+                                   "state_dict needs its architecture (--arch; in --compare, FILE:ARCH)")
         config, state = dict(checkpoint["encoder_config"]), checkpoint["encoder"]
         saved = checkpoint.get("args", {})  # the run's pixels (--mean, --std, --grayscale-input): probe as it trained
         args.mean, args.std = args.mean or saved.get("mean"), args.std or saved.get("std")

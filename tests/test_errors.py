@@ -86,7 +86,7 @@ def test_resume_from_another_methods_checkpoint(tmp_path):
 def test_probe_rejects_foreign_files(tmp_path):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pth")
     line = error_line(run_script("probe.py", str(tmp_path / "foreign.pth"), "--data", "shapes:16:64"))
-    assert line.startswith("probe.py: error:") and "not written by this project" in line
+    assert line.startswith("probe.py: error:") and "not written by this project" in line and "--arch" in line
     (tmp_path / "garbage.pth").write_bytes(b"\x00garbage")
     assert "not a readable torch file" in user_error("probe", str(tmp_path / "garbage.pth"), "--data", "shapes")
     assert "no such file" in user_error("probe", str(tmp_path / "missing.pth"), "--data", "shapes")
@@ -94,6 +94,7 @@ def test_probe_rejects_foreign_files(tmp_path):
     common.save_checkpoint(dict(method="simclr", encoder_config=dict(arch="vit_nano", image_size=16, patch_size=8),
                                 encoder=common.build_encoder("vit_nano", 16, 8).state_dict(), args={}), checkpoint)
     for other, expected in ((tmp_path / "missing.pth", "no such file"), (tmp_path / "garbage.pth", "not a readable"),
+                            (tmp_path / "foreign.pth", "in --compare, FILE:ARCH"),
                             (f"{tmp_path / 'foreign.pth'}:resnet18", "does not fit a resnet18")):
         assert expected in user_error("probe", checkpoint, "--data", "shapes:16:64", "--protocol", "knn", "--compare",
                                       str(other), "--workers", "0")
