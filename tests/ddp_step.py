@@ -12,8 +12,9 @@ import sys
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
 import common  # noqa: E402
+from helpers import end_ranks  # noqa: E402
 
 method, out_path, *flags = sys.argv[1:]
 module = importlib.import_module(method)
@@ -53,9 +54,7 @@ if dist_env.is_main:
     torch.save({"loss": global_loss,
                 "grads": {n: p.grad for n, p in raw_model.named_parameters() if p.grad is not None}},
                out_path)
-if dist_env.world_size > 1:
-    # Every rank waits for rank 0's save, then shuts gloo down before the interpreter exits: a rank
-    # that exits with the process group alive aborts in gloo's thread destructors ("terminate called
-    # without an active exception", SIGABRT), intermittently, which torchrun reports as a failure.
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+# Every rank's buffers: what a step updates in place on each rank (DINO's centre) must agree across ranks.
+torch.save(dict(raw_model.named_buffers()), f"{out_path}.buffers{dist_env.rank}")
+if __name__ == "__main__":  # a test that runs this file under another name saves more, then ends the ranks itself
+    end_ranks(dist_env.world_size)

@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import device_views  # noqa: E402
 import shapes  # noqa: E402
+from helpers import end_ranks  # noqa: E402
 
 
 class Corrupt(shapes.Shapes):
@@ -45,5 +46,4 @@ everyone = [None] * dist_env.world_size
 torch.distributed.all_gather_object(everyone, chosen)
 if dist_env.is_main:
     json.dump(everyone, open(out_path, "w"))
-torch.distributed.barrier()  # see tests/ddp_step.py: shut gloo down before exiting
-torch.distributed.destroy_process_group()
+end_ranks(dist_env.world_size)

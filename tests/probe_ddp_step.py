@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import probe  # noqa: E402
 import weights  # noqa: E402
+from helpers import end_ranks  # noqa: E402
 
 out_path = sys.argv[1]
 dist_env = common.init_distributed()
@@ -31,6 +32,4 @@ if dist_env.world_size > 1:
 if dist_env.is_main:
     torch.save({"loss": loss, "grads": {n: p.grad for n, p in model.named_parameters()},
                 "params": {n: p.detach() for n, p in model.named_parameters()}}, out_path)
-if dist_env.world_size > 1:
-    torch.distributed.barrier()  # see tests/ddp_step.py: shut gloo down before exiting
-    torch.distributed.destroy_process_group()
+end_ranks(dist_env.world_size)

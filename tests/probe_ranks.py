@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import probe  # noqa: E402
 import weights  # noqa: E402
+from helpers import end_ranks  # noqa: E402
 
 checkpoint, out, *flags = sys.argv[1:]
 
@@ -74,5 +75,4 @@ readout.register_forward_pre_hook(lambda module, inputs: saved.setdefault("linea
 probe.linear_on_the_fly(readout, one_image(probe.train_augmentation(image_size, args)), args, 10, dist_env)(
     torch.arange(8), 0.1, 0)
 torch.save(saved, f"{out}.rank{dist_env.rank}")
-torch.distributed.barrier()  # see tests/ddp_step.py: shut gloo down before exiting
-torch.distributed.destroy_process_group()
+end_ranks(dist_env.world_size)

@@ -2,7 +2,6 @@
 are the recipe's, the teacher and the frozen last layer do not move by gradient, one DDP step equals
 one big-batch step, resume is exact, attention maps are written, and a short run learns."""
 import math
-import textwrap
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import torchvision
 import common
 import dino
 import shapes
-from helpers import assert_same_step, moved_online_and_its_ema, one_process_and_two_ranks, short_run
+from helpers import assert_same_step, ddp_vs_single_process, moved_online_and_its_ema, short_run
 
 # CPU scale: vit_nano at 32 px (16 px local crops = 4 patches), a small head and softmax width.
 QUICK = ["--data", "shapes:32:500:1000", "--arch", "vit_nano", "--patch-size", "8", "--out-dim", "1024",
@@ -258,24 +257,15 @@ def test_multi_crop_shapes_at_32_and_224_px():
 
 
 def test_two_ranks_equal_one_process_and_share_the_centre_of_the_global_batch(tmp_path):
-    # tests/ddp_step.py's step, then each rank saves its centre: 2 gloo ranks x 4 images must give the
-    # loss, gradients AND centre of 1 process x 8 images (without the all-reduce, each rank's c would
-    # be the EMA of its own half). One torchrun serves both checks.
-    script = tmp_path / "step_and_center.py"
-    script.write_text(textwrap.dedent("""
-        import os, runpy, sys, torch
-        sys.argv = ["tests/ddp_step.py", *sys.argv[1:]]
-        harness = runpy.run_path("tests/ddp_step.py", run_name="__main__")
-        torch.save(harness["raw_model"].center, sys.argv[2] + f".center{os.environ.get('RANK', 0)}")
-        if "RANK" in os.environ:  # under torchrun, saved: skip the teardown, where a DDP reducer still alive can abort
-            os._exit(0)           # in gloo's thread destructors (this same script also runs inside pytest, alone)
-    """))
-    single, ddp = one_process_and_two_ranks(str(script), "dino", tmp_path, *NANO)
-    assert_same_step(torch.load(single), torch.load(ddp))
-    expected = torch.load(single + ".center0")
+    # tests/ddp_step.py's step; each rank saves its buffers: 2 gloo ranks x 4 images must give the loss, gradients
+    # AND centre of 1 process x 8 images (without the all-reduce, each rank's c would be the EMA of its own half).
+    single, ddp = ddp_vs_single_process("dino", tmp_path, *NANO)
+    assert_same_step(single, ddp)
+    expected = torch.load(tmp_path / "single.pt.buffers0")["center"]
     assert expected.abs().sum() > 0  # the step did update it
     for rank in range(2):
-        torch.testing.assert_close(torch.load(f"{ddp}.center{rank}"), expected, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(torch.load(tmp_path / f"ddp.pt.buffers{rank}")["center"], expected, atol=1e-6,
+                                   rtol=1e-5)
 
 
 def test_resnet_recipe_trains_with_sgd(tmp_path):

@@ -222,7 +222,7 @@ def build_and_watch(args):
 moco.build_model = build_and_watch
 try:
     sys.argv = ["tests/ddp_step.py", *sys.argv[1:]]
-    step = runpy.run_path("tests/ddp_step.py", run_name="__main__")
+    step = runpy.run_path("tests/ddp_step.py", run_name="ddp_step")
 finally:
     moco.build_model = real_build
 raw, embedded = step["raw_model"], torch.cat(seen)
@@ -230,6 +230,7 @@ with torch.no_grad():  # the keys of the global batch in image order, embedded h
     keys = torch.nn.functional.normalize(raw.momentum_encoder(step["views"][1]), dim=1)
 torch.save(dict(seen=embedded, queue=raw.queue, ptr=raw.queue_ptr, keys_of=step["views"][1], keys=keys),
            sys.argv[2] + ".rank" + os.environ.get("RANK", "0"))
+step["end_ranks"](step["dist_env"].world_size)
 """
 
 
