@@ -33,7 +33,7 @@ def get_args_parser():
     add = p.add_argument_group("images").add_argument
     add("--data", required=True, help="a folder: DIR/<class>/* (labelled), images at any depth without class folders "
         "(unlabelled), or DIR/{train,val}/<class>/* (its train/ split; pass DIR/val for the other)")
-    add("--output", required=True, help="the .npz to write (with --head: the .csv)")
+    add("--output", required=True, help="the .npz to write (with --head: the .csv of predictions)")
     add("--head", default=None, help="a model probe.py --save kept (linear.pth, finetune.pth): write each image's "
         "predicted class, its probability and the top 5 (and its label, where DIR has class folders) as CSV")
     add("--skip-bad-images", action="store_true", help="leave unreadable images out, and say how many (default: stop "
@@ -94,6 +94,8 @@ def main(args):
         raise common.UserError(f"--query {args.query}: no such folder")
     if (args.query and not args.neighbours) or (args.head and args.neighbours):
         raise common.UserError("--query needs --neighbours K, and --neighbours reads features: not with --head")
+    if not args.output.endswith(suffix := ".csv" if args.head else ".npz"):  # np.savez would add .npz; a checkpoint
+        raise common.UserError(f"--output {args.output}: expected a {suffix} file")  # given by mistake stays intact
     saved = args.head and common.read_torch_file(args.head, "--head")
     if args.head and (not isinstance(saved, dict) or saved.get("protocol") not in ("linear", "finetune")
                       or not set(weights.HEAD_KEYS) <= set(saved)):

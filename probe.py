@@ -41,14 +41,16 @@ def get_args_parser():
                         ("vflip", "vertical flips"), ("rot90", "random quarter turns")]:  # --no-X turns one off
         add(f"--{name}", action=argparse.BooleanOptionalAction, help=f"{views} in the training views of linear "
             f"--augment and fine-tuning (default: as the run did)")
-    add("--label-fraction", type=f, nargs="+", default=None, help="shares of the training labels per class, a row "
-        "each: the label-efficiency curve (e.g. 0.01 0.1 1; default 1 unless --labels-per-class)")
+    add("--label-fraction", type=common.argparse_type("fraction", f, lambda x: 0 < x <= 1), nargs="+", default=None,
+        help="shares of the training labels per class in (0, 1], a row each: the label-efficiency curve (e.g. 0.01 0.1 "
+        "1; default 1 unless --labels-per-class)")
     add("--labels-per-class", type=i, nargs="+", default=[], help="N labelled images of each class, a row each "
         "(e.g. 1 5 25; all of a class that has fewer)")
     add("--compare", nargs="+", default=[], metavar="FILE[:ARCH]", help="other backbones (DINOv2, a supervised "
         "ResNet; ARCH: a plain state_dict's) on the same label subsets and seeds: differences paired by seed")
     add("--seeds", type=i, default=3, help="repeats, each its own label subset (k-NN: 1 with all labels): mean ± std")
-    add("--output", default=None, help="the JSON (default: by the checkpoint, named by data, protocols, fraction)")
+    add("--output", default=None, type=common.argparse_type("json_file", str, lambda path: path.endswith(".json")),
+        help="the .json (default: by the checkpoint, named by data, protocols, fraction); never a checkpoint's name")
     add("--save", default=None, help="keep seed 0's linear head and fine-tuned model in this folder (linear.pth, "
         "finetune.pth: the classes, the readout, the pixels): embed.py --head FILE predicts with them")
     add("--plot", default=None, choices=["pca", "tsne"], help="a 2-D map of the val features by label and the "
@@ -501,8 +503,6 @@ def plot(x, y, method, confusion, classes, path):
 # ----------------------------------------------------------------------------- main
 def main(args):
     args.label_fraction = args.label_fraction or ([] if args.labels_per_class else [1.0])
-    if bad := [f for f in args.label_fraction if not 0 < f <= 1]:
-        raise common.UserError(f"--label-fraction must be in (0, 1], got {bad[0]}")
     if repeated := [spec for i, spec in enumerate(args.compare) if spec in [args.checkpoint, *args.compare[:i]]]:
         raise common.UserError(f"--compare {repeated[0]}: already probed (the checkpoint, or given twice)")
     try:  # optional extras: fail now, not after an hour of fine-tuning
@@ -519,7 +519,7 @@ def main(args):
 
     def compared(spec):  # FILE[:ARCH]: the command line on another file (its image size and pixels unless given) and
         path, _, arch = spec.rpartition(":")  # the checkpoint's views (flips, colours): the data's, not the backbone's
-        path, arch = (path, arch) if arch in common.ARCHS else (spec, None)
+        path, arch = (path, arch) if path and not os.path.isfile(spec) else (spec, None)  # a name with ':' is a name
         return Backbone(argparse.Namespace(**{**given, **views, "checkpoint": path, "arch": arch}), dist_env)
     backbones = {args.checkpoint: primary}
     backbones.update({"random init": Backbone(args, dist_env, True)} if args.baselines else {})
@@ -594,7 +594,7 @@ if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
     except common.UserError as error:
-        sys.exit(f"probe.py: error: {error}")
+        sys.exit(common.error_line("probe.py", error))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

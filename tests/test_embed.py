@@ -85,6 +85,14 @@ def test_unreadable_images_are_left_out_or_named(checkpoint, tmp_path):
     for flags in (["--query", str(tmp_path / "data")], ["--neighbours", "2", "--head", checkpoint]):
         assert "--query needs --neighbours K" in user_error("embed", checkpoint, "--data", str(tmp_path / "data"),
                                                             "--output", out, *flags)  # ignored before: said now
+    # np.savez adds .npz to another name (the features went to out.txt.npz, "written to out.txt" said); a CSV of
+    # predictions went over whatever --output named, a checkpoint too
+    assert "expected a .npz file" in user_error("embed", checkpoint, "--data", str(tmp_path / "data"), "--output",
+                                                str(tmp_path / "out.txt"))
+    before = open(checkpoint, "rb").read()
+    assert "expected a .csv file" in user_error("embed", checkpoint, "--data", str(tmp_path / "data"), "--output",
+                                                checkpoint, "--head", checkpoint)
+    assert open(checkpoint, "rb").read() == before
 
 
 def test_two_ranks_write_the_features_of_one_process(checkpoint, tmp_path):

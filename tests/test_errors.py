@@ -95,7 +95,9 @@ def test_probe_rejects_foreign_files(tmp_path):
                                 encoder=common.build_encoder("vit_nano", 16, 8).state_dict(), args={}), checkpoint)
     for other, expected in ((tmp_path / "missing.pth", "no such file"), (tmp_path / "garbage.pth", "not a readable"),
                             (tmp_path / "foreign.pth", "in --compare, FILE:ARCH"),
-                            (f"{tmp_path / 'foreign.pth'}:resnet18", "does not fit a resnet18")):
+                            (f"{tmp_path / 'foreign.pth'}:resnet18", "does not fit a resnet18"),
+                            (f"{checkpoint}:resnet81", "unknown arch 'resnet81'"),  # was "c.pth:resnet81: no such file"
+                            (f"{tmp_path / 'missing.pth'}:resnet81", "missing.pth: no such file")):
         assert expected in user_error("probe", checkpoint, "--data", "shapes:16:64", "--protocol", "knn", "--compare",
                                       str(other), "--workers", "0")
     assert "already probed" in user_error("probe", checkpoint, "--data", "shapes:16:64", "--compare", checkpoint)
@@ -176,7 +178,9 @@ def test_probe_out_of_range_counts_are_one_line(capsys):
     for flag, value, kind in [("--batch-size", "0", "positive_int"), ("--seeds", "0", "positive_int"),
                               ("--k", "0", "positive_int"), ("--linear-epochs", "0", "positive_int"),
                               ("--knn-temperature", "0", "positive_float"),
-                              ("--finetune-warmup-epochs", "-1", "non_negative_int")]:
+                              ("--finetune-warmup-epochs", "-1", "non_negative_int"),
+                              ("--label-fraction", "0", "fraction"), ("--label-fraction", "1.5", "fraction"),
+                              ("--output", "checkpoint.pth", "json_file")]:  # was: the JSON over the checkpoint
         with pytest.raises(SystemExit) as exit_:
             probe.get_args_parser().parse_args(["checkpoint.pth", "--data", "shapes", flag, value])
         assert exit_.value.code == 2
